@@ -1,0 +1,71 @@
+# vitrine — `make run` runs the loop on the embedded default; `make test` passes the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STATE ?= $(or $(VITRINE_HOME),.vitrine)
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+LOCAL_DATASET := $(STATE)/debian$(DATASET_DIR)
+PYTEST_ARGS ?=
+
+# Telemetry of every tool off, always (tests and CI too).
+export DO_NOT_TRACK=true
+export MLFLOW_DISABLE_TELEMETRY=true
+export BENTOML_DO_NOT_TRACK=true
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DVC_NO_ANALYTICS=1
+export GX_ANALYTICS_ENABLED=false
+export HF_HUB_OFFLINE=1
+
+.PHONY: help setup dataset run test test-unit lint format ui status clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed dataset  ## virtualenv from requirements.lock + the Fashion-MNIST dataset
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	@if [ -n "$$PIP_FIND_LINKS" ]; then \
+	  $(BIN)/pip install -q uv==0.13.9 && \
+	  $(BIN)/uv pip install --python $(PY) --find-links "$$PIP_FIND_LINKS" -r requirements.lock; \
+	else \
+	  $(BIN)/pip install -q -r requirements.lock; \
+	fi
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+dataset:  ## Debian's dataset-fashion-mnist (apt-get as root; apt-get download + dpkg-deb -x otherwise)
+	@if [ -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(LOCAL_DATASET)/train-images-idx3-ubyte.gz ]; then \
+	  exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
+	else \
+	  mkdir -p $(STATE)/debian && cd $(STATE)/debian && apt-get download dataset-fashion-mnist && \
+	  dpkg-deb -x dataset-fashion-mnist_*.deb . ; \
+	fi
+
+run: setup  ## the retrain loop on the embedded default (full Fashion-MNIST), then a summary
+	$(BIN)/vitrine run --json $(STATE)/last-run.json
+
+test: setup  ## every test tier
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: setup  ## unit tests only
+	$(BIN)/pytest -q -m "not integration and not data and not slow" $(PYTEST_ARGS)
+
+lint:  ## ruff lint + format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format:  ## ruff fix + format
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+ui: setup  ## MLflow UI (:5000) and Prefect server (:4200) on 127.0.0.1
+	$(BIN)/vitrine ui
+
+status: setup  ## champion, challenger, gate verdict, approval
+	$(BIN)/vitrine status
+
+clean:  ## remove the state folder and the work folder (keeps data/)
+	rm -rf $(STATE) work

@@ -1,0 +1,248 @@
+"""`vitrine`: the command line of the platform (Typer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from components.config import PROJECT_ROOT, configure_environment, load_params, state_paths
+
+app = typer.Typer(help="vitrine: visual search for e-commerce, and the loop that keeps it good.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
+stage_app = typer.Typer(help="Run one stage of the loop on ./work (what `dvc repro` calls).")
+app.add_typer(stage_app, name="stage")
+
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")]
+
+
+@app.callback()
+def _setup() -> None:
+    configure_environment(state_paths())
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def emit(data: dict | None, json_path: Path | None, as_json: bool = False) -> None:
+    text = json.dumps(data, indent=2, default=str)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
+    if as_json:
+        typer.echo(text)
+
+
+def _context(work: Path | None = None):
+    from components.pipeline import RunContext
+
+    paths = state_paths()
+    return RunContext(load_params(), paths, work=(work or PROJECT_ROOT / "work").resolve())
+
+
+@app.command()
+def ingest(
+    source: Annotated[str | None, typer.Option(help="'fashion-mnist' or PATH/catalogue.csv")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Ingest a catalogue into data/catalogue (images + manifest.parquet), tracked by DVC."""
+    from components.catalogue import CatalogueError
+    from components.pipeline import run_ingest
+
+    try:
+        result = run_ingest(_context(), source)
+    except CatalogueError as exc:
+        fail(str(exc), 2)
+    typer.echo(f"ingested {result['ingested']} products; data version {result['data_version']}")
+    emit(result, json_path)
+
+
+@app.command()
+def run(
+    limit: Annotated[int | None, typer.Option(help="Stratified slice of N products.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+    cause: Annotated[str, typer.Option(help="Why this run happens (tagged).")] = "manual",
+    json_path: JsonOpt = None,
+) -> None:
+    """The whole retrain flow (Prefect): validate → clean labels → train → evaluate →
+    register → gate → (first champion only) promote."""
+    from components.summary import format_summary
+    from flows.retrain import retrain
+
+    started = time.time()
+    try:
+        summary = retrain(limit=limit, epochs=epochs, cause=cause)
+    except Exception as exc:  # the flow already logged the traceback; say it plainly
+        fail(f"retrain failed: {type(exc).__name__}: {exc}")
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    typer.echo(format_summary(summary))
+    emit(summary, json_path)
+
+
+def _registry():
+    from components.release import open_registry
+
+    return open_registry(_context())
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Champion and challenger: versions, metrics, gate verdict, approval, data version."""
+    from components.registry import RegistryUnavailable
+
+    try:
+        data = _registry().status()
+    except RegistryUnavailable as exc:
+        fail(str(exc))
+    if as_json:
+        emit(data, None, as_json=True)
+        return
+    for role in ("champion", "challenger"):
+        info = data.get(role)
+        if not info:
+            typer.echo(f"{role:<11} none")
+            continue
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.get("metrics", {}).items())
+                            if k in ("accuracy", "macro_f1", "recall_at_1"))  # fmt: skip
+        typer.echo(f"{role:<11} version {info['version']}: {metrics}")
+        if role == "challenger":
+            gate = info.get("gate") or {}
+            typer.echo(f"{'':<11} gate {'passed' if gate.get('passed') else 'failed'}; "
+                       f"approval {info.get('approval')}")  # fmt: skip
+            for reason in gate.get("reasons", []):
+                typer.echo(f"{'':<13}- {reason}")
+    typer.echo(f"previous    {data.get('previous_champion') or 'none'}")
+    typer.echo(f"data        {data.get('data_version') or 'unknown'}")
+
+
+@app.command()
+def approve(
+    version: str,
+    by: Annotated[str, typer.Option("--by", help="Who approves (the model owner).")],
+) -> None:
+    """Approve a gated version (same as tagging approved_by=NAME in the MLflow UI)."""
+    from components.registry import PromotionRefused, RegistryUnavailable
+
+    try:
+        _registry().approve(version, by)
+    except (PromotionRefused, RegistryUnavailable) as exc:
+        fail(str(exc))
+    typer.echo(f"version {version} approved by {by}; `vitrine promote` makes it champion")
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Argument(help="Default: newest approved.")] = None,
+) -> None:
+    """Move `champion` to an approved version that passed the gate (audited)."""
+    from components.registry import PromotionRefused, RegistryUnavailable
+
+    try:
+        record = _registry().promote(version)
+    except (PromotionRefused, RegistryUnavailable) as exc:
+        fail(str(exc))
+    if record is None:
+        typer.echo("nothing to promote: no approved version that passed the gate")
+        return
+    typer.echo(f"champion: {record['from'] or 'none'} → {record['to']} "
+               f"(approved by {record.get('approved_by')})")  # fmt: skip
+
+
+@app.command()
+def rollback(
+    to: Annotated[str | None, typer.Option(help="Default: the previous champion.")] = None,
+) -> None:
+    """Move `champion` back to the previous champion (or --to VERSION), audited."""
+    from components.registry import PromotionRefused, RegistryUnavailable
+
+    try:
+        record = _registry().rollback(to)
+    except (PromotionRefused, RegistryUnavailable) as exc:
+        fail(str(exc))
+    typer.echo(f"champion: {record['from']} → {record['to']} (rollback)")
+
+
+@app.command()
+def ui(
+    mlflow_port: int = 5000,
+    prefect_port: int = 4200,
+    wait: Annotated[bool, typer.Option(help="Stay in the foreground until Ctrl-C.")] = True,
+) -> None:
+    """Start the MLflow UI and the Prefect server on 127.0.0.1 over the project's state."""
+    paths = state_paths()
+    paths.artifacts.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PREFECT_HOME": str(paths.prefect_home)}
+    procs = [
+        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+                          paths.tracking_uri, "--default-artifact-root", paths.artifacts.as_uri(),
+                          "--host", "127.0.0.1", "--port", str(mlflow_port)], env=env),
+        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                          "--port", str(prefect_port)], env=env),
+    ]  # fmt: skip
+    typer.echo(f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)")
+    typer.echo(f"Prefect UI  http://127.0.0.1:{prefect_port}")
+    if not wait:
+        return
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+
+
+@stage_app.command("validate")
+def stage_validate() -> None:
+    """Validate data/catalogue into work/validate."""
+    from components.pipeline import run_validation
+
+    emit(run_validation(_context()), None, as_json=True)
+
+
+@stage_app.command("labels")
+def stage_labels() -> None:
+    """Clean labels into work/labels."""
+    from components.pipeline import run_label_cleaning
+
+    emit(run_label_cleaning(_context()), None, as_json=True)
+
+
+@stage_app.command("train")
+def stage_train() -> None:
+    """Train into work/train."""
+    from components.pipeline import run_training
+
+    summary = run_training(_context())
+    emit({k: v for k, v in summary.items() if k != "history"}, None, as_json=True)
+
+
+@stage_app.command("evaluate")
+def stage_evaluate() -> None:
+    """Evaluate into work/evaluate."""
+    from components.pipeline import run_evaluation
+
+    emit(run_evaluation(_context()), None, as_json=True)
+
+
+@stage_app.command("register")
+def stage_register() -> None:
+    """Register work/ as a challenger, then gate it."""
+    from components.release import open_registry, run_gate, run_registration
+
+    ctx = _context()
+    registry = open_registry(ctx)
+    registered = run_registration(ctx, registry, cause="dvc-repro")
+    emit({**registered, "gate": run_gate(ctx, registry)}, None, as_json=True)
+
+
+if __name__ == "__main__":
+    app()

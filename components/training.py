@@ -1,0 +1,274 @@
+"""Train a VitrineNet on uint8 images: seeded, checkpointed every epoch, resumable.
+
+Images come in as uint8 N×H×W×C (the catalogue's stored size; C=1 for Fashion-MNIST). The
+model resizes / repeats channels itself (components.models), so a 28 px grayscale
+catalogue trains either backbone. Determinism: the same seed, data and params give the
+same weights, also across a crash and resume (the checkpoint carries the model,
+optimizer, scheduler, the shuffling/augmentation generator and torch's global RNG).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from components.config import TrainParams
+from components.models import VitrineNet, build_model
+from components.transforms import augment, to_tensor
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class TrainResult:
+    model: VitrineNet  # best weights (by validation accuracy), eval mode
+    history: list[dict]  # per epoch: epoch, train_loss, val_loss, val_accuracy, seconds, lr
+    best_epoch: int
+    stopped_early: bool
+    resumed_from_epoch: int | None  # the last finished epoch found in the checkpoint
+    class_weights: list[float] | None
+    train_seconds: float  # wall time of this call
+    val_indices: np.ndarray  # rows of the input held out for validation
+
+
+def compute_class_weights(
+    labels: np.ndarray, num_classes: int, params: TrainParams
+) -> np.ndarray | None:
+    """Inverse-frequency weights (mean 1 over present classes) when labels are imbalanced.
+
+    None when params.class_weights == 'none' or max/min class count <= imbalance_ratio.
+    Classes absent from `labels` get weight 0 and do not count towards the ratio.
+    """
+    if params.class_weights == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    if counts[present].max() / counts[present].min() <= params.imbalance_ratio:
+        return None
+    weights = np.zeros(num_classes)
+    weights[present] = 1.0 / counts[present]
+    return weights / weights[present].mean()
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified validation split (per class, round(n·fraction), ≥1)."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        k = round(len(rows) * fraction)
+        k = min(max(k, 1), len(rows) - 1) if len(rows) > 1 else 0
+        picked.append(rng.permutation(rows)[:k])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def predict_batches(
+    model: nn.Module, images: np.ndarray, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax probabilities N×C, embeddings N×D) in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    probs, embeddings = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            logits, emb = model(to_tensor(images[start : start + batch_size]))
+            probs.append(torch.softmax(logits.float(), dim=1).numpy())
+            embeddings.append(emb.float().numpy())
+    model.train(was_training)
+    return np.concatenate(probs), np.concatenate(embeddings)
+
+
+def fingerprint_run(
+    images: np.ndarray, labels: np.ndarray, params: TrainParams, num_classes: int, pretrained: bool
+) -> str:
+    """A hash of params, data and model setup: a checkpoint resumes only a matching run."""
+    digest = hashlib.sha256()
+    digest.update(params.model_dump_json().encode())
+    digest.update(json.dumps([list(images.shape), num_classes, pretrained]).encode())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict, checkpoint_dir: Path) -> None:
+    """Write checkpoint_dir/last.pt atomically (tmp file + os.replace)."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint_dir / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, checkpoint_dir / CHECKPOINT)
+
+
+def load_checkpoint(checkpoint_dir: Path, fingerprint: str) -> dict | None:
+    """The checkpoint when it exists, reads and matches `fingerprint`; otherwise None."""
+    path = checkpoint_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file: start fresh rather than fail the run
+        return None
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: torch.Tensor,
+    params: TrainParams,
+    steps: int,
+    opt: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module],
+    generator: torch.Generator,
+    bar: tqdm,
+) -> float:
+    """One pass over `steps` shuffled batches; returns the mean training loss."""
+    optimizer, scheduler, criterion = opt
+    model.train()
+    order = torch.randperm(len(images), generator=generator)
+    total = 0.0
+    for step in range(steps):
+        rows = order[step * params.batch_size : (step + 1) * params.batch_size].numpy()
+        x = to_tensor(images[rows])
+        if params.augment:
+            x = augment(x, generator)
+        logits, _ = model(x)
+        loss = criterion(logits, labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / (step + 1):.4f}", refresh=False)
+    return total / max(steps, 1)
+
+
+def evaluate_split(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(cross-entropy loss, accuracy) on held-out rows."""
+    probs, _ = predict_batches(model, images)
+    picked = probs[np.arange(len(labels)), labels]
+    loss = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    return loss, float((probs.argmax(1) == labels).mean())
+
+
+def train_model(
+    images: np.ndarray,
+    labels: np.ndarray,
+    params: TrainParams,
+    num_classes: int,
+    checkpoint_dir: Path,
+    *,
+    progress: bool = True,
+    pretrained: bool = True,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train with a stratified validation split, early stopping and per-epoch checkpoints.
+
+    `on_epoch_end(record)` is called after each epoch's checkpoint is written (e.g. to log
+    metrics); an exception from it interrupts the run like a crash would.
+    """
+    started = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    labels = np.asarray(labels, dtype=np.int64)
+    checkpoint_dir = Path(checkpoint_dir)
+    fingerprint = fingerprint_run(images, labels, params, num_classes, pretrained)
+
+    val_idx = split_validation(labels, params.val_fraction, params.seed)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_idx] = False
+    x_train, y_train = images[train_mask], labels[train_mask]
+    x_val, y_val = images[val_idx], labels[val_idx]
+    weights = compute_class_weights(y_train, num_classes, params)
+
+    torch.manual_seed(params.seed)
+    generator = torch.Generator().manual_seed(params.seed)
+    model = build_model(params, num_classes, pretrained=pretrained)
+    steps = math.ceil(len(x_train) / params.batch_size)
+    if params.max_batches_per_epoch is not None:
+        steps = min(steps, params.max_batches_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.lr, total_steps=params.epochs * steps
+    )
+    weight_tensor = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    criterion = nn.CrossEntropyLoss(weight=weight_tensor, label_smoothing=params.label_smoothing)
+
+    run = {"epoch": -1, "best_state": None, "best_accuracy": -1.0, "best_epoch": -1,
+           "bad_epochs": 0, "stopped_early": False, "history": []}  # fmt: skip
+    resumed_from = None
+    state = load_checkpoint(checkpoint_dir, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        run = state["run"]
+        resumed_from = run["epoch"]
+
+    y_train_t = torch.from_numpy(y_train)
+    opt = (optimizer, scheduler, criterion)
+    for epoch in range(run["epoch"] + 1, params.epochs):
+        if run["stopped_early"]:
+            break
+        t0 = time.perf_counter()
+        desc = f"epoch {epoch + 1}/{params.epochs}"
+        with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
+            train_loss = train_one_epoch(
+                model, x_train, y_train_t, params, steps, opt, generator, bar
+            )
+            val_loss, val_acc = evaluate_split(model, x_val, y_val)
+            bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                  "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
+                  "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+        update_run(run, record, model, params.patience, last_epoch=params.epochs - 1)
+        save_checkpoint(
+            {"fingerprint": fingerprint, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "run": run},  # fmt: skip
+            checkpoint_dir,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    if run["best_state"] is not None:
+        model.load_state_dict(run["best_state"])
+    model.eval()
+    return TrainResult(
+        model=model,
+        history=list(run["history"]),
+        best_epoch=run["best_epoch"],
+        stopped_early=run["stopped_early"],
+        resumed_from_epoch=resumed_from,
+        class_weights=None if weights is None else [float(w) for w in weights],
+        train_seconds=time.perf_counter() - started,
+        val_indices=val_idx,
+    )
+
+
+def update_run(run: dict, record: dict, model: nn.Module, patience: int, last_epoch: int) -> None:
+    """Append the epoch record; keep the best weights; decide early stopping."""
+    run["epoch"] = record["epoch"]
+    run["history"].append(record)
+    if record["val_accuracy"] > run["best_accuracy"]:
+        run["best_accuracy"] = record["val_accuracy"]
+        run["best_epoch"] = record["epoch"]
+        run["best_state"] = copy.deepcopy(model.state_dict())
+        run["bad_epochs"] = 0
+    else:
+        run["bad_epochs"] += 1
+        run["stopped_early"] = run["bad_epochs"] >= patience and record["epoch"] < last_epoch

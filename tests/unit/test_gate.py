@@ -1,0 +1,141 @@
+"""The promotion gate, table-driven: one row per situation the flow must decide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from components.config import GatePolicy
+from components.gate import Candidate, Verdict, decide, mcnemar_p_value
+
+POLICY = GatePolicy(
+    min_accuracy=0.85,
+    min_recall_at_1=0.80,
+    max_regression={"accuracy": 0.005, "macro_f1": 0.005, "recall_at_1": 0.01},
+    max_latency_ms=25.0,
+    significance_alpha=0.05,
+)
+GOOD = {"accuracy": 0.93, "macro_f1": 0.92, "recall_at_1": 0.88, "latency_ms": 5.0}
+N = 1000
+
+
+def paired(n_both: int, only_new: int, only_old: int, n: int = N) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness arrays with the given concordant/discordant counts (rest wrong for both)."""
+    new = np.zeros(n, dtype=bool)
+    old = np.zeros(n, dtype=bool)
+    new[:n_both] = old[:n_both] = True
+    new[n_both : n_both + only_new] = True
+    old[n_both + only_new : n_both + only_new + only_old] = True
+    return new, old
+
+
+SAME = paired(900, 10, 10)
+WORSE = paired(850, 5, 60)  # challenger 855 correct vs champion 910: p << 0.05
+SLIGHTLY_WORSE = paired(900, 8, 12)  # p ~ 0.5: not significant
+
+
+def with_(**changes: float) -> dict[str, float]:
+    return {**GOOD, **changes}
+
+
+# id, challenger metrics, challenger correct, champion metrics (None = no champion),
+# champion correct, expected pass, a fragment every expected FAIL reason must contain
+CASES = [
+    ("pass", GOOD, SAME[0], GOOD, SAME[1], True, None),
+    ("accuracy_floor", with_(accuracy=0.84), SAME[0], with_(accuracy=0.84), SAME[1], False,
+     "FAIL: accuracy 0.84 < floor 0.85"),
+    ("recall_floor", with_(recall_at_1=0.79), SAME[0], with_(recall_at_1=0.79), SAME[1], False,
+     "FAIL: recall_at_1 0.79 < floor 0.8"),
+    ("latency_budget", with_(latency_ms=30.0), SAME[0], GOOD, SAME[1], False,
+     "FAIL: latency_ms 30 > budget 25"),
+    ("accuracy_regression", with_(accuracy=0.92), SAME[0], GOOD, SAME[1], False,
+     "FAIL: accuracy 0.92 regresses"),
+    ("macro_f1_regression", with_(macro_f1=0.91), SAME[0], GOOD, SAME[1], False,
+     "FAIL: macro_f1 0.91 regresses"),
+    ("recall_regression", with_(recall_at_1=0.86), SAME[0], GOOD, SAME[1], False,
+     "FAIL: recall_at_1 0.86 regresses 0.02 vs champion 0.88 (tolerance 0.01)"),
+    ("no_champion_pass", GOOD, None, None, None, True, None),
+    ("no_champion_floor_fail", with_(accuracy=0.5), None, None, None, False,
+     "FAIL: accuracy 0.5 < floor"),
+    ("significantly_worse", GOOD, WORSE[0], GOOD, WORSE[1], False, "significantly worse"),
+    ("within_tolerance_not_significant", with_(accuracy=0.926, recall_at_1=0.875),
+     SLIGHTLY_WORSE[0], GOOD, SLIGHTLY_WORSE[1], True, None),
+    ("missing_correct", GOOD, None, GOOD, SAME[1], False, "cannot compare: different test sets"),
+    ("different_lengths", GOOD, SAME[0][:500], GOOD, SAME[1], False,
+     "cannot compare: different test sets"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("challenger", "new_correct", "champion", "old_correct", "passed", "fragment"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_decide(challenger, new_correct, champion, old_correct, passed, fragment):
+    champ = None if champion is None else Candidate("1", champion, old_correct)
+    verdict = decide(Candidate("2", challenger, new_correct), champ, POLICY)
+    assert verdict.passed is passed, verdict.reasons
+    failures = [r for r in verdict.reasons if r.startswith("FAIL")]
+    if passed:
+        assert failures == []
+    else:
+        assert len(failures) == 1, failures  # each row isolates exactly one failing reason
+        assert fragment in failures[0], failures
+    if champion is None:
+        assert "no champion yet: floors only" in verdict.reasons
+        assert not any("champion " in r for r in verdict.reasons if "no champion" not in r)
+
+
+def test_reasons_cover_every_check_when_passing():
+    verdict = decide(Candidate("2", GOOD, SAME[0]), Candidate("1", GOOD, SAME[1]), POLICY)
+    # 3 floors/budget + 3 regression metrics + 1 significance test
+    assert len(verdict.reasons) == 7
+    assert any(r.startswith("accuracy 0.93 >= floor 0.85") for r in verdict.reasons)
+    assert any(r.startswith("not significantly worse") for r in verdict.reasons)
+
+
+def test_significantly_better_challenger_passes():
+    better_new, better_old = paired(850, 60, 5)
+    verdict = decide(Candidate("2", GOOD, better_new), Candidate("1", GOOD, better_old), POLICY)
+    assert verdict.passed, verdict.reasons
+
+
+def test_missing_metric_fails():
+    metrics = {k: v for k, v in GOOD.items() if k != "latency_ms"}
+    verdict = decide(Candidate("2", metrics), None, POLICY)
+    assert not verdict.passed
+    assert any("latency_ms missing" in r for r in verdict.reasons)
+
+
+def test_verdict_to_dict_round_trips():
+    verdict = Verdict(passed=False, reasons=["FAIL: x"])
+    assert verdict.to_dict() == {"passed": False, "reasons": ["FAIL: x"]}
+
+
+def test_mcnemar_identical_arrays_is_one():
+    new, _ = paired(900, 0, 0)
+    assert mcnemar_p_value(new, new.copy()) == 1.0
+
+
+def test_mcnemar_is_symmetric():
+    new, old = paired(800, 30, 50)
+    assert mcnemar_p_value(new, old) == pytest.approx(mcnemar_p_value(old, new))
+
+
+def test_mcnemar_exact_for_few_discordant_pairs():
+    new, old = paired(900, 1, 9)  # 10 discordant: exact binomial
+    expected = stats.binomtest(1, 10, 0.5).pvalue
+    assert mcnemar_p_value(new, old) == pytest.approx(expected)
+    assert mcnemar_p_value(new, old) < 0.05
+
+
+def test_mcnemar_chi2_with_continuity_for_many_discordant_pairs():
+    new, old = paired(800, 40, 60)  # chi2 = (|40-60|-1)^2 / 100 = 3.61
+    assert mcnemar_p_value(new, old) == pytest.approx(stats.chi2.sf(3.61, 1))
+    assert 0.05 < mcnemar_p_value(new, old) < 0.06
+
+
+def test_mcnemar_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        mcnemar_p_value(np.ones(3, bool), np.ones(4, bool))
