@@ -124,3 +124,65 @@ def decide(challenger: Candidate, champion: Candidate | None, policy: GatePolicy
             check_significance(challenger.correct, champion.correct, policy.significance_alpha)
         )
     return Verdict(passed=all(ok for ok, _ in results), reasons=[text for _, text in results])
+
+
+# ---------------------------------------------------------------- promotion eligibility
+# Pure rules over version tags (as the registry stores them); the registry applies them.
+
+
+def read_gate_passed(tags: dict[str, str]) -> bool | None:
+    """The recorded verdict: True / False, or None when the version was never gated."""
+    return {"true": True, "false": False}.get(tags.get("gate_passed", ""))
+
+
+def find_promotion_refusal(
+    version: str, champion: str | None, tags: dict[str, str], *, bootstrap: bool,
+    floors_passed: bool | None,
+) -> str | None:  # fmt: skip
+    """Why `version` may not become champion, or None when it may.
+
+    `bootstrap` means: no champion exists yet and the policy allows a first promotion without
+    approval, provided the floors passed (`floors_passed`, else the recorded verdict).
+    """
+    gate = read_gate_passed(tags)
+    if version == champion:
+        return f"version {version} is already the champion"
+    if gate is False:
+        return f"version {version} failed the gate: {tags.get('gate_reasons', '')}"
+    if gate is True and tags.get("approved_by"):
+        return None
+    if bootstrap and (floors_passed if floors_passed is not None else gate is True):
+        return None
+    if gate is None:
+        return f"version {version} has no gate verdict yet"
+    return (
+        f"version {version} is not approved: set the version tag approved_by "
+        "(MLflow UI or `vitrine approve`) before promotion"
+    )
+
+
+def pick_promotion_candidate(
+    versions: list[dict], champion: str | None, *, bootstrap: bool, floors_passed: bool | None
+) -> str | None:
+    """Newest version newer than the champion that passed the gate and is approved.
+
+    `versions` holds {"version", "tags"} rows. Rolled-back versions are skipped (only an
+    explicit promote brings them back). With `bootstrap`, an unapproved one qualifies too.
+    """
+    newer = sorted(
+        (
+            row
+            for row in versions
+            if (champion is None or int(row["version"]) > int(champion))
+            and read_gate_passed(row["tags"]) is True
+            and row["tags"].get("rolled_back") != "true"
+        ),
+        key=lambda row: int(row["version"]),
+        reverse=True,
+    )
+    approved = [row["version"] for row in newer if row["tags"].get("approved_by")]
+    if approved:
+        return str(approved[0])
+    if bootstrap and newer and floors_passed is not False:
+        return str(newer[0]["version"])
+    return None

@@ -24,6 +24,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from components.gate import find_promotion_refusal, pick_promotion_candidate, read_gate_passed
+
 EXPERIMENT = "vitrine"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous_champion"
 _NOT_OUTAGES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
@@ -63,10 +65,6 @@ def _guarded(method: F) -> F:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _gate_passed(tags: dict[str, str]) -> bool | None:
-    return {"true": True, "false": False}.get(tags.get("gate_passed", ""))
 
 
 class Registry:
@@ -124,16 +122,26 @@ class Registry:
         with run:
             yield run.info.run_id
 
+    @staticmethod
+    def _require_run() -> str:
+        run = mlflow.active_run()
+        if run is None:  # else mlflow would start a stray run in ./mlruns
+            raise RuntimeError("no active run: log inside `with registry.start_run(...)`")
+        return run.info.run_id
+
     @_guarded
     def log_params(self, params: dict) -> None:
+        self._require_run()
         mlflow.log_params({key: str(value)[:6000] for key, value in params.items()})
 
     @_guarded
     def log_metrics(self, metrics: dict[str, float]) -> None:
+        self._require_run()
         mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
 
     @_guarded
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._require_run()
         if Path(path).is_dir():
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
@@ -141,6 +149,7 @@ class Registry:
 
     @_guarded
     def log_dict(self, d: dict, name: str) -> None:
+        self._require_run()
         mlflow.log_dict(d, name)
 
     @_guarded
@@ -152,9 +161,7 @@ class Registry:
         tags: dict[str, str],
     ) -> str:
         """Log the model (+ e.g. its index folder) in the active run, register it as challenger."""
-        run = mlflow.active_run()
-        if run is None:
-            raise RuntimeError("log_and_register_model needs an active run (use start_run)")
+        run_id = self._require_run()
         torch_pin = torch.__version__.split("+")[0]
         info = mlflow.pytorch.log_model(
             model,
@@ -166,7 +173,7 @@ class Registry:
         for artifact_path, path in extra_artifacts.items():
             self.log_artifact(Path(path), artifact_path=artifact_path)
         version = self.client.create_model_version(
-            self.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id
+            self.model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id
         ).version
         for key, value in tags.items():
             self.client.set_model_version_tag(self.model_name, version, key, str(value))
@@ -229,7 +236,7 @@ class Registry:
 
     @_guarded
     def approve(self, version: str, by: str) -> None:
-        gate = _gate_passed(self.version_info(version)["tags"])
+        gate = read_gate_passed(self.version_info(version)["tags"])
         if gate is not True:
             state = "failed the gate" if gate is False else "has no gate verdict yet"
             raise PromotionRefused(f"version {version} {state}: it cannot be approved")
@@ -257,49 +264,19 @@ class Registry:
         champion = self.alias_version(CHAMPION)
         bootstrap = champion is None and bootstrap_without_approval
         if version is None:
-            version = self._pick_candidate(champion, bootstrap, floors_passed)
+            versions = self.list_versions()
+            version = pick_promotion_candidate(
+                versions, champion, bootstrap=bootstrap, floors_passed=floors_passed
+            )
             if version is None:
                 return None
         tags = self.version_info(version)["tags"]
-        self._check_promotable(str(version), champion, tags, bootstrap, floors_passed)
-        return self._move_champion(str(version), champion, "promote", tags)
-
-    def _pick_candidate(
-        self, champion: str | None, bootstrap: bool, floors_passed: bool | None
-    ) -> str | None:
-        newer = [
-            row
-            for row in self.list_versions()
-            if (champion is None or int(row["version"]) > int(champion))
-            and _gate_passed(row["tags"]) is True
-            and row["tags"].get("rolled_back") != "true"
-        ]
-        approved = [row["version"] for row in newer if row["tags"].get("approved_by")]
-        if approved:
-            return approved[0]
-        if bootstrap and newer and floors_passed is not False:
-            return newer[0]["version"]
-        return None
-
-    @staticmethod
-    def _check_promotable(
-        version: str, champion: str | None, tags: dict, bootstrap: bool, floors: bool | None
-    ) -> None:
-        gate = _gate_passed(tags)
-        if version == champion:
-            raise PromotionRefused(f"version {version} is already the champion")
-        if gate is False:
-            raise PromotionRefused(f"version {version} failed the gate: {tags.get('gate_reasons')}")
-        if tags.get("approved_by") and gate is True:
-            return
-        if bootstrap and (floors if floors is not None else gate is True):
-            return
-        if gate is None:
-            raise PromotionRefused(f"version {version} has no gate verdict yet")
-        raise PromotionRefused(
-            f"version {version} is not approved: set the version tag approved_by "
-            "(MLflow UI or `approve`) before promotion"
+        refusal = find_promotion_refusal(
+            str(version), champion, tags, bootstrap=bootstrap, floors_passed=floors_passed
         )
+        if refusal:
+            raise PromotionRefused(refusal)
+        return self._move_champion(str(version), champion, "promote", tags)
 
     @_guarded
     def rollback(self, to: str | None = None) -> dict:
@@ -311,7 +288,7 @@ class Registry:
         if target == champion:
             raise PromotionRefused(f"version {target} is already the champion")
         tags = self.version_info(target)["tags"]
-        if _gate_passed(tags) is False:
+        if read_gate_passed(tags) is False:
             raise PromotionRefused(f"version {target} failed the gate: cannot roll back to it")
         if champion is not None:
             self._tag(champion, "rolled_back", "true")
@@ -337,7 +314,7 @@ class Registry:
             "approved_by": tags.get("approved_by"),
             "at": at.isoformat(),
             "verdict": {
-                "passed": _gate_passed(tags),
+                "passed": read_gate_passed(tags),
                 "reasons": json.loads(tags.get("gate_reasons", "[]")),
             },
         }
@@ -368,7 +345,7 @@ class Registry:
                 "version": challenger,
                 "metrics": chall_info["metrics"],
                 "gate": {
-                    "passed": _gate_passed(chall_info["tags"]),
+                    "passed": read_gate_passed(chall_info["tags"]),
                     "reasons": json.loads(chall_info["tags"].get("gate_reasons", "[]")),
                 },
                 "approval": "approved" if chall_info["tags"].get("approved_by") else "pending",

@@ -7,7 +7,14 @@ import pytest
 from scipy import stats
 
 from components.config import GatePolicy
-from components.gate import Candidate, Verdict, decide, mcnemar_p_value
+from components.gate import (
+    Candidate,
+    Verdict,
+    decide,
+    find_promotion_refusal,
+    mcnemar_p_value,
+    pick_promotion_candidate,
+)
 
 POLICY = GatePolicy(
     min_accuracy=0.85,
@@ -139,3 +146,53 @@ def test_mcnemar_chi2_with_continuity_for_many_discordant_pairs():
 def test_mcnemar_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         mcnemar_p_value(np.ones(3, bool), np.ones(4, bool))
+
+
+PASSED = {"gate_passed": "true", "approval": "pending"}
+APPROVED = {**PASSED, "approved_by": "alice"}
+FAILED = {"gate_passed": "false", "gate_reasons": '["FAIL: accuracy 0.5 < floor 0.85"]'}
+
+# id, version, champion, tags, bootstrap, floors_passed, expected refusal fragment (None = ok)
+PROMOTION_CASES = [
+    ("approved", "2", "1", APPROVED, False, None, None),
+    ("not_approved", "2", "1", PASSED, False, None, "not approved"),
+    ("failed_gate", "2", "1", {**FAILED, "approved_by": "alice"}, False, None, "failed the gate"),
+    ("failed_gate_bootstrap", "1", None, FAILED, True, True, "failed the gate"),
+    ("never_gated", "2", "1", {"approved_by": "alice"}, False, None, "no gate verdict"),
+    ("bootstrap", "1", None, PASSED, True, True, None),
+    ("bootstrap_from_recorded_verdict", "1", None, PASSED, True, None, None),
+    ("bootstrap_floors_failed", "1", None, PASSED, True, False, "not approved"),
+    ("bootstrap_off", "1", None, PASSED, False, True, "not approved"),
+    ("already_champion", "1", "1", APPROVED, False, None, "already the champion"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("version", "champion", "tags", "bootstrap", "floors", "fragment"),
+    [case[1:] for case in PROMOTION_CASES],
+    ids=[case[0] for case in PROMOTION_CASES],
+)
+def test_find_promotion_refusal(version, champion, tags, bootstrap, floors, fragment):
+    refusal = find_promotion_refusal(
+        version, champion, tags, bootstrap=bootstrap, floors_passed=floors
+    )
+    if fragment is None:
+        assert refusal is None
+    else:
+        assert fragment in refusal
+
+
+def test_pick_promotion_candidate():
+    rows = [
+        {"version": "1", "tags": APPROVED},
+        {"version": "2", "tags": PASSED},
+        {"version": "3", "tags": {**APPROVED, "rolled_back": "true"}},
+        {"version": "4", "tags": {**FAILED, "approved_by": "x"}},
+    ]
+    pick = pick_promotion_candidate
+    assert pick(rows, None, bootstrap=False, floors_passed=None) == "1"
+    assert pick(rows, "1", bootstrap=False, floors_passed=None) is None  # 2 lacks approval
+    rows.append({"version": "10", "tags": APPROVED})
+    assert pick(rows, "1", bootstrap=False, floors_passed=None) == "10"  # numeric, not lexical
+    assert pick(rows[1:2], None, bootstrap=True, floors_passed=None) == "2"
+    assert pick(rows[1:2], None, bootstrap=True, floors_passed=False) is None

@@ -1,0 +1,231 @@
+"""The registry against a real MLflow sqlite store (no mocks).
+
+Creating an MLflow database runs its migrations (~10 s), so one template store with two
+registered versions is built per module and each test works on its own copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from components.registry import PromotionRefused, Registry, RegistryUnavailable
+
+MODEL = "vitrine-product"
+PASS = {"passed": True, "reasons": ["accuracy 0.93 >= floor 0.85"]}
+FAIL = {"passed": False, "reasons": ["FAIL: accuracy 0.5 < floor 0.85"]}
+
+
+def make_registry(home: Path, artifacts: Path | None = None) -> Registry:
+    return Registry(
+        f"sqlite:///{home / 'mlflow.db'}",
+        artifacts or home / "artifacts",
+        MODEL,
+        home / "audit.jsonl",
+    )
+
+
+def register_version(registry: Registry, tmp: Path, accuracy: float, data_version: str) -> str:
+    torch.manual_seed(int(accuracy * 100))
+    index = tmp / f"index-{accuracy}"
+    index.mkdir()
+    np.save(index / "embeddings.npy", np.arange(6, dtype=np.float32).reshape(2, 3))
+    with registry.start_run("train", tags={"stage": "train"}):
+        registry.log_params({"lr": 0.003, "backbone": "linear"})
+        registry.log_metrics({"accuracy": accuracy, "recall_at_1": accuracy - 0.05})
+        registry.log_dict({"classes": ["a", "b"]}, "labels.json")
+        return registry.log_and_register_model(
+            torch.nn.Linear(4, 2), np.zeros((2, 4), np.float32), {"index": index},
+            {"data_version": data_version},
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("template")
+    registry = make_registry(home)
+    assert register_version(registry, home, 0.90, "data-v1") == "1"
+    assert register_version(registry, home, 0.92, "data-v2") == "2"
+    return home
+
+
+@pytest.fixture
+def registry(template: Path, tmp_path: Path) -> Registry:
+    shutil.copy(template / "mlflow.db", tmp_path / "mlflow.db")
+    return make_registry(tmp_path, template / "artifacts")
+
+
+def audit_lines(registry: Registry) -> list[dict]:
+    return [json.loads(line) for line in registry.audit_log.read_text().splitlines()]
+
+
+def test_register_sets_challenger_tags_and_run(registry: Registry):
+    assert registry.alias_version("challenger") == "2"
+    assert registry.alias_version("champion") is None
+    info = registry.version_info("1")
+    assert info["tags"]["data_version"] == "data-v1"
+    assert info["metrics"]["accuracy"] == pytest.approx(0.90)
+    assert info["run_id"] and info["aliases"] == []
+    run = MlflowClient(registry.tracking_uri).get_run(info["run_id"])
+    assert run.data.params["backbone"] == "linear" and run.data.tags["stage"] == "train"
+
+
+def test_artifacts_live_under_artifact_root(registry: Registry, template: Path, tmp_path: Path):
+    index = registry.download_artifacts("1", "index", tmp_path / "dl")
+    assert np.load(index / "embeddings.npy").shape == (2, 3)
+    labels = registry.download_artifacts("1", "labels.json", tmp_path / "dl2")
+    assert json.loads(labels.read_text()) == {"classes": ["a", "b"]}
+    assert any((template / "artifacts").rglob("embeddings.npy"))
+    assert not Path("mlruns").exists()
+
+
+def test_load_model_returns_working_module(registry: Registry):
+    model = registry.load_model("2")
+    assert isinstance(model, torch.nn.Linear)
+    assert model(torch.ones(3, 4)).shape == (3, 2)
+
+
+def test_record_verdict_tags(registry: Registry):
+    registry.record_verdict("1", FAIL)
+    registry.record_verdict("2", PASS)
+    fail, ok = registry.version_info("1")["tags"], registry.version_info("2")["tags"]
+    assert fail["gate_passed"] == "false" and "approval" not in fail
+    assert json.loads(fail["gate_reasons"]) == FAIL["reasons"]
+    assert ok["gate_passed"] == "true" and ok["approval"] == "pending"
+
+
+def test_promote_refused_without_approval_and_for_failed_gate(registry: Registry):
+    registry.record_verdict("1", PASS)
+    registry.record_verdict("2", FAIL)
+    with pytest.raises(PromotionRefused, match="not approved"):
+        registry.promote("1")
+    with pytest.raises(PromotionRefused, match="failed the gate"):
+        registry.promote("2", bootstrap_without_approval=True, floors_passed=True)
+    with pytest.raises(PromotionRefused, match="failed the gate"):
+        registry.approve("2", by="alice")
+    assert registry.promote() is None
+    assert registry.alias_version("champion") is None
+
+
+def test_bootstrap_promotes_without_approval_only_when_no_champion(registry: Registry):
+    registry.record_verdict("1", PASS)
+    record = registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    assert record["to"] == "1" and record["from"] is None and record["approved_by"] is None
+    assert registry.alias_version("champion") == "1"
+    registry.record_verdict("2", PASS)
+    with pytest.raises(PromotionRefused, match="not approved"):
+        registry.promote("2", bootstrap_without_approval=True, floors_passed=True)
+
+
+def test_approve_then_promote_moves_champion_and_audits(registry: Registry):
+    registry.record_verdict("1", PASS)
+    registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    registry.record_verdict("2", PASS)
+    registry.approve("2", by="alice")
+    record = registry.promote()  # picks the newest approved version
+    assert record["action"] == "promote" and (record["from"], record["to"]) == ("1", "2")
+    assert record["approved_by"] == "alice" and record["verdict"] == PASS
+    assert registry.alias_version("champion") == "2"
+    assert registry.alias_version("previous_champion") == "1"
+    assert registry.alias_version("challenger") is None  # it pointed to the promoted version
+    assert registry.version_info("1")["tags"]["previous_champion"] == "true"
+    tags = registry.version_info("2")["tags"]
+    assert tags["approval"] == "approved" and tags["approved_at"]
+    audit_tags = [json.loads(v) for k, v in tags.items() if k.startswith("audit_")]
+    assert audit_tags == [record]
+    assert [line["to"] for line in audit_lines(registry)] == ["1", "2"]
+    assert audit_lines(registry)[-1] == record
+    assert registry.promote() is None  # nothing newer is eligible
+
+
+def test_ui_approval_is_honoured(registry: Registry):
+    registry.record_verdict("1", PASS)
+    registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    registry.record_verdict("2", PASS)
+    ui = MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri)
+    ui.set_model_version_tag(MODEL, "2", "approved_by", "bob")
+    assert registry.status()["challenger"]["approval"] == "approved"
+    record = registry.promote()
+    assert record["to"] == "2" and record["approved_by"] == "bob"
+
+
+def test_rollback(registry: Registry):
+    with pytest.raises(PromotionRefused, match="nothing to roll back"):
+        registry.rollback()
+    registry.record_verdict("1", PASS)
+    registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    registry.record_verdict("2", PASS)
+    registry.approve("2", by="alice")
+    registry.promote("2")
+    record = registry.rollback()
+    assert record["action"] == "rollback" and (record["from"], record["to"]) == ("2", "1")
+    assert registry.alias_version("champion") == "1"
+    assert registry.alias_version("previous_champion") == "2"
+    assert "previous_champion" not in registry.version_info("1")["tags"]
+    assert audit_lines(registry)[-1] == record
+    assert registry.promote() is None  # the rolled-back version is not re-promoted by the poll
+    with pytest.raises(PromotionRefused, match="already the champion"):
+        registry.rollback(to="1")
+
+
+def test_status_shape(registry: Registry):
+    empty = registry.status()
+    assert empty["champion"] is None and empty["previous_champion"] is None
+    assert empty["challenger"]["version"] == "2" and empty["data_version"] == "data-v2"
+    registry.record_verdict("1", PASS)
+    registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    registry.record_verdict("2", FAIL)
+    status = registry.status()
+    assert status["champion"]["version"] == "1"
+    assert status["champion"]["metrics"]["accuracy"] == pytest.approx(0.90)
+    assert status["data_version"] == "data-v1"
+    assert status["challenger"] == {
+        "version": "2",
+        "metrics": pytest.approx({"accuracy": 0.92, "recall_at_1": 0.87}),
+        "gate": FAIL,
+        "approval": "pending",
+    }
+
+
+def test_second_registry_on_same_store_reuses_experiment(registry: Registry, tmp_path: Path):
+    again = make_registry(tmp_path, registry.artifact_root)
+    assert again.experiment_id == registry.experiment_id
+    assert again.alias_version("challenger") == "2"
+
+
+def test_unreachable_sqlite_store_raises_quickly(tmp_path: Path):
+    start = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match="/proc/nope/mlflow.db"):
+        Registry("sqlite:////proc/nope/mlflow.db", tmp_path / "a", MODEL, tmp_path / "audit")
+    assert time.monotonic() - start < 20
+
+
+def test_unreachable_http_store_raises_quickly(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    start = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match="http://127.0.0.1:9"):
+        Registry("http://127.0.0.1:9", tmp_path / "a", MODEL, tmp_path / "audit")
+    assert time.monotonic() - start < 10
+
+
+def test_store_lost_after_start_raises_unavailable(registry: Registry, tmp_path: Path):
+    registry.client = MlflowClient("http://127.0.0.1:9", registry_uri="http://127.0.0.1:9")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        with pytest.raises(RegistryUnavailable, match="tracking store"):
+            registry.status()
+
+
+def test_logging_outside_a_run_is_refused(registry: Registry):
+    with pytest.raises(RuntimeError, match="no active run"):
+        registry.log_metrics({"accuracy": 0.9})
+    with pytest.raises(PromotionRefused, match="no gate verdict"):
+        registry.approve("1", by="alice")
