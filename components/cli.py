@@ -50,7 +50,9 @@ def _context(work: Path | None = None):
 
 @app.command()
 def ingest(
-    source: Annotated[str | None, typer.Option(help="'fashion-mnist' or PATH/catalogue.csv")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="'fashion-mnist' or PATH/catalogue.csv")
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Ingest a catalogue into data/catalogue (images + manifest.parquet), tracked by DVC."""
@@ -188,7 +190,9 @@ def ui(
         subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
                           "--port", str(prefect_port)], env=env),
     ]  # fmt: skip
-    typer.echo(f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)")
+    typer.echo(
+        f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)"
+    )
     typer.echo(f"Prefect UI  http://127.0.0.1:{prefect_port}")
     if not wait:
         return

@@ -42,7 +42,8 @@ class ValidationParams(_Strict):
     max_width: int = 8192
     max_height: int = 8192
     blank_std_max: float = 2.0
-    near_duplicate_max_distance: int = Field(0, ge=0, le=64)
+    near_duplicate_hash_size: int = Field(16, ge=4, le=32)  # dHash of (n+1)×n pixels: n² bits
+    near_duplicate_max_distance: int = Field(0, ge=0, le=1024)
     max_quarantine_share: float = Field(0.2, ge=0, le=1)
 
 

@@ -69,7 +69,9 @@ def load_images(ctx: RunContext, manifest: pd.DataFrame, model: VitrineNet | Non
     if cache.exists():
         return np.load(cache)
     paths = [ctx.catalogue_dir / p for p in manifest["path"]]
-    arrays = [load_uint8(p, size, channels) for p in tqdm(paths, desc="decode", unit="img", mininterval=2)]
+    arrays = [
+        load_uint8(p, size, channels) for p in tqdm(paths, desc="decode", unit="img", mininterval=2)
+    ]
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, images)
@@ -79,9 +81,13 @@ def load_images(ctx: RunContext, manifest: pd.DataFrame, model: VitrineNet | Non
 def run_ingest(ctx: RunContext, source: str | None = None) -> dict:
     """Ingest the catalogue source into data/catalogue and version it with DVC."""
     data = ctx.params.data
+    fmnist = Path(data.fashion_mnist_dir)
+    unpacked = ctx.paths.home / "debian" / fmnist.relative_to(fmnist.anchor)  # `make dataset` w/o root
+    if not fmnist.exists() and unpacked.exists():
+        fmnist = unpacked
     manifest = catalogue.ingest_catalogue(
         source or data.source, ctx.catalogue_dir, data.categories,
-        fashion_mnist_dir=data.fashion_mnist_dir, test_fraction=data.test_fraction,
+        fashion_mnist_dir=fmnist, test_fraction=data.test_fraction,
     )  # fmt: skip
     version = versioning.track_data(ctx.repo, ctx.paths.dvc_remote)
     return {"ingested": len(manifest), "data_version": version}
@@ -173,6 +179,18 @@ def run_evaluation(ctx: RunContext) -> dict:
     )  # fmt: skip
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
     return result.metrics
+
+
+def data_version(ctx: RunContext) -> str:
+    """DVC's md5 of data/ when the catalogue is the DVC-tracked one, else a manifest digest."""
+    tracked = ctx.repo / "data"
+    if ctx.catalogue_dir.resolve().is_relative_to(tracked.resolve()):
+        version = versioning.read_data_version(ctx.repo)
+        if version:
+            return version
+    manifest = catalogue.read_manifest(ctx.catalogue_dir)
+    digest = hashlib.sha256("".join(sorted(manifest["sha256"])).encode()).hexdigest()
+    return f"manifest-{digest[:16]}"
 
 
 def git_commit(repo: Path) -> str:

@@ -16,6 +16,7 @@ from components import evaluation, gate, training
 from components.config import Params
 from components.pipeline import (
     RunContext,
+    data_version as pipeline_data_version,
     git_commit,
     load_images,
     load_trained_model,
@@ -23,7 +24,6 @@ from components.pipeline import (
     write_json,
 )
 from components.registry import Registry
-from components.versioning import read_data_version
 
 HEADLINE = ("accuracy", "macro_f1", "recall_at_1")
 
@@ -69,9 +69,11 @@ def run_registration(ctx: RunContext, registry: Registry, cause: str = "manual")
     metrics = read_json(work / "evaluate" / "metrics.json")
     report = read_json(work / "validate" / "validation_report.json")
     label_summary = read_json(work / "labels" / "label_summary.json")
-    data_version = read_data_version(ctx.repo) or "untracked"
+    data_version = pipeline_data_version(ctx)
     model = load_trained_model(ctx)
-    example = load_images(ctx, pd.read_parquet(work / "validate" / "accepted.parquet").head(2), model)
+    example = load_images(
+        ctx, pd.read_parquet(work / "validate" / "accepted.parquet").head(2), model
+    )
     tags = {
         "data_version": data_version,
         "git_commit": git_commit(ctx.repo),
@@ -80,9 +82,11 @@ def run_registration(ctx: RunContext, registry: Registry, cause: str = "manual")
         **{name: f"{metrics[name]:.4f}" for name in HEADLINE},
     }
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    with registry.start_run(run_name, tags={"cause": cause, "data_version": data_version}) as run_id:
+    with registry.start_run(
+        run_name, tags={"cause": cause, "data_version": data_version}
+    ) as run_id:
         registry.log_params(flatten_params(ctx.params))
-        counts = {k: float(report[k]) for k in ("ingested", "accepted", "quarantined")}
+        counts = {k: float(v) for k, v in report["counts"].items()}
         counts["label_issues"] = float(label_summary["flagged"])
         registry.log_metrics({**{k: float(v) for k, v in metrics.items()}, **counts})
         _log_stage_outputs(registry, work)
@@ -152,4 +156,3 @@ def run_bootstrap_promotion(ctx: RunContext, registry: Registry, verdict: dict) 
         bootstrap_without_approval=True,
         floors_passed=floors_passed(metrics, ctx.params),
     )
-

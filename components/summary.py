@@ -17,9 +17,7 @@ def summarize_run(
 ) -> dict:
     return {
         "data_version": registered.get("data_version"),
-        "ingested": report["ingested"],
-        "accepted": report["accepted"],
-        "quarantined": report["quarantined"],
+        **report["counts"],
         "quarantined_by_reason": report.get("quarantined_by_reason", {}),
         "label_issues": label_summary["flagged"],
         "label_policy": label_summary.get("policy"),
@@ -30,6 +28,7 @@ def summarize_run(
         "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
         "train_seconds": train_summary.get("train_seconds"),
         "best_epoch": train_summary.get("best_epoch"),
+        "resumed_from_epoch": train_summary.get("resumed_from_epoch"),
         "gate": {"passed": verdict["passed"], "reasons": verdict["reasons"]},
         "champion_before": verdict.get("champion"),
         "promoted": promoted is not None,
@@ -56,9 +55,13 @@ def format_summary(s: dict) -> str:
         *reasons,
     ]
     if s["promoted"]:
-        lines.append(f"  promoted       version {s['version']} is now champion (no champion before)")
+        lines.append(
+            f"  promoted       version {s['version']} is now champion (no champion before)"
+        )
     elif s["gate"]["passed"]:
-        lines.append(f"  promotion      waiting for approval (tag approved_by on version {s['version']})")
+        lines.append(
+            f"  promotion      waiting for approval (tag approved_by on version {s['version']})"
+        )
     else:
         lines.append("  promotion      none: the challenger failed the gate")
     lines += [

@@ -1,0 +1,96 @@
+"""Shared fixtures. Tests shrink the REAL config (params.yaml) and use real Fashion-MNIST
+images; telemetry of every tool is off before anything is imported."""
+
+from __future__ import annotations
+
+import os
+
+from components.config import TELEMETRY_OFF
+
+for _key, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from components.catalogue import load_fashion_mnist  # noqa: E402
+from components.config import DEFAULT_PARAMS  # noqa: E402
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fmnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return load_fashion_mnist(FMNIST_DIR)
+
+
+def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
+    """The real params.yaml with a tiny training budget, for tests."""
+    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params["data"]["catalogue_dir"] = str(catalogue_dir)
+    params["train"].update(epochs=2, cnn_width=8, embedding_dim=32, batch_size=64, patience=5)
+    params["labels"].update(folds=3, pca_components=16)
+    params["evaluation"]["latency_images"] = 16
+    params["gate"].update(min_accuracy=0.5, min_recall_at_1=0.5)
+    for section, values in overrides.items():
+        params[section].update(values)
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+CATEGORIES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+BAD_ROWS = {  # product_id -> the reason validation must give it
+    "bad-missing": "missing_file",
+    "bad-empty": "empty_file",
+    "bad-truncated": "truncated",
+    "bad-notimage": "not_an_image",
+    "bad-blank": "blank",
+    "bad-dup-image": "exact_duplicate",
+    "bad-label": "unknown_label",
+    "p-train-00000": "duplicate_product_id",  # a second row with an existing id
+}
+
+
+def write_csv_catalogue(folder: Path, fmnist: dict, n_train: int, n_test: int,
+                        with_bad_rows: bool = False) -> Path:  # fmt: skip
+    """A shop-style catalogue (CSV + PNG files) from real Fashion-MNIST images."""
+    from PIL import Image
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = fmnist[split]
+        for i in range(n):
+            name = f"img/{split}-{i:05d}.png"
+            Image.fromarray(images[i]).save(folder / name)
+            cat = CATEGORIES[int(labels[i])]
+            rows.append(f"p-{split}-{i:05d},{name},{cat},{cat} item {i},{split}")
+    if with_bad_rows:
+        good = (folder / "img/train-00001.png").read_bytes()
+        (folder / "img/empty.png").write_bytes(b"")
+        (folder / "img/truncated.png").write_bytes(good[: len(good) // 2])
+        (folder / "img/notimage.png").write_text("this is not an image")
+        Image.new("L", (28, 28), 200).save(folder / "img/blank.png")
+        (folder / "img/dup.png").write_bytes(good)
+        rows += [
+            "bad-missing,img/nowhere.png,Bag,,train",
+            "bad-empty,img/empty.png,Bag,,train",
+            "bad-truncated,img/truncated.png,Bag,,train",
+            "bad-notimage,img/notimage.png,Bag,,train",
+            "bad-blank,img/blank.png,Bag,,train",
+            "bad-dup-image,img/dup.png,Bag,,train",
+            "bad-label,img/train-00002.png,Spaceship,,train",
+            "p-train-00000,img/train-00003.png,Bag,,train",
+        ]
+    csv = folder / "catalogue.csv"
+    csv.write_text("product_id,image,label,title,split\n" + "\n".join(rows) + "\n")
+    return csv

@@ -1,0 +1,175 @@
+"""The retrain flow end to end under a real (test) Prefect API, with a real MLflow store,
+on a small real slice of Fashion-MNIST ingested as a shop catalogue CSV with bad rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from components.config import PROJECT_ROOT, load_params, state_paths
+from components.pipeline import RunContext, run_ingest
+from components.release import open_registry
+from tests.conftest import BAD_ROWS, shrunk_params, write_csv_catalogue, write_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, fmnist, prefect_api):
+    """A data repo with an ingested (DVC-tracked) catalogue, a state folder and params."""
+    root = tmp_path_factory.mktemp("world")
+    repo = root / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    csv = write_csv_catalogue(root / "shop", fmnist, n_train=1500, n_test=400, with_bad_rows=True)
+    params = shrunk_params(repo / "data" / "catalogue", data={"source": str(csv)})
+    params_path = write_params(root / "params.yaml", params)
+    env = {"VITRINE_HOME": str(root / "state"), "VITRINE_PARAMS": str(params_path)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ctx = RunContext(load_params(params_path), state_paths(), work=root / "ingest", repo=repo)
+    ingested = run_ingest(ctx)
+    yield {"root": root, "repo": repo, "ctx": ctx, "ingested": ingested, "params": params}
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_ingest_tracks_the_catalogue_with_dvc(world):
+    repo = world["repo"]
+    assert world["ingested"]["ingested"] == 1900 + len(BAD_ROWS)
+    assert (repo / "data.dvc").exists()
+    assert len(world["ingested"]["data_version"]) == 32
+    remote = world["ctx"].paths.dvc_remote
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) > 1900  # pushed
+
+
+def test_retrain_approve_promote_rollback(world):
+    from flows.retrain import retrain
+
+    first = retrain()
+    assert first["ingested"] == first["accepted"] + first["quarantined"]
+    for reason in set(BAD_ROWS.values()):
+        assert first["quarantined_by_reason"].get(reason, 0) >= 1, reason
+    assert first["gate"]["passed"], first["gate"]["reasons"]
+    assert first["promoted"] and first["version"] == "1"
+    registry = open_registry(world["ctx"])
+    assert registry.alias_version("champion") == "1"
+
+    second = retrain(epochs=3)
+    assert second["version"] == "2" and not second["promoted"]
+    status = registry.status()
+    assert status["champion"]["version"] == "1"
+    assert status["challenger"]["version"] == "2"
+    if second["gate"]["passed"]:
+        assert status["challenger"]["approval"] == "pending"
+        assert registry.promote() is None  # no approval yet: nothing moves
+        assert registry.alias_version("champion") == "1"
+        registry.approve("2", by="owner")
+        record = registry.promote()
+        assert record["to"] == "2" and record["approved_by"] == "owner"
+        assert registry.alias_version("champion") == "2"
+        assert registry.alias_version("previous_champion") == "1"
+        back = registry.rollback()
+        assert back["to"] == "1" and registry.alias_version("champion") == "1"
+    else:  # a failed gate can never be promoted, whatever is asked
+        with pytest.raises(Exception, match="gate"):
+            registry.promote("2")
+    audit = [json.loads(line) for line in world["ctx"].paths.audit_log.read_text().splitlines()]
+    assert audit[0]["action"] == "promote" and audit[0]["to"] == "1"
+
+
+def test_label_issues_and_reports_are_written(world):
+    runs = sorted(world["ctx"].paths.runs.iterdir())
+    work = runs[-1]
+    issues = pd.read_parquet(work / "labels" / "label_issues.parquet")
+    assert {"product_id", "given_label", "suggested_label", "label_quality"} <= set(issues.columns)
+    quarantine = pd.read_parquet(work / "validate" / "quarantine.parquet")
+    by_id = dict(zip(quarantine["product_id"], quarantine["reason"], strict=False))
+    for product_id, reason in BAD_ROWS.items():
+        if product_id != "p-train-00000":
+            assert by_id[product_id] == reason
+    assert (work / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (work / "evaluate" / "index" / "embeddings.npy").exists()
+
+
+def test_unreachable_tracking_store_leaves_aliases_unchanged(world, monkeypatch):
+    from flows.retrain import retrain
+
+    registry = open_registry(world["ctx"])
+    champion_before = registry.alias_version("champion")
+    monkeypatch.setenv("VITRINE_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        retrain(epochs=1)
+    monkeypatch.delenv("VITRINE_TRACKING_URI")
+    assert open_registry(world["ctx"]).alias_version("champion") == champion_before
+
+
+def test_too_many_quarantined_stops_before_training(world, tmp_path, monkeypatch):
+    from flows.retrain import retrain
+
+    params = dict(world["params"])
+    params["validation"] = {**params["validation"], "max_quarantine_share": 0.001}
+    monkeypatch.setenv("VITRINE_PARAMS", str(write_params(tmp_path / "p.yaml", params)))
+    versions_before = len(open_registry(world["ctx"]).list_versions())
+    with pytest.raises(Exception, match="quarantine"):
+        retrain()
+    assert len(open_registry(world["ctx"]).list_versions()) == versions_before
+
+
+def test_cli_refuses_csv_without_required_columns(world, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sku,picture\n1,a.png\n")
+    env = {**os.environ, "VITRINE_HOME": str(tmp_path / "state")}
+    done = subprocess.run(
+        [sys.executable, "-m", "components.cli", "ingest", "--source", str(bad)],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "product_id" in done.stderr and "label" in done.stderr and "image" in done.stderr
+    assert not (tmp_path / "state" / "mlflow.db").exists()
+
+
+def test_killed_training_leaves_registry_and_resumes(world):
+    """Kill `vitrine run` during training: nothing registered; the re-run resumes."""
+    from flows.retrain import retrain
+
+    state = world["ctx"].paths
+    versions_before = len(open_registry(world["ctx"]).list_versions())
+    checkpoints = state.home / "checkpoints"
+    for old in checkpoints.glob("*"):
+        old.unlink()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "components.cli", "run", "--epochs", "6"],
+        cwd=PROJECT_ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (checkpoints / "last.pt").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(open_registry(world["ctx"]).list_versions()) == versions_before
+    summary = retrain(epochs=6)
+    assert summary["resumed_from_epoch"] is not None
+    assert int(summary["version"]) == versions_before + 1
