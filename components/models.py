@@ -55,7 +55,7 @@ def build_cnn_trunk(width: int, in_channels: int = 1) -> nn.Sequential:
 
 
 class EfficientNetTrunk(nn.Module):
-    """EfficientNet-Lite0 features, globally average-pooled to 1280-d (its 1000-class fc dropped)."""
+    """EfficientNet-Lite0 features, average-pooled to 1280-d (its ImageNet fc dropped)."""
 
     def __init__(self, image_size: int, pretrained: bool) -> None:
         super().__init__()

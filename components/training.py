@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -30,6 +29,7 @@ from components.models import VitrineNet, build_model
 from components.transforms import augment, to_tensor
 
 CHECKPOINT = "last.pt"
+Optimisation = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module]
 
 
 @dataclass
@@ -42,6 +42,11 @@ class TrainResult:
     class_weights: list[float] | None
     train_seconds: float  # wall time of this call
     val_indices: np.ndarray  # rows of the input held out for validation
+
+
+def count_threads() -> int:
+    """Torch threads for training: $OMP_NUM_THREADS when set, else every core."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
 
 
 def compute_class_weights(
@@ -129,7 +134,7 @@ def train_one_epoch(
     labels: torch.Tensor,
     params: TrainParams,
     steps: int,
-    opt: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module],
+    opt: Optimisation,
     generator: torch.Generator,
     bar: tqdm,
 ) -> float:
@@ -163,6 +168,58 @@ def evaluate_split(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> 
     return loss, float((probs.argmax(1) == labels).mean())
 
 
+def build_optimisation(model: nn.Module, params: TrainParams, steps: int,
+                       weights: np.ndarray | None) -> Optimisation:  # fmt: skip
+    """AdamW + OneCycleLR over epochs·steps + (weighted, label-smoothed) cross-entropy."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=params.lr, weight_decay=params.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.lr, total_steps=params.epochs * steps
+    )
+    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
+    return optimizer, scheduler, criterion
+
+
+def restore_run(state: dict | None, model: nn.Module, opt: Optimisation,
+                generator: torch.Generator) -> dict:  # fmt: skip
+    """Load a matching checkpoint into model/optimizer/scheduler/RNGs; return the run record."""
+    if state is None:
+        return {"epoch": -1, "best_state": None, "best_accuracy": -1.0, "best_epoch": -1,
+                "bad_epochs": 0, "stopped_early": False, "history": []}  # fmt: skip
+    model.load_state_dict(state["model"])
+    opt[0].load_state_dict(state["optimizer"])
+    opt[1].load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["run"]
+
+
+def fit_epoch(model: nn.Module, epoch: int, train: tuple[np.ndarray, torch.Tensor],
+              val: tuple[np.ndarray, np.ndarray], params: TrainParams, steps: int,
+              opt: Optimisation, generator: torch.Generator, progress: bool) -> dict:  # fmt: skip
+    """Train one epoch, validate, and return the epoch's history record."""
+    t0 = time.perf_counter()
+    desc = f"epoch {epoch + 1}/{params.epochs}"
+    with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
+        train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar)
+        val_loss, val_acc = evaluate_split(model, *val)
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+            "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
+            "lr": opt[1].get_last_lr()[0]}  # fmt: skip
+
+
+def snapshot_run(fingerprint: str, model: nn.Module, opt: Optimisation,
+                 generator: torch.Generator, run: dict) -> dict:  # fmt: skip
+    """Everything a resume needs to continue bit-for-bit."""
+    return {"fingerprint": fingerprint, "model": model.state_dict(),
+            "optimizer": opt[0].state_dict(), "scheduler": opt[1].state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "run": run}  # fmt: skip
+
+
 def train_model(
     images: np.ndarray,
     labels: np.ndarray,
@@ -180,76 +237,38 @@ def train_model(
     metrics); an exception from it interrupts the run like a crash would.
     """
     started = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
-    labels = np.asarray(labels, dtype=np.int64)
-    checkpoint_dir = Path(checkpoint_dir)
+    torch.set_num_threads(count_threads())
+    labels, checkpoint_dir = np.asarray(labels, dtype=np.int64), Path(checkpoint_dir)
     fingerprint = fingerprint_run(images, labels, params, num_classes, pretrained)
-
     val_idx = split_validation(labels, params.val_fraction, params.seed)
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[val_idx] = False
-    x_train, y_train = images[train_mask], labels[train_mask]
-    x_val, y_val = images[val_idx], labels[val_idx]
-    weights = compute_class_weights(y_train, num_classes, params)
+    x_train, y_train = images[train_mask], torch.from_numpy(labels[train_mask])
+    weights = compute_class_weights(labels[train_mask], num_classes, params)
 
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     model = build_model(params, num_classes, pretrained=pretrained)
     steps = math.ceil(len(x_train) / params.batch_size)
-    if params.max_batches_per_epoch is not None:
-        steps = min(steps, params.max_batches_per_epoch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=params.lr, total_steps=params.epochs * steps
-    )
-    weight_tensor = None if weights is None else torch.tensor(weights, dtype=torch.float32)
-    criterion = nn.CrossEntropyLoss(weight=weight_tensor, label_smoothing=params.label_smoothing)
+    steps = min(steps, params.max_batches_per_epoch or steps)
+    opt = build_optimisation(model, params, steps, weights)
+    run = restore_run(load_checkpoint(checkpoint_dir, fingerprint), model, opt, generator)
+    resumed_from = None if run["epoch"] < 0 else run["epoch"]
 
-    run = {"epoch": -1, "best_state": None, "best_accuracy": -1.0, "best_epoch": -1,
-           "bad_epochs": 0, "stopped_early": False, "history": []}  # fmt: skip
-    resumed_from = None
-    state = load_checkpoint(checkpoint_dir, fingerprint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        run = state["run"]
-        resumed_from = run["epoch"]
-
-    y_train_t = torch.from_numpy(y_train)
-    opt = (optimizer, scheduler, criterion)
     for epoch in range(run["epoch"] + 1, params.epochs):
         if run["stopped_early"]:
             break
-        t0 = time.perf_counter()
-        desc = f"epoch {epoch + 1}/{params.epochs}"
-        with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
-            train_loss = train_one_epoch(
-                model, x_train, y_train_t, params, steps, opt, generator, bar
-            )
-            val_loss, val_acc = evaluate_split(model, x_val, y_val)
-            bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                  "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
-                  "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+        record = fit_epoch(model, epoch, (x_train, y_train), (images[val_idx], labels[val_idx]),
+                           params, steps, opt, generator, progress)  # fmt: skip
         update_run(run, record, model, params.patience, last_epoch=params.epochs - 1)
-        save_checkpoint(
-            {"fingerprint": fingerprint, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "run": run},  # fmt: skip
-            checkpoint_dir,
-        )
+        save_checkpoint(snapshot_run(fingerprint, model, opt, generator, run), checkpoint_dir)
         if on_epoch_end is not None:
             on_epoch_end(record)
 
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"])
-    model.eval()
     return TrainResult(
-        model=model,
+        model=model.eval(),
         history=list(run["history"]),
         best_epoch=run["best_epoch"],
         stopped_early=run["stopped_early"],

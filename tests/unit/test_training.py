@@ -1,0 +1,191 @@
+"""train_model on a small real Fashion-MNIST slice: learning, determinism, class weights,
+early stopping, and checkpoint resume after a real (SIGKILL) interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.catalogue import load_fashion_mnist
+from components.config import TrainParams
+from components.training import (
+    CHECKPOINT,
+    compute_class_weights,
+    predict_batches,
+    split_validation,
+    train_model,
+)
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+REPO = Path(__file__).resolve().parents[2]
+SMALL = TrainParams(cnn_width=8, epochs=2, batch_size=32, lr=0.02, val_fraction=0.1)
+TINY = TrainParams(cnn_width=8, epochs=3, batch_size=32, lr=0.02, val_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_fashion_mnist(FASHION_MNIST)["train"]
+    return images[:2000, ..., None], labels[:2000].astype(np.int64)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_beats_chance(fmnist, tmp_path: Path) -> None:
+    images, labels = fmnist
+    result = train_model(images, labels, SMALL, 10, tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert set(result.history[0]) == {
+        "epoch", "train_loss", "val_loss", "val_accuracy", "seconds", "lr",
+    }  # fmt: skip
+    best = max(h["val_accuracy"] for h in result.history)
+    assert best > 0.6  # chance is 0.1
+    assert result.history[result.best_epoch]["val_accuracy"] == best
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert not result.model.training and result.resumed_from_epoch is None
+    assert result.class_weights is None  # Fashion-MNIST is balanced
+    probs, _ = predict_batches(result.model, images[result.val_indices])
+    assert (probs.argmax(1) == labels[result.val_indices]).mean() == pytest.approx(best)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(fmnist, tmp_path: Path) -> None:
+    images, labels = fmnist[0][:600], fmnist[1][:600]
+    quick = TINY.model_copy(update={"epochs": 1, "max_batches_per_epoch": 3})
+    a = train_model(images, labels, quick, 10, tmp_path / "a", progress=False)
+    b = train_model(images, labels, quick, 10, tmp_path / "b", progress=False)
+    c = train_model(images, labels, quick.model_copy(update={"seed": 1}), 10,
+                    tmp_path / "c", progress=False)  # fmt: skip
+    assert same_weights(a.model, b.model) and a.history[0]["val_loss"] == b.history[0]["val_loss"]
+    assert not same_weights(a.model, c.model)
+    assert not np.array_equal(a.val_indices, c.val_indices)
+
+
+def test_validation_split_is_stratified(fmnist) -> None:
+    _, labels = fmnist
+    val = split_validation(labels, 0.1, seed=0)
+    assert len(np.unique(val)) == len(val)
+    expected = np.round(np.bincount(labels, minlength=10) * 0.1)
+    assert np.array_equal(np.bincount(labels[val], minlength=10), expected)
+    assert not np.array_equal(val, split_validation(labels, 0.1, seed=1))
+
+
+def test_class_weights_only_for_imbalanced_labels() -> None:
+    params = TrainParams(imbalance_ratio=1.5)
+    balanced = np.repeat(np.arange(4), [100, 90, 110, 80])  # ratio 1.375
+    assert compute_class_weights(balanced, 4, params) is None
+    skewed = np.repeat(np.arange(4), [100, 100, 100, 10])
+    weights = compute_class_weights(skewed, 4, params)
+    assert weights is not None and weights.mean() == pytest.approx(1.0)
+    assert weights[3] == pytest.approx(10 * weights[0])
+    off = params.model_copy(update={"class_weights": "none"})
+    assert compute_class_weights(skewed, 4, off) is None
+    missing = compute_class_weights(np.repeat([0, 1], [100, 10]), 3, params)
+    assert missing is not None and missing[2] == 0 and missing[:2].mean() == pytest.approx(1.0)
+
+
+def test_imbalanced_training_uses_class_weights(fmnist, tmp_path: Path) -> None:
+    images, labels = fmnist
+    keep = np.flatnonzero((labels != 0) | (np.arange(len(labels)) % 5 == 0))  # class 0 at 1/5
+    quick = TINY.model_copy(update={"epochs": 1, "max_batches_per_epoch": 1})
+    result = train_model(images[keep], labels[keep], quick, 10, tmp_path, progress=False)
+    assert result.class_weights is not None
+    assert result.class_weights[0] == max(result.class_weights)
+
+
+def test_early_stopping_keeps_best_epoch(fmnist, tmp_path: Path) -> None:
+    images, labels = fmnist
+    stalled = TINY.model_copy(update={"epochs": 6, "patience": 1, "lr": 1e-9,
+                                      "max_batches_per_epoch": 1})  # fmt: skip
+    result = train_model(images[:600], labels[:600], stalled, 10, tmp_path, progress=False)
+    assert result.stopped_early and len(result.history) < 6
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert accuracies[-1] <= accuracies[result.best_epoch] == max(accuracies)
+
+
+def test_predict_batches_shapes_and_batch_independence(fmnist) -> None:
+    images, _ = fmnist
+    torch.manual_seed(0)
+    from components.models import build_model
+
+    model = build_model(TINY, 10).train()
+    probs, emb = predict_batches(model, images[:50], batch_size=512)
+    probs_small, emb_small = predict_batches(model, images[:50], batch_size=7)
+    assert model.training  # mode restored
+    assert probs.shape == (50, 10) and emb.shape == (50, TINY.embedding_dim)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert np.allclose(probs, probs_small, atol=1e-5) and np.allclose(emb, emb_small, atol=1e-5)
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from pathlib import Path
+from components.catalogue import load_fashion_mnist
+from components.config import TrainParams
+from components.training import train_model
+images, labels = load_fashion_mnist(Path({data!r}))["train"]
+params = TrainParams.model_validate_json({params!r})
+train_model(images[:600, ..., None], labels[:600].astype(np.int64), params, 10,
+            Path({ckpt!r}), progress=False)
+"""
+
+
+def kill_after_first_checkpoint(ckpt: Path, timeout: float = 120.0) -> None:
+    """Run train_model in a child process and SIGKILL it as soon as last.pt appears."""
+    code = CHILD.format(repo=str(REPO), data=str(FASHION_MNIST), params=TINY.model_dump_json(),
+                        ckpt=str(ckpt))  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not (ckpt / CHECKPOINT).exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            pytest.fail(f"child ended without a checkpoint: {child.stderr.read().decode()[-2000:]}")
+        time.sleep(0.002)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+
+
+def test_resume_after_kill_matches_uninterrupted_run(fmnist, tmp_path: Path) -> None:
+    images, labels = fmnist[0][:600], fmnist[1][:600]
+    whole = train_model(images, labels, TINY, 10, tmp_path / "whole", progress=False)
+    kill_after_first_checkpoint(tmp_path / "crashed")
+    saved = torch.load(tmp_path / "crashed" / CHECKPOINT, weights_only=True)
+    assert saved["run"]["epoch"] < TINY.epochs - 1  # really interrupted mid-run
+    resumed = train_model(images, labels, TINY, 10, tmp_path / "crashed", progress=False)
+    assert resumed.resumed_from_epoch == saved["run"]["epoch"]
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert resumed.best_epoch == whole.best_epoch
+    assert same_weights(resumed.model, whole.model)
+    again = train_model(images, labels, TINY, 10, tmp_path / "crashed", progress=False)
+    assert again.resumed_from_epoch == TINY.epochs - 1 and same_weights(again.model, whole.model)
+
+
+def test_other_fingerprint_or_damaged_checkpoint_starts_fresh(fmnist, tmp_path: Path) -> None:
+    images, labels = fmnist[0][:600], fmnist[1][:600]
+    quick = TINY.model_copy(update={"epochs": 2, "max_batches_per_epoch": 2})
+    other = quick.model_copy(update={"seed": 1})
+    train_model(images, labels, quick, 10, tmp_path / "shared", progress=False)
+    reused = train_model(images, labels, other, 10, tmp_path / "shared", progress=False)
+    fresh = train_model(images, labels, other, 10, tmp_path / "fresh", progress=False)
+    assert reused.resumed_from_epoch is None and len(reused.history) == 2
+    assert same_weights(reused.model, fresh.model)
+    changed = train_model(
+        images[:599], labels[:599], other, 10, tmp_path / "shared", progress=False
+    )
+    assert changed.resumed_from_epoch is None
+    (tmp_path / "fresh" / CHECKPOINT).write_bytes(b"not a checkpoint")
+    damaged = train_model(images, labels, other, 10, tmp_path / "fresh", progress=False)
+    assert damaged.resumed_from_epoch is None and same_weights(damaged.model, fresh.model)
