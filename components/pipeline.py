@@ -23,7 +23,6 @@ from components.config import PROJECT_ROOT, Params, StatePaths
 from components.models import VitrineNet
 from components.transforms import load_uint8
 
-
 LABEL_MODEL_SIZE = 28  # the cheap label-cleaning model works on small grayscale thumbnails
 
 
@@ -82,7 +81,9 @@ def run_ingest(ctx: RunContext, source: str | None = None) -> dict:
     """Ingest the catalogue source into data/catalogue and version it with DVC."""
     data = ctx.params.data
     fmnist = Path(data.fashion_mnist_dir)
-    unpacked = ctx.paths.home / "debian" / fmnist.relative_to(fmnist.anchor)  # `make dataset` w/o root
+    unpacked = (
+        ctx.paths.home / "debian" / fmnist.relative_to(fmnist.anchor)
+    )  # `make dataset` w/o root
     if not fmnist.exists() and unpacked.exists():
         fmnist = unpacked
     manifest = catalogue.ingest_catalogue(

@@ -16,12 +16,14 @@ from components import evaluation, gate, training
 from components.config import Params
 from components.pipeline import (
     RunContext,
-    data_version as pipeline_data_version,
     git_commit,
     load_images,
     load_trained_model,
     read_json,
     write_json,
+)
+from components.pipeline import (
+    data_version as pipeline_data_version,
 )
 from components.registry import Registry
 
