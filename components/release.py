@@ -26,6 +26,7 @@ from components.pipeline import (
     data_version as pipeline_data_version,
 )
 from components.registry import Registry
+from components.transforms import to_tensor
 
 HEADLINE = ("accuracy", "macro_f1", "recall_at_1")
 
@@ -73,9 +74,8 @@ def run_registration(ctx: RunContext, registry: Registry, cause: str = "manual")
     label_summary = read_json(work / "labels" / "label_summary.json")
     data_version = pipeline_data_version(ctx)
     model = load_trained_model(ctx)
-    example = load_images(
-        ctx, pd.read_parquet(work / "validate" / "accepted.parquet").head(2), model
-    )
+    accepted_head = pd.read_parquet(work / "validate" / "accepted.parquet").head(2)
+    example = to_tensor(load_images(ctx, accepted_head, model)).contiguous().numpy()
     tags = {
         "data_version": data_version,
         "git_commit": git_commit(ctx.repo),
