@@ -173,5 +173,6 @@ def configure_environment(paths: StatePaths) -> None:
     """Telemetry off and tool homes under the state folder. Call once at a process's start."""
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+    paths.prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(paths.prefect_home))
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

@@ -172,3 +172,20 @@ def test_killed_training_leaves_registry_and_resumes(world):
     summary = retrain(epochs=6)
     assert summary["resumed_from_epoch"] is not None
     assert int(summary["version"]) == versions_before + 1
+
+
+def test_cli_status_json_names_champion_and_challenger(world):
+    done = subprocess.run(
+        [sys.executable, "-m", "components.cli", "status", "--json"],
+        cwd=PROJECT_ROOT, env=dict(os.environ), capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert set(status) >= {"champion", "challenger", "previous_champion", "data_version"}
+    assert status["champion"]["version"] == open_registry(world["ctx"]).alias_version("champion")
+    assert {"accuracy", "macro_f1", "recall_at_1"} <= set(status["champion"]["metrics"])
+    assert status["data_version"].startswith("manifest-")
+    challenger = status["challenger"]
+    if challenger is not None:
+        assert set(challenger) >= {"version", "metrics", "gate", "approval"}
+        assert challenger["approval"] in ("pending", "approved", None)
