@@ -1,0 +1,349 @@
+"""The real `bentoml serve` of bentos.service:Vitrine, called over HTTP with real catalogue
+images: every endpoint, the bad inputs, metrics and request log, then hot swap and a failed
+reload (these two run last: they move the champion)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from components.search import group_of
+from components.serving import read_request_log
+from components.transforms import image_to_uint8, to_tensor
+from tests.serving.conftest import (
+    ADMIN_TOKEN,
+    POLL_SECONDS,
+    register_and_promote,
+    register_approved,
+)
+
+pytestmark = pytest.mark.serving
+
+
+@pytest.fixture(scope="module")
+def products(champion) -> pd.DataFrame:
+    return pd.read_parquet(champion.ctx.work / "evaluate" / "index" / "products.parquet")
+
+
+@pytest.fixture(scope="module")
+def index_embeddings(champion) -> np.ndarray:
+    return np.load(champion.ctx.work / "evaluate" / "index" / "embeddings.npy")
+
+
+def photo(champion, row: pd.Series) -> bytes:
+    return (champion.ctx.catalogue_dir / row["path"]).read_bytes()
+
+
+def post_image(
+    server, endpoint: str, data: bytes, ctype: str = "image/png", **fields
+) -> httpx.Response:
+    files = {"image": ("photo", data, ctype)}
+    return httpx.post(f"{server.url}{endpoint}", files=files, data=fields, timeout=30)
+
+
+def metric_samples(server) -> dict:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_readyz_names_the_champion_and_its_index(server, champion, products):
+    ready = httpx.get(f"{server.url}/readyz").json()
+    assert ready["ready"] and ready["model_version"] == champion.version
+    assert ready["index_size"] == len(products) and ready["index_kind"] == "exact"
+    assert ready["load_seconds"] > 0 and ready["loaded_at"]
+    assert ready["last_reload_error"] is None
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok", "model_version": "1"}
+
+
+def test_classify_matches_the_registered_model_with_training_preprocessing(
+    server, champion, products
+):
+    model = champion.registry.load_model(champion.version).eval()
+    categories = champion.ctx.params.data.categories
+    for _, row in products[products["split"] == "test"].head(8).iterrows():
+        data = photo(champion, row)
+        body = post_image(server, "/classify", data).json()
+        pixels = image_to_uint8(Image.open(io.BytesIO(data)), model.image_size, model.in_channels)
+        with torch.inference_mode():
+            probs = torch.softmax(model(to_tensor(pixels[None].copy()))[0], 1)[0].numpy()
+        assert body["model_version"] == champion.version
+        assert body["category"] == categories[int(probs.argmax())]
+        assert body["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)
+        top = body["top"]
+        assert len(top) == 3 and top[0]["category"] == body["category"]
+        assert [t["probability"] for t in top] == sorted(
+            (t["probability"] for t in top), reverse=True
+        )
+
+
+def test_embed_of_a_catalogue_photo_equals_its_index_row(
+    server, champion, products, index_embeddings
+):
+    for i in (0, 17, len(products) - 1):
+        body = post_image(server, "/embed", photo(champion, products.iloc[i])).json()
+        vector = np.asarray(body["embedding"])
+        assert body["dim"] == index_embeddings.shape[1]
+        assert np.allclose(vector, index_embeddings[i], atol=1e-5)
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_every_format_and_colour_mode_is_served(server, champion, products):
+    original = Image.open(io.BytesIO(photo(champion, products.iloc[3]))).convert("L")
+    reference = np.asarray(
+        post_image(server, "/embed", photo(champion, products.iloc[3])).json()["embedding"]
+    )
+    rgb = Image.merge("RGB", [original] * 3)
+    cases = {
+        "image/jpeg": (rgb.convert("CMYK"), "JPEG", {"quality": 95}),
+        "image/webp": (rgb, "WEBP", {"lossless": True}),
+        "image/gif": (original, "GIF", {}),
+        "image/bmp": (original, "BMP", {}),
+        "image/png": (Image.fromarray(np.asarray(original).astype(np.uint16) * 257), "PNG", {}),
+    }
+    for ctype, (image, fmt, options) in cases.items():
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **options)
+        response = post_image(server, "/embed", buf.getvalue(), ctype)
+        assert response.status_code == 200, (ctype, response.text)
+        similarity = float(np.dot(response.json()["embedding"], reference))
+        assert similarity > (0.97 if fmt == "JPEG" else 0.999), (ctype, similarity)
+
+
+def test_search_returns_k_similar_products_with_filters(server, champion, products):
+    row = products.iloc[5]
+    body = post_image(server, "/search", photo(champion, row), k="7").json()
+    results = body["results"]
+    assert body["model_version"] == champion.version and len(results) == 7
+    assert results[0]["product_id"] == row["product_id"] and results[0]["score"] > 0.999
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert all(r["group"] == group_of(r["category"]) for r in results)
+    for category in ("Bag", "Trouser"):
+        filtered = post_image(
+            server, "/search", photo(champion, row), k="12", category=category
+        ).json()
+        assert len(filtered["results"]) == 12
+        assert {r["category"] for r in filtered["results"]} == {category}
+    footwear = post_image(server, "/search", photo(champion, row), k="5", group="footwear").json()
+    assert {r["group"] for r in footwear["results"]} == {"footwear"}
+    image = httpx.get(f"{server.url}{results[1]['image_url']}")
+    match = products[products["product_id"] == results[1]["product_id"]].iloc[0]
+    assert image.status_code == 200 and image.content == photo(champion, match)
+
+
+def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, products):
+    body = post_image(server, "/tags", photo(champion, products.iloc[9])).json()
+    tags = body["tags"]
+    assert body["model_version"] == champion.version
+    assert tags["group"]["value"] == group_of(tags["category"]["value"])
+    assert tags["group"]["score"] >= tags["category"]["score"] - 1e-6
+    assert tags["shade"]["value"] in {"dark", "mid", "light"} and 0 <= tags["shade"]["score"] <= 1
+    neighbours = tags["neighbours"]
+    assert neighbours["k"] == 10 and 0.1 <= neighbours["score"] <= 1.0
+    assert neighbours["agrees"] == (neighbours["value"] == tags["category"]["value"])
+
+
+def test_recommend_excludes_history_and_diversifies(server, products):
+    history = list(products["product_id"].iloc[[2, 40, 41]])
+    plain = httpx.post(f"{server.url}/recommend", json={"history": history, "k": 10}).json()
+    diverse = httpx.post(
+        f"{server.url}/recommend", json={"history": history, "k": 10, "diversify": True}
+    ).json()
+    for body in (plain, diverse):
+        ids = [r["product_id"] for r in body["results"]]
+        assert len(ids) == 10 and not set(ids) & set(history) and body["model_version"] == "1"
+    assert len({r["category"] for r in diverse["results"]}) >= len(
+        {r["category"] for r in plain["results"]}
+    )
+
+
+def test_product_record_and_image(server, champion, products):
+    row = products.iloc[11]
+    body = httpx.get(f"{server.url}/products/{row['product_id']}").json()
+    assert body["product"]["product_id"] == row["product_id"]
+    assert body["product"]["category"] == row["category"] and body["model_version"] == "1"
+    image = httpx.get(f"{server.url}/products/{row['product_id']}/image")
+    assert image.content == photo(champion, row) and image.headers["x-model-version"] == "1"
+
+
+def bad_requests(server, good: bytes) -> dict[str, httpx.Response]:
+    url = server.url
+    return {
+        "empty upload": post_image(server, "/classify", b""),
+        "body too large": post_image(server, "/classify", good + b"\0" * (11 << 20)),
+        "truncated": post_image(server, "/classify", good[: len(good) // 2]),
+        "not an image": post_image(server, "/tags", b"name,price\nshirt,10\n", "image/png"),
+        "wrong content type": post_image(server, "/embed", good, "text/plain"),
+        "json instead of upload": httpx.post(f"{url}/classify", json={"image": "x"}),
+        "no file field": httpx.post(f"{url}/search", data={"k": "3"}, files={"x": ("", b"", "")}),
+        "k zero": post_image(server, "/search", good, k="0"),
+        "k too big": post_image(server, "/search", good, k="101"),
+        "k not a number": post_image(server, "/search", good, k="ten"),
+        "unknown category": post_image(server, "/search", good, category="Spaceship"),
+        "unknown group": post_image(server, "/search", good, group="hats"),
+        "unknown product": httpx.get(f"{url}/products/no-such-product"),
+        "unknown product image": httpx.get(f"{url}/products/no-such-product/image"),
+        "recommend unknown": httpx.post(f"{url}/recommend", json={"history": ["nope"], "k": 3}),
+        "recommend k": httpx.post(f"{url}/recommend", json={"history": ["p-train-00001"], "k": 0}),
+        "recommend empty": httpx.post(f"{url}/recommend", json={"history": [], "k": 3}),
+    }
+
+
+def test_bad_inputs_get_a_4xx_json_message_and_the_service_stays_up(server, champion, products):
+    good = photo(champion, products.iloc[0])
+    bomb = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(bomb, format="PNG")  # 49 M pixels in ~50 KB
+    responses = bad_requests(server, good)
+    responses["decompression bomb"] = post_image(server, "/classify", bomb.getvalue())
+    for name, response in responses.items():
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        body = response.json()
+        assert body["error"] and body["model_version"] == champion.version, name
+    assert responses["body too large"].status_code == 413
+    assert responses["decompression bomb"].status_code == 413
+    assert responses["wrong content type"].status_code == 415
+    assert "Spaceship" in responses["unknown category"].json()["error"]
+    assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+    assert post_image(server, "/classify", good).status_code == 200
+
+
+def test_admin_reload_needs_the_token(server):
+    assert httpx.post(f"{server.url}/admin/reload").status_code == 403
+    wrong = httpx.post(f"{server.url}/admin/reload", headers={"x-admin-token": "guess"})
+    assert wrong.status_code == 403 and "token" in wrong.json()["error"]
+    same = httpx.post(
+        f"{server.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert same.status_code == 200 and same.json()["reloaded"] is False
+
+
+def test_concurrent_requests_are_batched_and_repeats_hit_the_cache(server, champion, products):
+    before = metric_samples(server)
+    rows = [products.iloc[i] for i in range(100, 164)]
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(
+            pool.map(lambda r: post_image(server, "/embed", photo(champion, r)).status_code, rows)
+        )
+        codes += list(
+            pool.map(lambda r: post_image(server, "/embed", photo(champion, r)).status_code, rows)
+        )
+    assert codes == [200] * 128
+    after = metric_samples(server)
+
+    def delta(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert delta("vitrine_cache_lookups_total", (("result", "hit"),)) >= 64
+    assert delta("vitrine_model_batch_size_sum") == delta(
+        "vitrine_cache_lookups_total", (("result", "miss"),)
+    )
+    assert delta("vitrine_model_batch_size_count") < delta(
+        "vitrine_model_batch_size_sum"
+    )  # batches > 1
+    ok = ("vitrine_requests_total", (("endpoint", "/embed"), ("status", "200")))
+    assert delta(*ok) == 128
+    assert (
+        after[("vitrine_request_errors_total", (("endpoint", "/classify"), ("kind", "client")))]
+        >= 1
+    )
+    assert after[("vitrine_request_latency_seconds_count", (("endpoint", "/embed"),))] >= 128
+
+
+def test_request_log_holds_sampled_records_without_images(server, champion):
+    records = read_request_log(champion.ctx.paths.home / "requests")
+    assert len(records) >= 100
+    record = records[-1]
+    assert record["model_version"] == "1" and record["endpoint"] in {
+        "/classify",
+        "/tags",
+        "/search",
+        "/embed",
+    }
+    assert {"timestamp", "embedding", "category", "confidence", "width", "height", "brightness",
+            "contrast"} <= set(record)  # fmt: skip
+    assert (record["width"], record["height"]) == (28, 28)
+    assert not any(isinstance(v, str) and len(v) > 200 for v in record.values())  # no raw bytes
+
+
+def test_hot_swap_under_traffic_changes_the_version_without_errors(server, champion, products):
+    data = [photo(champion, products.iloc[i]) for i in range(20)]
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            response = post_image(server, "/search", data[i % len(data)], k="5")
+            seen.append((response.status_code, response.json().get("model_version")))
+            i += 1
+
+    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    new = register_and_promote(champion)
+    time.sleep(0.5)
+    reload = httpx.post(
+        f"{server.url}/admin/reload", headers={"x-admin-token": ADMIN_TOKEN}, timeout=120
+    )
+    time.sleep(1.0)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    # the admin call loads it, unless the background poll got there first
+    assert reload.status_code == 200 and reload.json()["model_version"] == new, reload.text
+    assert new != champion.version
+    assert all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:5]
+    versions = [version for _, version in seen]
+    assert versions[0] == champion.version and versions[-1] == new
+    assert set(versions) == {champion.version, new}
+    assert httpx.get(f"{server.url}/readyz").json()["model_version"] == new
+
+
+def test_poll_picks_up_a_moved_champion(server, champion, products):
+    before = httpx.get(f"{server.url}/readyz").json()["model_version"]
+    new = register_and_promote(champion)
+    data = photo(champion, products.iloc[1])
+    deadline = time.time() + 4 * POLL_SECONDS + 10
+    versions = []
+    while time.time() < deadline and (not versions or versions[-1] != new):
+        response = post_image(server, "/classify", data)
+        assert response.status_code == 200
+        versions.append(response.json()["model_version"])
+        time.sleep(0.2)
+    assert new != before and versions[-1] == new  # no admin call: the poll swapped it
+
+
+def test_failed_reload_keeps_serving_the_old_version(server, champion, products):
+    serving = httpx.get(f"{server.url}/readyz").json()["model_version"]
+    broken = register_approved(champion)
+    run_id = champion.registry.version_info(broken)["run_id"]
+    deleted = [f for f in champion.ctx.paths.artifacts.rglob("index") if run_id in f.parts]
+    for folder in deleted:
+        shutil.rmtree(folder)
+    assert deleted
+    champion.registry.promote(broken)
+    reload = httpx.post(
+        f"{server.url}/admin/reload", headers={"x-admin-token": ADMIN_TOKEN}, timeout=120
+    )
+    assert reload.status_code == 500 and reload.json()["error"]
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["model_version"] == serving != broken
+    assert ready.json()["last_reload_error"]
+    answer = post_image(server, "/classify", photo(champion, products.iloc[0]))
+    assert answer.status_code == 200 and answer.json()["model_version"] == serving

@@ -1,0 +1,251 @@
+"""CatalogueIndex: exact vs HNSW, filters, live add/remove, recommendations, shade, loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.search import (
+    GROUPS,
+    CatalogueIndex,
+    UnknownFilter,
+    UnknownProduct,
+    group_of,
+    shade_of,
+)
+
+CATS = list(GROUPS)  # the ten Fashion-MNIST categories
+DIM = 16
+
+
+def make_catalogue(shares: dict[str, float], n: int = 2000, seed: int = 0):
+    """Clustered unit vectors: one cluster per category, sized by share of n."""
+    rng = np.random.default_rng(seed)
+    counts = {c: max(1, int(round(s * n))) for c, s in shares.items()}
+    centers = {c: rng.standard_normal(DIM) for c in counts}
+    cats = [c for c, m in counts.items() for _ in range(m)]
+    emb = np.stack([centers[c] + 0.6 * rng.standard_normal(DIM) for c in cats]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    products = pd.DataFrame(
+        {
+            "product_id": [f"p{i:05d}" for i in range(len(cats))],
+            "label": [CATS.index(c) if c in CATS else -1 for c in cats],
+            "category": cats,
+            "title": [f"{c} #{i}" for i, c in enumerate(cats)],
+            "path": [f"images/{i:05d}.png" for i in range(len(cats))],
+            "split": "train",
+        }
+    )
+    return emb, products
+
+
+def unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def build(kind: str, emb, products) -> CatalogueIndex:
+    index = CatalogueIndex.build(emb, products, exact_max=len(emb) if kind == "exact" else 0)
+    assert index.kind == kind
+    return index
+
+
+def brute_force(emb, products, query, k, keep) -> list[str]:
+    sims = np.where(keep, emb @ query, -np.inf)
+    return products["product_id"].to_numpy()[np.argsort(-sims, kind="stable")[:k]].tolist()
+
+
+@pytest.fixture(scope="module")
+def balanced():
+    return make_catalogue({c: 0.1 for c in CATS})
+
+
+@pytest.fixture(scope="module")
+def skewed():  # Bag is 5% of the catalogue
+    return make_catalogue({**{c: 0.95 / 9 for c in CATS if c != "Bag"}, "Bag": 0.05})
+
+
+def test_exact_and_hnsw_agree_on_top_results(balanced):
+    emb, products = balanced
+    exact, hnsw = build("exact", emb, products), build("hnsw", emb, products)
+    queries = unit(np.random.default_rng(1), 30)
+    overlap = []
+    for q in queries:
+        a = [h.product_id for h in exact.search(q, 10)]
+        b = [h.product_id for h in hnsw.search(q, 10)]
+        assert a == brute_force(emb, products, q, 10, np.ones(len(emb), bool))
+        assert a[0] == b[0]
+        overlap.append(len(set(a) & set(b)) / 10)
+    assert np.mean(overlap) >= 0.95
+    batch = hnsw.search_batch(queries, 10)
+    assert [h.product_id for h in batch[0]] == [h.product_id for h in hnsw.search(queries[0], 10)]
+    assert all(b.score >= c.score for b, c in zip(batch[0], batch[0][1:], strict=False))
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+@pytest.mark.parametrize("subset_exact_max", [20_000, 0])  # 0 forces the faiss IDSelector path
+def test_selective_filter_returns_k_matching(skewed, kind, subset_exact_max):
+    emb, products = skewed
+    index = build(kind, emb, products)
+    index.subset_exact_max = subset_exact_max
+    is_bag = (products["category"] == "Bag").to_numpy()
+    assert 0.04 < is_bag.mean() < 0.06
+    rng = np.random.default_rng(2)
+    overlap = []
+    for q in unit(rng, 20):  # queries mostly far from the Bag cluster
+        hits = index.search(q, 10, category="Bag")
+        assert len(hits) == 10
+        assert {h.category for h in hits} == {"Bag"} and {h.group for h in hits} == {"bags"}
+        truth = brute_force(emb, products, q, 10, is_bag)
+        overlap.append(len({h.product_id for h in hits} & set(truth)) / 10)
+    # exact: the true filtered top 10; HNSW through the selector: approximate (graph walk)
+    exact_answer = kind == "exact" or subset_exact_max > 0
+    assert np.mean(overlap) == 1.0 if exact_answer else np.mean(overlap) >= 0.8
+    footwear = index.search(unit(rng)[0], 25, group="footwear")
+    assert len(footwear) == 25 and {h.group for h in footwear} == {"footwear"}
+    assert index.search(unit(rng)[0], 10, category="sneaker", group="footwear")[0].category == (
+        "Sneaker"
+    )
+    assert index.search(unit(rng)[0], 10, category="Sneaker", group="bags") == []
+
+
+def test_filter_with_fewer_matches_than_k_returns_them_all():
+    emb, products = make_catalogue({"Coat": 0.5, "Dress": 0.5}, n=200)
+    emb2, extra = make_catalogue({"Bag": 1.0}, n=3, seed=5)
+    extra["product_id"] = ["b1", "b2", "b3"]
+    for kind in ("exact", "hnsw"):
+        index = build(kind, emb, products)
+        index.add(extra, emb2)
+        assert sorted(h.product_id for h in index.search(emb[0], 10, category="Bag")) == [
+            "b1",
+            "b2",
+            "b3",
+        ]
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_add_and_remove_without_rebuild(balanced, kind):
+    emb, products = balanced
+    index = build(kind, emb, products)
+    graph = index._faiss
+    query = emb[7]
+    top = [h.product_id for h in index.search(query, 20)]
+    gone = top[1:6] + ["p00007", "no-such-id"]
+    assert index.remove(gone) == 6 and index.remove(["p00007"]) == 0
+    assert len(index) == len(emb) - 6
+    for q in [query, *emb[:50], *unit(np.random.default_rng(3), 20)]:
+        ids = {h.product_id for h in index.search(q, 50)}
+        assert len(ids) == 50 and not ids & set(gone)
+    cat = products.loc[products["product_id"] == top[1], "category"].item()
+    assert not {h.product_id for h in index.search(query, 100, category=cat)} & set(gone)
+    with pytest.raises(KeyError):
+        index.embedding_of("p00007")
+
+    rng = np.random.default_rng(4)
+    new_vecs = unit(rng, 3)
+    new = pd.DataFrame({"product_id": ["n1", "n2", "p00007"], "category": ["Bag", "Coat", "Dress"]})
+    index.add(new, new_vecs)
+    assert len(index) == len(emb) - 3
+    for pid, vec in zip(["n1", "n2", "p00007"], new_vecs, strict=True):
+        first = index.search(vec, 5)[0]
+        assert first.product_id == pid and first.score == pytest.approx(1.0, abs=1e-5)
+    assert index.product("p00007")["category"] == "Dress"
+    np.testing.assert_allclose(index.embedding_of("n2"), new_vecs[1])
+
+    replaced = np.zeros((1, DIM), dtype=np.float32)
+    replaced[0, 0] = 1.0
+    index.add(pd.DataFrame({"product_id": ["n1"], "category": ["Bag"]}), replaced)
+    assert len(index) == len(emb) - 3
+    assert index.search(replaced[0], 1)[0].product_id == "n1"
+    assert "n1" not in [h.product_id for h in index.search(new_vecs[0], 3)]
+    assert index._faiss is graph  # same faiss object throughout: nothing was rebuilt
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_recommend(kind):
+    emb, products = make_catalogue({"Coat": 0.4, "Pullover": 0.3, "Shirt": 0.3}, n=600)
+    index = build(kind, emb, products)
+    history = products.loc[products["category"] == "Coat", "product_id"].tolist()[:4]
+    recs = index.recommend(history, k=10)
+    assert len(recs) == 10 and not {h.product_id for h in recs} & set(history)
+    assert [h.score for h in recs] == sorted((h.score for h in recs), reverse=True)
+    plain_cats = [h.category for h in recs]
+    diverse = index.recommend(history, k=10, diversify=True)
+    assert len(diverse) == 10 and not {h.product_id for h in diverse} & set(history)
+    counts = pd.Series([h.category for h in diverse]).value_counts()
+    assert len(counts) > len(set(plain_cats)) and counts.max() <= 5
+    assert diverse[0].product_id == recs[0].product_id  # the best hit still leads
+    with pytest.raises(UnknownProduct, match="nope"):
+        index.recommend([history[0], "nope"], k=5)
+    with pytest.raises(ValueError):
+        index.recommend([], k=5)
+
+
+def test_recommend_weights_recent_items_more():
+    emb, products = make_catalogue({"Coat": 0.5, "Sandal": 0.5}, n=400)
+    index = build("exact", emb, products)
+    coat = products.loc[products["category"] == "Coat", "product_id"].tolist()
+    sandal = products.loc[products["category"] == "Sandal", "product_id"].tolist()
+    index.recency_decay = 0.3
+    assert index.recommend(coat[:2] + sandal[:2], k=1)[0].category == "Sandal"
+    assert index.recommend(sandal[:2] + coat[:2], k=1)[0].category == "Coat"
+
+
+def test_unknown_filters_raise_with_valid_values(balanced):
+    emb, products = balanced
+    index = build("exact", emb, products)
+    with pytest.raises(UnknownFilter, match="Ankle boot") as err:
+        index.search(emb[0], 5, category="Hat")
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(UnknownFilter, match="footwear"):
+        index.search_batch(emb[:2], 5, group="hats")
+    with pytest.raises(ValueError):
+        index.search(emb[0], 0)
+    with pytest.raises(UnknownProduct):
+        index.product("missing")
+    assert group_of("Trouser") == "bottoms" and group_of("Hat") == "other"
+
+
+def test_shade_of_synthetic_images():
+    light_on_black = np.zeros((28, 28), dtype=np.uint8)
+    light_on_black[6:22, 8:20] = 230
+    shade, value = shade_of(light_on_black)
+    assert shade == "light" and value == pytest.approx(230 / 255)
+    dark_on_white = np.full((32, 32, 3), 255, dtype=np.uint8)
+    dark_on_white[8:24, 8:24] = (30, 30, 40)
+    assert shade_of(dark_on_white)[0] == "dark"
+    mid = np.zeros((28, 28, 1), dtype=np.uint8)
+    mid[4:24, 4:24, 0] = 128
+    assert shade_of(mid)[0] == "mid"
+    transparent = np.zeros((16, 16, 4), dtype=np.uint8)
+    transparent[4:12, 4:12] = (20, 20, 20, 255)
+    assert shade_of(transparent)[0] == "dark"
+    assert shade_of(np.full((8, 8), 250, dtype=np.uint8)) == ("light", pytest.approx(250 / 255))
+
+
+def test_load_from_artifact_folder_and_save_roundtrip(balanced, tmp_path):
+    emb, products = balanced
+    art = tmp_path / "index"
+    art.mkdir()
+    np.save(art / "embeddings.npy", emb)
+    products.to_parquet(art / "products.parquet", index=False)
+    loaded = CatalogueIndex.load(art)
+    assert loaded.kind == "exact" and len(loaded) == len(emb)
+    assert loaded.product("p00003") == {**products.iloc[3].to_dict(), "label": 0}
+    assert loaded.search(emb[3], 1)[0].product_id == "p00003"
+
+    hnsw = CatalogueIndex.load(art, exact_max=100)
+    assert hnsw.kind == "hnsw"
+    hnsw.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / "index.faiss").exists()
+    again = CatalogueIndex.load(tmp_path / "saved")
+    assert again.kind == "hnsw" and len(again) == len(emb)
+    q = unit(np.random.default_rng(6))[0]
+    assert [h.product_id for h in again.search(q, 10)] == [h.product_id for h in hnsw.search(q, 10)]
+
+    again.remove(["p00003"])
+    again.save(tmp_path / "pruned")
+    assert not (tmp_path / "pruned" / "index.faiss").exists()
+    pruned = CatalogueIndex.load(tmp_path / "pruned", exact_max=100)
+    assert len(pruned) == len(emb) - 1 and pruned.search(emb[3], 1)[0].product_id != "p00003"

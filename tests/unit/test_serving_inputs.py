@@ -1,0 +1,251 @@
+"""components.serving without a server: upload decoding in every format and colour mode, the
+refusals, the cache, the micro-batcher, the request log and the Prometheus text."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from components.serving import (
+    BadImage,
+    LRUCache,
+    MicroBatcher,
+    RequestLog,
+    ServingMetrics,
+    UploadLimits,
+    decode_upload,
+    endpoint_label,
+    parse_k,
+    read_request_log,
+)
+from components.transforms import image_to_uint8
+
+LIMITS = UploadLimits()
+
+
+@pytest.fixture(scope="module")
+def product(fmnist) -> np.ndarray:
+    """A real Fashion-MNIST product photo (28×28 grey), upscaled like a shop photo."""
+    image = Image.fromarray(fmnist["test"][0][0]).resize((112, 112), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def variants(grey: np.ndarray) -> dict[str, tuple[bytes, str, bool]]:
+    """name -> (bytes, content type, lossless w.r.t. the grey original)."""
+    L = Image.fromarray(grey)
+    rgb = Image.merge("RGB", [L, L, L])
+    rgba = rgb.copy()
+    rgba.putalpha(255)
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit, same values scaled
+    return {
+        "png-L": (encode(L, "PNG"), "image/png", True),
+        "png-RGB": (encode(rgb, "PNG"), "image/png", True),
+        "png-RGBA": (encode(rgba, "PNG"), "image/png", True),
+        "png-P": (encode(L.convert("P"), "PNG"), "image/png", True),
+        "png-16bit": (encode(sixteen, "PNG"), "image/png", True),
+        "bmp-L": (encode(L, "BMP"), "image/bmp", True),
+        "gif-L": (encode(L, "GIF"), "image/gif", True),
+        "webp-lossless": (encode(rgb, "WEBP", lossless=True), "image/webp", True),
+        "webp-lossy": (encode(rgb, "WEBP", quality=90), "image/webp", False),
+        "jpeg-L": (encode(L, "JPEG", quality=95), "image/jpeg", False),
+        "jpeg-RGB": (encode(rgb, "JPEG", quality=95), "image/jpeg", False),
+        "jpeg-CMYK": (encode(rgb.convert("CMYK"), "JPEG", quality=95), "image/jpeg", False),
+        "png-as-octet-stream": (encode(L, "PNG"), "application/octet-stream", True),
+        "png-no-content-type": (encode(L, "PNG"), None, True),
+    }
+
+
+def test_every_format_and_mode_decodes_to_the_training_pixels(product):
+    expected = image_to_uint8(Image.fromarray(product), 28, 1).astype(int)
+    for name, (data, ctype, lossless) in variants(product).items():
+        image = decode_upload(data, ctype, LIMITS)
+        assert image.size == (112, 112), name
+        pixels = image_to_uint8(image, 28, 1).astype(int)
+        diff = np.abs(pixels - expected)
+        if lossless:
+            assert diff.max() <= 1, name  # 16-bit → 8-bit and palette quantisation round
+        else:
+            assert diff.mean() < 3, (name, diff.mean())
+
+
+def test_colour_model_input_is_three_channels(product):
+    data, ctype, _ = variants(product)["jpeg-CMYK"]
+    pixels = image_to_uint8(decode_upload(data, ctype, LIMITS), 64, 3)
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+
+
+def test_animated_gif_uses_the_first_frame(product):
+    first, second = Image.fromarray(product), Image.fromarray(255 - product)
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    image = decode_upload(buf.getvalue(), "image/gif", LIMITS)
+    got = image_to_uint8(image, 28, 1).astype(int)
+    assert np.abs(got - image_to_uint8(first, 28, 1).astype(int)).max() <= 1
+    assert np.abs(got - image_to_uint8(second, 28, 1).astype(int)).mean() > 20
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims width×height (a decompression bomb's shape)."""
+    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "message"),
+    [
+        ("empty", 400, "empty"),
+        ("too-large", 413, "exceeds"),
+        ("bomb", 413, "too many pixels"),
+        ("truncated", 400, "truncated"),
+        ("text-as-png", 415, "not a decodable"),
+        ("tiff", 415, "not a decodable"),
+        ("svg", 415, "not a decodable"),
+        ("declared-text", 415, "content type"),
+    ],
+)
+def test_bad_uploads_are_refused_with_a_status_and_message(product, name, status, message):
+    png = encode(Image.fromarray(product), "PNG")
+    cases = {
+        "empty": (b"", "image/png"),
+        "too-large": (png + b"\0" * LIMITS.max_bytes, "image/png"),
+        "bomb": (png_claiming(30_000, 30_000), "image/png"),
+        "truncated": (png[: len(png) // 2], "image/png"),
+        "text-as-png": (b"this is not an image at all", "image/png"),
+        "tiff": (encode(Image.fromarray(product), "TIFF"), None),
+        "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', None),
+        "declared-text": (png, "text/plain"),
+    }
+    data, ctype = cases[name]
+    with pytest.raises(BadImage, match=message) as refused:
+        decode_upload(data, ctype, LIMITS)
+    assert refused.value.status == status
+
+
+def test_pixel_limit_is_configurable(product):
+    data = encode(Image.fromarray(product), "PNG")  # 112×112
+    assert decode_upload(data, "image/png", UploadLimits(max_pixels=112 * 112)).size == (112, 112)
+    with pytest.raises(BadImage, match="too many pixels"):
+        decode_upload(data, "image/png", UploadLimits(max_pixels=112 * 112 - 1))
+
+
+def test_parse_k_and_endpoint_labels():
+    assert parse_k("7") == 7 and parse_k(100) == 100
+    for bad in (0, 101, "abc", "", None, "2.5"):
+        with pytest.raises(ValueError, match="k must be"):
+            parse_k(bad)
+    assert endpoint_label("/products/p-1/image") == "/products/{id}/image"
+    assert endpoint_label("/products/anything") == "/products/{id}"
+    assert endpoint_label("/search") == "/search" and endpoint_label("/x/y") == "other"
+
+
+def test_lru_cache_evicts_the_least_recent_and_counts():
+    cache = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    assert (cache.hits, cache.misses, len(cache)) == (3, 1, 2)
+
+
+def test_micro_batcher_groups_concurrent_calls_and_keeps_order():
+    sizes: list[int] = []
+
+    def slow_double(items: list[int]) -> list[int]:
+        time.sleep(0.02)
+        return [2 * x for x in items]
+
+    batcher = MicroBatcher(slow_double, max_batch_size=8, on_batch=sizes.append)
+    results: dict[int, int] = {}
+
+    def call(x: int) -> None:
+        results[x] = batcher.submit(x).result(timeout=10)
+
+    threads = [threading.Thread(target=call, args=(x,)) for x in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert results == {x: 2 * x for x in range(40)}
+    assert sum(sizes) == 40 and max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_micro_batcher_fails_every_caller_of_a_failing_batch():
+    def boom(items: list[int]) -> list[int]:
+        raise RuntimeError("model exploded")
+
+    batcher = MicroBatcher(boom)
+    futures = [batcher.submit(i) for i in range(3)]
+    for future in futures:
+        with pytest.raises(RuntimeError, match="exploded"):
+            future.result(timeout=5)
+    assert batcher.submit(1).exception(timeout=5) is not None  # the worker survived
+    batcher.close()
+
+
+def test_request_log_writes_sampled_records_without_images(tmp_path):
+    stats = {"width": 112, "height": 90, "brightness": 0.4, "contrast": 0.2}
+    full = RequestLog(tmp_path / "all", 1.0)
+    emb = np.linspace(-1, 1, 8, dtype=np.float32)
+    for _ in range(5):
+        assert full.write("/search", "3", emb, "Bag", 0.91, stats)
+    records = read_request_log(tmp_path / "all")
+    assert len(records) == 5
+    record = records[0]
+    assert set(record) == {"timestamp", "model_version", "endpoint", "category", "confidence",
+                           "width", "height", "brightness", "contrast", "embedding"}  # fmt: skip
+    assert record["model_version"] == "3" and record["endpoint"] == "/search"
+    assert np.allclose(record["embedding"], emb, atol=1e-6)
+    sampled = RequestLog(tmp_path / "some", 0.3, seed=0)
+    written = sum(sampled.write("/tags", "3", emb, "Bag", 0.5, stats) for _ in range(1000))
+    assert 230 <= written <= 370
+    assert len(read_request_log(tmp_path / "some")) == written
+    none = RequestLog(tmp_path / "none", 0.0)
+    assert not any(none.write("/tags", "3", emb, "Bag", 0.5, stats) for _ in range(50))
+    with pytest.raises(ValueError, match="sample rate"):
+        RequestLog(tmp_path, 1.5)
+
+
+def test_metrics_text_counts_requests_errors_latency_batches_and_cache():
+    metrics = ServingMetrics()
+    metrics.observe_request("/search", 200, 0.012)
+    metrics.observe_request("/search", 200, 0.3)
+    metrics.observe_request("/search", 415, 0.001)
+    metrics.batch_size.observe(5)
+    metrics.cache.labels("hit").inc()
+    metrics.set_model_version("1")
+    metrics.set_model_version("2", previous="1")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples[("vitrine_requests_total", (("endpoint", "/search"), ("status", "200")))] == 2
+    assert (
+        samples[("vitrine_request_errors_total", (("endpoint", "/search"), ("kind", "client")))]
+        == 1
+    )
+    bucket = ("vitrine_request_latency_seconds_bucket", (("endpoint", "/search"), ("le", "0.015")))
+    assert samples[bucket] == 2  # 0.001 and 0.012
+    assert samples[("vitrine_model_batch_size_sum", ())] == 5
+    assert samples[("vitrine_cache_lookups_total", (("result", "hit"),))] == 1
+    assert samples[("vitrine_model_info", (("version", "2"),))] == 1
+    assert samples[("vitrine_model_info", (("version", "1"),))] == 0
