@@ -30,6 +30,7 @@ from sklearn.metrics import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from components.config import EvaluationParams  # noqa: E402
+from components.training import predict_batches
 from components.transforms import to_tensor  # noqa: E402
 
 QUERY_CHUNK = 1024
@@ -45,15 +46,8 @@ class EvaluationResult:
 
 
 def _predict(model: nn.Module, images: np.ndarray, batch_size: int = BATCH):
-    """(softmax probs N×C, embeddings N×D) as float numpy, through the shared to_tensor."""
-    model.eval()
-    probs, embs = [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            logits, emb = model(to_tensor(images[start : start + batch_size]))
-            probs.append(torch.softmax(logits.float(), dim=1).numpy())
-            embs.append(emb.float().numpy())
-    return np.concatenate(probs), np.concatenate(embs)
+    """(softmax probs N×C, embeddings N×D): the same inference path as training and serving."""
+    return predict_batches(model, images, batch_size)
 
 
 def _top_k(query: np.ndarray, catalogue: np.ndarray, k: int) -> np.ndarray:
