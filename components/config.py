@@ -175,4 +175,7 @@ def configure_environment(paths: StatePaths) -> None:
         os.environ.setdefault(key, value)
     paths.prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(paths.prefect_home))
+    # Without a server each process starts a temporary Prefect API; its first start migrates a
+    # fresh SQLite database, which takes longer than Prefect's 20 s default on a busy 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

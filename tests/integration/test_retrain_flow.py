@@ -157,14 +157,17 @@ def test_killed_training_leaves_registry_and_resumes(world):
     checkpoints = state.home / "checkpoints"
     for old in checkpoints.glob("*"):
         old.unlink()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "components.cli", "run", "--epochs", "6"],
-        cwd=PROJECT_ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    log = world["root"] / "killed-run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "components.cli", "run", "--epochs", "6"],
+            cwd=PROJECT_ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     deadline = time.time() + 300
     while not (checkpoints / "last.pt").exists() and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+        tail = log.read_text()[-3000:]
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{tail}"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
