@@ -32,7 +32,9 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
     """The real params.yaml with a tiny training budget, for tests."""
     params = yaml.safe_load(DEFAULT_PARAMS.read_text())
     params["data"]["catalogue_dir"] = str(catalogue_dir)
-    params["train"].update(epochs=3, cnn_width=8, embedding_dim=32, batch_size=32, lr=0.02, patience=5)
+    params["train"].update(
+        epochs=3, cnn_width=8, embedding_dim=32, batch_size=32, lr=0.02, patience=5
+    )
     params["labels"].update(folds=3, pca_components=16)
     params["evaluation"]["latency_images"] = 16
     params["gate"].update(min_accuracy=0.5, min_recall_at_1=0.5)

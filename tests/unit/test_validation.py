@@ -167,7 +167,10 @@ def test_near_duplicate_distance_is_configurable(tmp_path, fmnist_images):
     manifest = pd.DataFrame(rows)
     coarse = validate_catalogue(manifest, tmp_path, CATEGORIES, ValidationParams(), hash_size=8)
     loose = validate_catalogue(
-        manifest, tmp_path, CATEGORIES, ValidationParams(near_duplicate_max_distance=64),
+        manifest,
+        tmp_path,
+        CATEGORIES,
+        ValidationParams(near_duplicate_max_distance=64),
         hash_size=8,
     )  # a 64-bit hash is always within 64 bits of another: everything but the first is a copy
     fine = validate_catalogue(manifest, tmp_path, CATEGORIES, ValidationParams())
