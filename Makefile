@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS=1
 export GX_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1
 
-.PHONY: help setup dataset run test test-unit lint format ui status clean
+.PHONY: help setup dataset run serve test test-unit lint format ui status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ dataset:  ## Debian's dataset-fashion-mnist (apt-get as root; apt-get download +
 
 run: setup  ## the retrain loop on the embedded default (full Fashion-MNIST), then a summary
 	$(BIN)/vitrine run --json $(STATE)/last-run.json
+
+serve: setup  ## BentoML service of the champion on 127.0.0.1:3000 (API + page at /)
+	$(BIN)/vitrine serve $(if $(PORT),--port $(PORT))
 
 test: setup  ## every test tier
 	$(BIN)/pytest -q $(PYTEST_ARGS)

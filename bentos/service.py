@@ -1,20 +1,24 @@
 """vitrine's BentoML service: the champion model and ITS OWN catalogue index, loaded together.
 
-Every request takes the current `Bundle` (version, model, index) once and uses only it, so a
+Every request takes one `Bundle` (version, model, index, text space) and uses only it, so a
 model can never answer with another version's index; a hot swap builds a new Bundle off the
 request path and replaces the reference in one assignment. Model calls from all requests go
-through one micro-batcher; repeated photos hit an LRU cache keyed by (version, sha256).
+through one adaptive micro-batcher (components.serving.MicroBatcher: a lone request runs at
+once, requests arriving meanwhile form the next batch) instead of a `batchable` BentoML API,
+because BentoML batches only calls that reach such an API over HTTP or from another service
+process, which would split the model from its index. Repeated photos hit an LRU cache keyed by
+(version, sha256). With serving.ab.mode = route | shadow the challenger is loaded beside the
+champion (see components/ab.py).
 
-Routes (a FastAPI app mounted on the service): POST /classify /tags /search /embed (image as
-multipart field `image`, or a raw image body), POST /recommend (JSON), GET /products/{id}[/image],
-POST /admin/reload (token). GET /healthz /readyz /metrics are answered by a middleware, since
-BentoML's own probes would otherwise shadow them. Heavy imports happen in `__init__`.
+Routes: POST /classify /tags /search /embed (image as multipart field `image`, or a raw body),
+POST /search_text /recommend (JSON), GET /products/{id}[/image], GET / (the page),
+POST /admin/reload (token). bentos/http.py holds the app, errors and the probes middleware.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import logging
 import os
 import tempfile
 import threading
@@ -27,18 +31,13 @@ from urllib.parse import quote
 
 import bentoml
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
+from bentos.http import ApiError, ProbesAndLimits, app, guarded, log, read_upload
 from components.serving import (
-    IMAGE_TYPES,
-    SNIFFED_TYPES,
-    BadImage,
     LRUCache,
     MicroBatcher,
     RequestLog,
@@ -46,14 +45,11 @@ from components.serving import (
     UploadLimits,
     compute_image_stats,
     decode_upload,
-    endpoint_label,
     parse_k,
     sha256_hex,
 )  # fmt: skip
 
-log = logging.getLogger("vitrine.service")
-app = FastAPI(title="vitrine", summary="Visual search over the catalogue, from the champion model")
-MULTIPART_SLACK = 64 * 1024  # form boundaries and small fields on top of the image itself
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
 @dataclass(frozen=True)
@@ -65,18 +61,20 @@ class Bundle:
     index: Any  # components.search.CatalogueIndex
     loaded_at: str
     load_seconds: float
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+    text: np.ndarray | None = None  # products' positions in the MiniLM text space (index rows)
 
 
 class RecommendRequest(BaseModel):
     history: list[str] = Field(min_length=1, max_length=1000)
     k: int = Field(10, ge=1, le=100)
     diversify: bool = False
+
+
+class TextQuery(BaseModel):
+    query: str = Field(min_length=1, max_length=200)
+    k: int = Field(10, ge=1, le=100)
+    category: str | None = None
+    group: str | None = None
 
 
 def env_float(name: str, default: float) -> float:
@@ -98,17 +96,33 @@ class Vitrine:
         self.categories = list(self.params.data.categories)
         catalogue = Path(self.params.data.catalogue_dir)
         self.catalogue_dir = catalogue if catalogue.is_absolute() else _project_root() / catalogue
-        self.limits = UploadLimits(max_bytes=int(env_float("VITRINE_MAX_UPLOAD_BYTES", 10 << 20)))
+        serving = self.params.serving  # the env vars below override params.yaml (tests, ops)
+        self.limits = UploadLimits(
+            max_bytes=int(env_float("VITRINE_MAX_UPLOAD_BYTES", serving.max_upload_bytes)),
+            max_pixels=serving.max_pixels,
+        )
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
         torch.set_num_threads(os.cpu_count() or 1)
         self.metrics = ServingMetrics()
-        self.cache = LRUCache(int(env_float("VITRINE_CACHE_SIZE", 1024)))
+        self.cache = LRUCache(int(env_float("VITRINE_CACHE_SIZE", serving.cache_size)))
+        self.text_cache = LRUCache(1024)  # query text -> MiniLM embedding
+        requests_dir = self.paths.home / "requests"
         self.request_log = RequestLog(
-            self.paths.home / "requests", env_float("VITRINE_SAMPLE_RATE", 1.0)
+            requests_dir, env_float("VITRINE_SAMPLE_RATE", serving.sample_rate)
         )
+        from components.ab import ABLog
+
+        self.ab = serving.ab.model_copy(
+            update={"mode": os.environ.get("VITRINE_AB_MODE") or serving.ab.mode,
+                    "challenger_share": env_float("VITRINE_AB_SHARE", serving.ab.challenger_share)}
+        )  # fmt: skip
+        self.ab_log = ABLog(requests_dir)
+        self.challenger: Bundle | None = None
+        self.challenger_error: str | None = None
         self.batcher = MicroBatcher(
-            self._predict_batch, max_batch_size=64, on_batch=self.metrics.batch_size.observe
-        )
+            self._predict_batch, max_batch_size=serving.max_batch_size,
+            on_batch=self.metrics.batch_size.observe,
+        )  # fmt: skip
         self.admin_token = os.environ.get("VITRINE_ADMIN_TOKEN") or ""
         self.bundle: Bundle | None = None
         self.last_error: str | None = None
@@ -117,7 +131,8 @@ class Vitrine:
         self._stop = threading.Event()
         self._registry = None
         self.reload()
-        poll = env_float("VITRINE_POLL_SECONDS", 30.0)
+        self.reload_challenger()
+        poll = env_float("VITRINE_POLL_SECONDS", serving.poll_seconds)
         if poll > 0:
             threading.Thread(
                 target=self._poll, args=(poll,), name="vitrine-poll", daemon=True
@@ -139,15 +154,23 @@ class Vitrine:
 
         start = time.perf_counter()
         model = registry.load_model(version).eval()
+        text = None
         with tempfile.TemporaryDirectory(prefix=f"vitrine-index-v{version}-") as tmp:
-            index = CatalogueIndex.load(registry.download_artifacts(version, "index", Path(tmp)))
+            index_dir = registry.download_artifacts(version, "index", Path(tmp))
+            index = CatalogueIndex.load(index_dir)
+            if (index_dir / "text_projection.npz").exists():
+                from components import textsearch
+
+                projection = textsearch.TextProjection.load(index_dir / "text_projection.npz")
+                text = projection.project(index.embeddings)
+                textsearch.load_text_encoder()  # the first text query should not pay for it
         if len(index) == 0:
             raise ValueError(f"version {version} has an empty index")
         with_dim = getattr(model, "embedding_dim", index.dim)
         if with_dim != index.dim:
             raise ValueError(f"model embeds in {with_dim} dims but its index holds {index.dim}")
         loaded_at = datetime.now(UTC).isoformat()
-        return Bundle(version, model, index, loaded_at, round(time.perf_counter() - start, 3))
+        return Bundle(version, model, index, loaded_at, round(time.perf_counter() - start, 3), text)
 
     def reload(self) -> dict:
         """Load the version the `champion` alias names, if it is not the one being served.
@@ -179,9 +202,27 @@ class Vitrine:
             log.info("serving model version %s (was %s)", bundle.version, old)
             return {"reloaded": True, "model_version": bundle.version, "previous_version": old}
 
+    def reload_challenger(self) -> None:
+        """A/B on: keep the `challenger` alias's version loaded beside the champion (or none)."""
+        if self.ab.mode == "off" or self.bundle is None:
+            self.challenger = None
+            return
+        try:
+            target = self._open_registry().alias_version("challenger")
+            if target in (None, self.bundle.version):
+                self.challenger, self.challenger_error = None, None
+            elif self.challenger is None or self.challenger.version != target:
+                self.challenger = self._load_bundle(self._open_registry(), target)
+                self.challenger_error = None
+                log.info("A/B (%s): challenger version %s loaded", self.ab.mode, target)
+        except Exception as error:
+            self.challenger_error = f"{type(error).__name__}: {str(error)[:500]}"
+            log.exception("loading the challenger failed; A/B paused")
+
     def _poll(self, seconds: float) -> None:
         while not self._stop.wait(seconds):
             self.reload()
+            self.reload_challenger()
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
@@ -234,6 +275,62 @@ class Vitrine:
             "stats": compute_image_stats(image, pixels),
         }  # fmt: skip
 
+    # ------------------------------------------------------------------ online A/B
+    def pick(self, request: Request) -> tuple[Bundle, Bundle | None]:
+        """(the bundle that answers, the one shadowing it); notes the arm for the A/B log."""
+        from components.ab import CHALLENGER, assign_arm
+
+        champion, challenger = self.current(), self.challenger
+        if challenger is None or self.ab.mode == "off":
+            return champion, None
+        if self.ab.mode == "shadow":
+            request.state.ab = {"arm": "champion", "version": champion.version, "mode": "shadow"}
+            return champion, challenger
+        arm = assign_arm(request.headers.get("x-client-id"), self.ab.challenger_share)
+        bundle = challenger if arm == CHALLENGER else champion
+        request.state.ab = {"arm": arm, "version": bundle.version, "mode": "route"}
+        return bundle, None
+
+    async def infer(self, request: Request, data: bytes, ctype: str | None) -> tuple[Bundle, dict]:
+        """Run the chosen arm's model; in shadow mode the challenger answers too, unseen."""
+        bundle, shadow = self.pick(request)
+        started = time.perf_counter()
+        other = (
+            asyncio.ensure_future(guarded(self.analyse, shadow, data, ctype)) if shadow else None
+        )
+        try:
+            result = await guarded(self.analyse, bundle, data, ctype)
+        except Exception:
+            if other is not None:
+                other.cancel()
+            raise
+        ab = getattr(request.state, "ab", None)
+        if ab is not None:
+            ab["confidence"] = result["confidence"]
+        if other is not None:
+            status, confidence, agrees = 200, None, None
+            try:
+                shadowed = await other
+                confidence, agrees = (
+                    shadowed["confidence"],
+                    shadowed["category"] == result["category"],
+                )
+            except Exception:
+                status = 500
+            ab["agrees"] = agrees
+            self.record_ab({"arm": "challenger", "version": shadow.version, "mode": "shadow",
+                            "confidence": confidence, "agrees": agrees},
+                           "shadow", status, time.perf_counter() - started)  # fmt: skip
+        return bundle, result
+
+    def record_ab(self, ab: dict, endpoint: str, status: int, seconds: float) -> None:
+        from components.ab import ABEvent
+
+        self.metrics.observe_arm(ab["arm"], ab["version"], status, seconds)
+        self.ab_log.write(ABEvent(ab["arm"], ab["version"], endpoint, status,
+                                  round(seconds * 1000, 3), ab["mode"], ab.get("confidence"),
+                                  ab.get("agrees")))  # fmt: skip
+
     def log_request(self, endpoint: str, bundle: Bundle, result: dict) -> None:
         self.request_log.write(endpoint, bundle.version, result["embedding"],
                                result["category"], result["confidence"], result["stats"])  # fmt: skip
@@ -249,8 +346,7 @@ class Vitrine:
     @app.post("/classify")
     async def classify(self, request: Request) -> dict:
         data, ctype, _ = await read_upload(request)
-        bundle = self.current()
-        result = await guarded(self.analyse, bundle, data, ctype)
+        bundle, result = await self.infer(request, data, ctype)
         top = np.argsort(-result["probs"])[:3]
         self.log_request("/classify", bundle, result)
         return {
@@ -266,8 +362,7 @@ class Vitrine:
         from components.search import group_of, shade_of
 
         data, ctype, _ = await read_upload(request)
-        bundle = self.current()
-        result = await guarded(self.analyse, bundle, data, ctype)
+        bundle, result = await self.infer(request, data, ctype)
         hits = await guarded(bundle.index.search, result["embedding"], 10)
         cats = [hit.category for hit in hits]
         majority = max(set(cats), key=cats.count) if cats else None
@@ -289,8 +384,7 @@ class Vitrine:
         data, ctype, fields = await read_upload(request)
         k = await guarded(parse_k, fields.get("k", 10))
         category, group = fields.get("category") or None, fields.get("group") or None
-        bundle = self.current()
-        result = await guarded(self.analyse, bundle, data, ctype)
+        bundle, result = await self.infer(request, data, ctype)
         hits = await guarded(bundle.index.search, result["embedding"], k, category=category, group=group)  # fmt: skip
         self.log_request("/search", bundle, result)
         return {"model_version": bundle.version, "k": k,
@@ -301,16 +395,40 @@ class Vitrine:
     @app.post("/embed")
     async def embed(self, request: Request) -> dict:
         data, ctype, _ = await read_upload(request)
-        bundle = self.current()
-        result = await guarded(self.analyse, bundle, data, ctype)
+        bundle, result = await self.infer(request, data, ctype)
         self.log_request("/embed", bundle, result)
         vector = [round(float(v), 7) for v in result["embedding"]]
         return {"model_version": bundle.version, "dim": len(vector), "embedding": vector}
 
+    @app.post("/search_text")
+    async def search_text(self, request: Request, body: TextQuery) -> dict:
+        from components import textsearch
+
+        bundle, _ = self.pick(request)
+        if bundle.text is None:
+            raise ApiError(409, f"model version {bundle.version} was registered without text "
+                                "search (text_search.enabled was false)")  # fmt: skip
+        query = body.query.strip()
+        if not query:
+            raise ApiError(400, "query is blank: type a few words, e.g. 'white sneakers'")
+        vector = self.text_cache.get(query.lower())
+        if vector is None:
+            vector = (await run_in_threadpool(textsearch.encode_texts, [query]))[0]
+            self.text_cache.put(query.lower(), vector)
+        hits = await guarded(bundle.index.search_space, bundle.text, vector, body.k,
+                             category=body.category, group=body.group)  # fmt: skip
+        return {"model_version": bundle.version, "query": query, "k": body.k,
+                "filters": {"category": body.category, "group": body.group},
+                "results": [self.hit_json(h) for h in hits]}  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
     # ------------------------------------------------------------------ catalogue endpoints
     @app.post("/recommend")
-    async def recommend(self, body: RecommendRequest) -> dict:
-        bundle = self.current()
+    async def recommend(self, request: Request, body: RecommendRequest) -> dict:
+        bundle, _ = self.pick(request)
         hits = await guarded(bundle.index.recommend, body.history, body.k, diversify=body.diversify)
         return {"model_version": bundle.version, "k": body.k, "diversify": body.diversify,
                 "results": [self.hit_json(h) for h in hits]}  # fmt: skip
@@ -362,6 +480,12 @@ class Vitrine:
             "load_seconds": bundle.load_seconds if bundle else None,
             "last_reload_error": self.last_error,
             "last_check_at": self.last_check_at,
+            "text_search": bool(bundle and bundle.text is not None),
+            "ab": {
+                "mode": self.ab.mode,
+                "challenger_version": self.challenger.version if self.challenger else None,
+                "challenger_error": self.challenger_error,
+            },
         }
         return (200 if bundle else 503), body
 
@@ -370,147 +494,6 @@ def _project_root() -> Path:
     from components.config import PROJECT_ROOT
 
     return PROJECT_ROOT
-
-
-async def read_upload(request: Request) -> tuple[bytes, str | None, dict[str, str]]:
-    """(image bytes, declared content type, fields) from multipart (field `image`) or a raw body."""
-    fields = dict(request.query_params)
-    ctype = request.headers.get("content-type", "")
-    base = ctype.split(";")[0].strip().lower()
-    if base == "multipart/form-data":
-        form = await request.form()
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        fields |= {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        upload = form.get("image")
-        upload = upload if isinstance(upload, UploadFile) else (files[0] if files else None)
-        if upload is None:
-            raise ApiError(400, "no file in the upload: send the image as multipart field 'image'")
-        return await upload.read(), upload.content_type, fields
-    if base in IMAGE_TYPES | SNIFFED_TYPES - {""}:
-        return await request.body(), base, fields
-    raise ApiError(415, f"unsupported request content type {base or 'none'!r}: send "
-                        "multipart/form-data with field 'image', or a raw image body")  # fmt: skip
-
-
-async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run fn in a worker thread; bad input becomes an ApiError with a 4xx status."""
-    from components.search import UnknownProduct
-
-    try:
-        return await run_in_threadpool(fn, *args, **kwargs)
-    except BadImage as error:
-        raise ApiError(error.status, str(error)) from error
-    except UnknownProduct as error:
-        raise ApiError(404, str(error.args[0] if error.args else error)) from error
-    except ValueError as error:  # bad k, unknown filter, empty history
-        raise ApiError(400, str(error)) from error
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    try:
-        bundle = bentoml.get_current_service().bundle
-    except Exception:
-        bundle = None
-    return JSONResponse({"error": message, "model_version": bundle.version if bundle else None},
-                        status_code=status)  # fmt: skip
-
-
-@app.exception_handler(ApiError)
-async def on_api_error(_: Request, error: ApiError) -> JSONResponse:
-    return error_response(error.status, error.message)
-
-
-@app.exception_handler(RequestValidationError)
-async def on_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-    return error_response(422, problems or "invalid request")
-
-
-@app.exception_handler(HTTPException)
-async def on_http_error(_: Request, error: HTTPException) -> JSONResponse:
-    return error_response(error.status_code, str(error.detail))
-
-
-@app.exception_handler(Exception)
-async def on_unexpected(_: Request, error: Exception) -> JSONResponse:
-    log.exception("unexpected error")
-    return error_response(500, f"internal error: {type(error).__name__}")
-
-
-class ProbesAndLimits:
-    """ASGI middleware: JSON /healthz /readyz and vitrine's /metrics (ahead of BentoML's own
-    routes), the request-body limit (413 before parsing), and per-endpoint request metrics."""
-
-    def __init__(self, app: Any, max_body: int = (10 << 20) + MULTIPART_SLACK):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        try:
-            service = bentoml.get_current_service()
-        except Exception:
-            service = None
-        start, status = time.perf_counter(), [500]
-
-        async def send_status(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.dispatch(scope, receive, send_status, service)
-        finally:
-            if service is not None:
-                label = endpoint_label(scope["path"])
-                service.metrics.observe_request(label, status[0], time.perf_counter() - start)
-
-    async def dispatch(self, scope: dict, receive: Any, send: Any, service: Any) -> None:
-        path, method = scope["path"], scope["method"]
-        if method in ("GET", "HEAD") and path in ("/healthz", "/readyz", "/metrics"):
-            return await self.probe(path, service)(scope, receive, send)
-        if method != "POST":
-            return await self.app(scope, receive, send)
-        limit = service.limits.max_bytes + MULTIPART_SLACK if service else self.max_body
-        headers = dict(scope.get("headers") or [])
-        declared = int(headers.get(b"content-length", b"0") or 0)
-        too_big = error_response(413, f"request body over the {limit}-byte limit")
-        if declared > limit:
-            return await too_big(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await too_big(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    def probe(self, path: str, service: Any) -> Any:
-        from starlette.responses import Response
-
-        if service is None:
-            return error_response(503, "service starting")
-        if path == "/metrics":
-            return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
-        if path == "/healthz":
-            bundle = service.bundle
-            return JSONResponse(
-                {"status": "ok", "model_version": bundle.version if bundle else None}
-            )
-        status, body = service.readiness()
-        return JSONResponse(body, status_code=status)
 
 
 Vitrine.add_asgi_middleware(ProbesAndLimits)

@@ -147,15 +147,32 @@ def _finish(manifest: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
 
 def ingest_catalogue(source: str, out_dir: Path, categories: list[str], *,
                      fashion_mnist_dir: Path, test_fraction: float = 0.15) -> pd.DataFrame:  # fmt: skip
-    """Replace out_dir with a fresh catalogue from `source` ('fashion-mnist' or a CSV path)."""
+    """Replace out_dir with a fresh catalogue from `source` ('fashion-mnist' or a CSV path).
+
+    The new catalogue is built beside out_dir and swapped in only when complete: a source that
+    fails (missing columns, unreadable CSV) leaves the current catalogue as it was.
+    """
     if source != "fashion-mnist" and not Path(source).is_file():
         raise CatalogueError(f"catalogue source {source!r} is neither 'fashion-mnist' nor a CSV")
+    out_dir = Path(out_dir)
+    incoming, retired = (out_dir.with_name(f".{out_dir.name}.{tag}") for tag in ("new", "old"))
+    for leftover in (incoming, retired):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    incoming.mkdir(parents=True)
+    try:
+        if source == "fashion-mnist":
+            manifest = ingest_fashion_mnist(fashion_mnist_dir, incoming, categories)
+        else:
+            manifest = ingest_csv(Path(source), incoming, categories, test_fraction)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    if source == "fashion-mnist":
-        return ingest_fashion_mnist(fashion_mnist_dir, out_dir, categories)
-    return ingest_csv(Path(source), out_dir, categories, test_fraction)
+        out_dir.rename(retired)
+    incoming.rename(out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+    return manifest
 
 
 def read_manifest(catalogue_dir: Path) -> pd.DataFrame:

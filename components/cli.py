@@ -18,6 +18,8 @@ app = typer.Typer(help="vitrine: visual search for e-commerce, and the loop that
                   no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
 stage_app = typer.Typer(help="Run one stage of the loop on ./work (what `dvc repro` calls).")
 app.add_typer(stage_app, name="stage")
+ab_app = typer.Typer(help="The online A/B between champion and challenger (serving.ab).")
+app.add_typer(ab_app, name="ab")
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")]
 
@@ -146,9 +148,11 @@ def promote(
 ) -> None:
     """Move `champion` to an approved version that passed the gate (audited)."""
     from components.registry import PromotionRefused, RegistryUnavailable
+    from components.release import open_registry, run_promotion
 
+    ctx = _context()
     try:
-        record = _registry().promote(version)
+        record = run_promotion(ctx, open_registry(ctx), version)
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
     if record is None:
@@ -170,6 +174,52 @@ def rollback(
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
     typer.echo(f"champion: {record['from']} → {record['to']} (rollback)")
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="Default: serving.port in params.yaml.")] = None,
+    host: Annotated[str | None, typer.Option(help="Default: serving.host (127.0.0.1).")] = None,
+) -> None:
+    """Serve the champion and its index with BentoML (API, metrics and the web page)."""
+    serving = load_params().serving
+    host, port = host or serving.host, port or serving.port
+    bentoml = Path(sys.executable).parent / "bentoml"
+    typer.echo(f"serving the champion on http://{host}:{port}/ (page), "
+               f"http://{host}:{port}/readyz (model version); Ctrl-C stops")  # fmt: skip
+    done = subprocess.run([str(bentoml), "serve", "bentos.service:Vitrine", "--host", host,
+                           "--port", str(port)], cwd=PROJECT_ROOT, env=dict(os.environ))  # fmt: skip
+    raise typer.Exit(done.returncode)
+
+
+@ab_app.command("report")
+def ab_report(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    version: Annotated[str | None, typer.Option(help="Challenger version to judge.")] = None,
+) -> None:
+    """Per arm: requests, error rate, latency, confidence, agreement on shadowed requests;
+    and whether the A/B period satisfies the promotion policy."""
+    from components.ab import ab_verdict, read_ab_log, summarise_arms
+
+    params, paths = load_params(), state_paths()
+    summary = summarise_arms(read_ab_log(paths.home / "requests"))
+    versions = [a["model_version"] for a in summary["arms"].values() if a["arm"] == "challenger"]
+    version = version or (max(versions, key=int) if versions else None)
+    passed, reasons = ab_verdict(summary, version, params.serving.ab) if version else (False, [
+        "no challenger traffic recorded: set serving.ab.mode to route or shadow"])  # fmt: skip
+    summary["verdict"] = {"challenger": version, "passed": passed, "reasons": reasons}
+    if as_json:
+        return emit(summary, None, as_json=True)
+    typer.echo(f"{'arm':<24}{'requests':>9}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}"
+               f"{'confidence':>12}{'agreement':>11}")  # fmt: skip
+    for name, arm in summary["arms"].items():
+        conf, agree = arm["mean_confidence"], arm["agreement"]
+        typer.echo(f"{name:<24}{arm['requests']:>9}{arm['error_rate']:>8.3f}{arm['p50_ms']:>9.1f}"
+                   f"{arm['p95_ms']:>9.1f}{'-' if conf is None else f'{conf:.3f}':>12}"
+                   f"{'-' if agree is None else f'{agree:.3f}':>11}")  # fmt: skip
+    typer.echo(f"A/B gate for v{version}: {'PASSED' if passed else 'NOT YET'}")
+    for reason in reasons:
+        typer.echo(f"  - {reason}")
 
 
 @app.command()

@@ -94,6 +94,34 @@ class GatePolicy(_Strict):
 
 class PromotionParams(_Strict):
     bootstrap_without_approval: bool = True
+    require_ab: bool = False  # promote only after a finished online A/B period (serving.ab)
+
+
+class TextSearchParams(_Strict):
+    enabled: bool = True
+    ridge_alpha: float = Field(0.01, gt=0)
+    max_titles: int = Field(1000, ge=0)  # distinct catalogue titles encoded for training
+
+
+class ABParams(_Strict):
+    mode: Literal["off", "route", "shadow"] = "off"
+    challenger_share: float = Field(0.1, ge=0, le=1)  # route: share of client ids sent to it
+    min_requests: int = Field(500, ge=1)  # per arm, for the A/B period to count as finished
+    min_hours: float = Field(0.0, ge=0)  # and at least this long since the first request
+    max_error_rate_increase: float = Field(0.01, ge=0)  # challenger minus champion, absolute
+    max_p95_latency_ratio: float = Field(1.5, gt=0)  # challenger p95 / champion p95
+
+
+class ServingParams(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    sample_rate: float = Field(1.0, ge=0, le=1)  # share of requests written to the request log
+    cache_size: int = Field(1024, ge=0)  # LRU entries keyed by (version, image sha256)
+    max_upload_bytes: int = Field(10 << 20, ge=1024)
+    max_pixels: int = Field(36_000_000, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    poll_seconds: float = Field(30.0, ge=0)  # 0 = no polling of the champion alias
+    ab: ABParams = Field(default_factory=ABParams)
 
 
 class Params(_Strict):
@@ -105,6 +133,8 @@ class Params(_Strict):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     gate: GatePolicy = Field(default_factory=GatePolicy)
     promotion: PromotionParams = Field(default_factory=PromotionParams)
+    text_search: TextSearchParams = Field(default_factory=TextSearchParams)
+    serving: ServingParams = Field(default_factory=ServingParams)
 
 
 def load_params(path: Path | str | None = None) -> Params:

@@ -178,8 +178,33 @@ def run_evaluation(ctx: RunContext) -> dict:
         emb[in_catalogue], accepted.loc[in_catalogue, "label"].to_numpy(),
         ctx.params.data.categories, ctx.params.evaluation, ctx.stage_dir("evaluate"),
     )  # fmt: skip
+    if ctx.params.text_search.enabled:
+        result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
     return result.metrics
+
+
+def build_text_projection(ctx: RunContext, products: pd.DataFrame, emb: np.ndarray,
+                          index_dir: Path) -> dict[str, float]:  # fmt: skip
+    """Fit the image → MiniLM-text projection on the catalogue's (train split) products and save
+    it beside the index; precision@10 of held-out phrasings over the whole index is the metric."""
+    from components import textsearch  # the sentence model loads only when text search is on
+
+    settings = ctx.params.text_search
+    train = (products["split"] == "train").to_numpy()
+    titles = products["title"].fillna("").astype(str) if "title" in products else None
+    projection = textsearch.train_text_projection(
+        emb[train], products.loc[train, "category"].tolist(),
+        None if titles is None else titles[train].tolist(),
+        seed=ctx.params.train.seed, ridge_alpha=settings.ridge_alpha,
+        max_titles=settings.max_titles, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    projection.save(index_dir / textsearch.PROJECTION_FILE)
+    scores = textsearch.evaluate_text_search(projection, emb, products["category"].tolist(), k=10)
+    return {
+        "text_precision_at_10": scores["precision_at_10"],
+        "text_chance_at_10": scores["chance"],
+    }
 
 
 def data_version(ctx: RunContext) -> str:

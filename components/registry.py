@@ -255,11 +255,13 @@ class Registry:
         *,
         bootstrap_without_approval: bool = False,
         floors_passed: bool | None = None,
+        extra_check: Callable[[str], str | None] | None = None,
     ) -> dict | None:
         """Move "champion" to `version`, or to the newest approved, gate-passed newer version.
 
         Without a champion and with `bootstrap_without_approval`, a version that passed the
-        floors needs no approval. Returns the audit record, or None if nothing is eligible.
+        floors needs no approval. `extra_check(version)` may refuse with a reason (e.g. an
+        unfinished A/B period). Returns the audit record, or None if nothing is eligible.
         """
         champion = self.alias_version(CHAMPION)
         bootstrap = champion is None and bootstrap_without_approval
@@ -274,6 +276,8 @@ class Registry:
         refusal = find_promotion_refusal(
             str(version), champion, tags, bootstrap=bootstrap, floors_passed=floors_passed
         )
+        if not refusal and extra_check is not None and champion is not None:
+            refusal = extra_check(str(version))
         if refusal:
             raise PromotionRefused(refusal)
         return self._move_champion(str(version), champion, "promote", tags)

@@ -158,3 +158,18 @@ def run_bootstrap_promotion(ctx: RunContext, registry: Registry, verdict: dict) 
         bootstrap_without_approval=True,
         floors_passed=floors_passed(metrics, ctx.params),
     )
+
+
+def run_promotion(ctx: RunContext, registry: Registry, version: str | None = None) -> dict | None:
+    """`vitrine promote` / the promote flow: approved + gate-passed → champion; with
+    params.promotion.require_ab the challenger also needs a finished, healthy online A/B period."""
+    check = None
+    if ctx.params.promotion.require_ab:
+        from components.ab import ab_verdict, read_ab_log, summarise_arms
+
+        def check(candidate: str) -> str | None:
+            summary = summarise_arms(read_ab_log(ctx.paths.home / "requests"))
+            passed, reasons = ab_verdict(summary, candidate, ctx.params.serving.ab)
+            return None if passed else "A/B gate: " + "; ".join(reasons)
+
+    return registry.promote(version, extra_check=check)

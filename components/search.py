@@ -351,6 +351,41 @@ class CatalogueIndex:
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return np.take_along_axis(top_scores, order, 1), subset[np.take_along_axis(top, order, 1)]
 
+    def search_space(
+        self,
+        vectors: np.ndarray,
+        query: np.ndarray,
+        k: int,
+        *,
+        category: str | None = None,
+        group: str | None = None,
+    ) -> list[Hit]:
+        """Exact top-k of the live products in ANOTHER vector space (e.g. the text space).
+
+        `vectors` row i describes index row i (`self.embeddings` row i, removed rows included);
+        rows added after `vectors` was computed are not ranked. Filters work as in search().
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        mask = self._filter_mask(category, group, None)
+        mask = self._alive.copy() if mask is None else mask
+        mask[len(vectors) :] = False
+        rows = np.flatnonzero(mask)
+        if len(rows) == 0:
+            return []
+        scores = vectors[rows] @ np.asarray(query, dtype=np.float32).reshape(-1)
+        k = min(k, len(rows))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [self._hit(int(rows[i]), float(scores[i])) for i in top]
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Every row's embedding, removed rows included (row i = faiss id i); read-only view."""
+        view = self._emb.view()
+        view.flags.writeable = False
+        return view
+
     # ---- recommendations ------------------------------------------------------------------
     def recommend(self, history: list[str], k: int = 10, *, diversify: bool = False) -> list[Hit]:
         """k products not in `history` (oldest first), ranked by similarity to it.

@@ -271,6 +271,10 @@ class ServingMetrics:
                              ["result"], registry=r)  # fmt: skip
         self.reloads = Counter("vitrine_reloads", "Champion reload attempts by outcome",
                                ["outcome"], registry=r)  # fmt: skip
+        self.arm_requests = Counter("vitrine_ab_requests", "A/B requests by arm, version, status",
+                                    ["arm", "version", "status"], registry=r)  # fmt: skip
+        self.arm_latency = Histogram("vitrine_ab_latency_seconds", "A/B latency by arm",
+                                     ["arm"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.model_info = Gauge("vitrine_model_info", "1 for the model version being served",
                                 ["version"], registry=r)  # fmt: skip
 
@@ -279,6 +283,10 @@ class ServingMetrics:
         self.latency.labels(endpoint).observe(seconds)
         if status >= 400:
             self.errors.labels(endpoint, "client" if status < 500 else "server").inc()
+
+    def observe_arm(self, arm: str, version: str, status: int, seconds: float) -> None:
+        self.arm_requests.labels(arm, version, str(status)).inc()
+        self.arm_latency.labels(arm).observe(seconds)
 
     def set_model_version(self, version: str, previous: str | None = None) -> None:
         if previous is not None:  # clear() is not supported in multi-process mode
@@ -289,8 +297,8 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
 
-ENDPOINTS = ("/classify", "/tags", "/search", "/recommend", "/embed", "/healthz", "/readyz",
-             "/metrics", "/admin/reload")  # fmt: skip
+ENDPOINTS = ("/", "/classify", "/tags", "/search", "/search_text", "/recommend", "/embed",
+             "/healthz", "/readyz", "/metrics", "/admin/reload")  # fmt: skip
 
 
 def endpoint_label(path: str) -> str:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 TEXT_DIM = 384
+PROJECTION_FILE = "text_projection.npz"  # saved beside the catalogue index of a model version
 
 TRAIN_PHRASES: dict[str, list[str]] = {
     "T-shirt/top": ["t-shirt", "tee", "t shirt", "top", "short sleeve top", "crew neck tee",

@@ -12,7 +12,7 @@ from components.pipeline import RunContext
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def promote_approved(ctx: RunContext, version: str | None) -> dict | None:
-    return release.open_registry(ctx).promote(version)
+    return release.run_promotion(ctx, release.open_registry(ctx), version)
 
 
 @flow(name="promote")

@@ -138,6 +138,8 @@ def test_too_many_quarantined_stops_before_training(world, tmp_path, monkeypatch
 def test_cli_refuses_csv_without_required_columns(world, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("sku,picture\n1,a.png\n")
+    manifest = world["ctx"].catalogue_dir / "manifest.parquet"
+    before = manifest.read_bytes()
     env = {**os.environ, "VITRINE_HOME": str(tmp_path / "state")}
     done = subprocess.run(
         [sys.executable, "-m", "components.cli", "ingest", "--source", str(bad)],
@@ -146,6 +148,7 @@ def test_cli_refuses_csv_without_required_columns(world, tmp_path):
     assert done.returncode != 0
     assert "product_id" in done.stderr and "label" in done.stderr and "image" in done.stderr
     assert not (tmp_path / "state" / "mlflow.db").exists()
+    assert manifest.read_bytes() == before  # the current catalogue is kept, not wiped
 
 
 def test_killed_training_leaves_registry_and_resumes(world):

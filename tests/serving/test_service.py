@@ -146,6 +146,31 @@ def test_search_returns_k_similar_products_with_filters(server, champion, produc
     assert image.status_code == 200 and image.content == photo(champion, match)
 
 
+def test_search_text_ranks_products_by_a_text_query(server, champion):
+    url = f"{server.url}/search_text"
+    bags = httpx.post(url, json={"query": "a leather handbag", "k": 10}, timeout=30).json()
+    trousers = httpx.post(url, json={"query": "blue jeans", "k": 10}, timeout=30).json()
+    assert bags["model_version"] == champion.version and len(bags["results"]) == 10
+    scores = [r["score"] for r in bags["results"]]
+    assert scores == sorted(scores, reverse=True)
+    ids = {r["product_id"] for r in bags["results"]}
+    assert ids != {r["product_id"] for r in trousers["results"]}  # the query matters
+    footwear = httpx.post(url, json={"query": "boots", "k": 6, "group": "footwear"}).json()
+    assert len(footwear["results"]) == 6
+    assert {r["group"] for r in footwear["results"]} == {"footwear"}
+    for bad, status in (({"query": ""}, 422), ({"query": "   "}, 400), ({"query": "x", "k": 0}, 422),
+                        ({"query": "x", "category": "Hats"}, 400), ({"k": 3}, 422)):  # fmt: skip
+        response = httpx.post(url, json=bad, timeout=30)
+        assert response.status_code == status, (bad, response.text)
+        assert response.json()["error"]
+
+
+def test_page_is_served_at_the_root(server):
+    page = httpx.get(f"{server.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/search_text" in page.text and "/classify" in page.text
+
+
 def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, products):
     body = post_image(server, "/tags", photo(champion, products.iloc[9])).json()
     tags = body["tags"]

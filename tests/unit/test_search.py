@@ -249,3 +249,27 @@ def test_load_from_artifact_folder_and_save_roundtrip(balanced, tmp_path):
     assert not (tmp_path / "pruned" / "index.faiss").exists()
     pruned = CatalogueIndex.load(tmp_path / "pruned", exact_max=100)
     assert len(pruned) == len(emb) - 1 and pruned.search(emb[3], 1)[0].product_id != "p00003"
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_search_space_ranks_live_products_in_another_space(balanced, kind):
+    """Text search ranks the index's rows by vectors of another space, with the same filters."""
+    emb, products = balanced
+    index = build(kind, emb, products)
+    rng = np.random.default_rng(3)
+    other = unit(rng, len(emb))  # e.g. the products' positions in the text space
+    query = unit(rng)[0]
+    keep = np.ones(len(emb), dtype=bool)
+    hits = index.search_space(other, query, 5)
+    assert [h.product_id for h in hits] == brute_force(other, products, query, 5, keep)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    gone = [h.product_id for h in hits[:2]]
+    index.remove(gone)
+    keep &= ~products["product_id"].isin(gone).to_numpy()
+    again = index.search_space(other, query, 5)
+    assert [h.product_id for h in again] == brute_force(other, products, query, 5, keep)
+    bags = index.search_space(other, query, 7, category="bag")
+    assert len(bags) == 7 and {h.category for h in bags} == {"Bag"}
+    with pytest.raises(UnknownFilter):
+        index.search_space(other, query, 5, group="hats")
+    assert not index.embeddings.flags.writeable and len(index.embeddings) == len(emb)

@@ -1,0 +1,138 @@
+"""Online A/B between the champion and the challenger: arm assignment, the event log, the report
+and the promotion check.
+
+The service writes one event per answered A/B request (every request, not sampled) to
+<state>/requests/ab-YYYYMMDD.jsonl: arm, model version, endpoint, status, latency, confidence,
+and on shadowed requests whether the challenger agreed with the champion's category. The
+report and the promotion check read only that log, so they work whether or not the service
+is running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from components.config import ABParams
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def assign_arm(client_id: str | None, share: float) -> str:
+    """Sticky routing: the same client id always lands in the same arm; no id → champion."""
+    if not client_id or share <= 0:
+        return CHAMPION
+    digest = hashlib.sha256(client_id.encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return CHALLENGER if position < share else CHAMPION
+
+
+@dataclass
+class ABEvent:
+    arm: str  # champion | challenger
+    model_version: str
+    endpoint: str
+    status: int
+    latency_ms: float
+    mode: str  # route | shadow
+    confidence: float | None = None
+    agrees: bool | None = None  # shadow: challenger's category == champion's
+
+
+class ABLog:
+    """Append-only JSON lines, one file per UTC day; thread-safe."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._lock = threading.Lock()
+
+    def write(self, event: ABEvent) -> None:
+        now = datetime.now(UTC)
+        record = {"timestamp": now.isoformat(), **event.__dict__}
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with (self.folder / f"ab-{now:%Y%m%d}.jsonl").open("a") as out:
+                out.write(json.dumps(record) + "\n")
+
+
+def read_ab_log(folder: Path, since: datetime | None = None) -> list[dict]:
+    events = []
+    for path in sorted(Path(folder).glob("ab-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if since is None or datetime.fromisoformat(event["timestamp"]) >= since:
+                events.append(event)
+    return events
+
+
+def summarise_arms(events: list[dict]) -> dict:
+    """Per (arm, model version): requests, error rate, latency p50/p95, mean confidence,
+    agreement on shadowed requests; plus the period's first and last timestamps."""
+    arms: dict[str, dict] = {}
+    for arm in sorted({(e["arm"], e["model_version"]) for e in events}):
+        rows = [e for e in events if (e["arm"], e["model_version"]) == arm]
+        latency = np.array([e["latency_ms"] for e in rows], dtype=float)
+        conf = [e["confidence"] for e in rows if e.get("confidence") is not None]
+        agree = [e["agrees"] for e in rows if e.get("agrees") is not None]
+        arms[f"{arm[0]}:v{arm[1]}"] = {
+            "arm": arm[0],
+            "model_version": arm[1],
+            "requests": len(rows),
+            "errors": sum(e["status"] >= 400 for e in rows),
+            "error_rate": sum(e["status"] >= 400 for e in rows) / len(rows),
+            "p50_ms": float(np.percentile(latency, 50)),
+            "p95_ms": float(np.percentile(latency, 95)),
+            "mean_confidence": float(np.mean(conf)) if conf else None,
+            "agreement": float(np.mean(agree)) if agree else None,
+            "shadowed": len(agree),
+        }
+    stamps = sorted(e["timestamp"] for e in events)
+    return {
+        "arms": arms,
+        "first": stamps[0] if stamps else None,
+        "last": stamps[-1] if stamps else None,
+        "events": len(events),
+    }
+
+
+def ab_verdict(summary: dict, challenger_version: str, policy: ABParams) -> tuple[bool, list[str]]:
+    """Is the A/B period of `challenger_version` finished and good enough to promote it?"""
+    arms = summary["arms"].values()
+    challenger = [
+        a for a in arms if a["arm"] == CHALLENGER and a["model_version"] == challenger_version
+    ]
+    champion = [a for a in arms if a["arm"] == CHAMPION]
+    if not challenger:
+        return False, [f"no A/B traffic for version {challenger_version} yet"]
+    chal = challenger[0]
+    champ = max(champion, key=lambda a: a["requests"]) if champion else None
+    reasons = []
+    for name, arm in (("challenger", chal), ("champion", champ)):
+        count = arm["requests"] if arm else 0
+        if count < policy.min_requests:
+            reasons.append(f"{name} arm has {count} requests < {policy.min_requests} required")
+    if summary["first"] and policy.min_hours > 0:
+        hours = (
+            datetime.now(UTC) - datetime.fromisoformat(summary["first"])
+        ).total_seconds() / 3600
+        if hours < policy.min_hours:
+            reasons.append(f"A/B period ran {hours:.1f} h < {policy.min_hours} h required")
+    if champ is not None:
+        increase = chal["error_rate"] - champ["error_rate"]
+        if increase > policy.max_error_rate_increase:
+            reasons.append(f"error rate {chal['error_rate']:.3f} vs champion "
+                           f"{champ['error_rate']:.3f} (+{increase:.3f} > "
+                           f"{policy.max_error_rate_increase})")  # fmt: skip
+        if champ["p95_ms"] > 0 and chal["p95_ms"] / champ["p95_ms"] > policy.max_p95_latency_ratio:
+            reasons.append(f"p95 latency {chal['p95_ms']:.1f} ms is "
+                           f"{chal['p95_ms'] / champ['p95_ms']:.2f}× the champion's "
+                           f"(> {policy.max_p95_latency_ratio}×)")  # fmt: skip
+    return not reasons, reasons or ["A/B period finished within the policy"]
