@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS=1
 export GX_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1
 
-.PHONY: help setup dataset run serve test test-unit lint format ui status clean
+.PHONY: help setup dataset browser run serve test test-unit lint format ui status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,7 +52,18 @@ run: setup  ## the retrain loop on the embedded default (full Fashion-MNIST), th
 serve: setup  ## BentoML service of the champion on 127.0.0.1:3000 (API + page at /)
 	$(BIN)/vitrine serve $(if $(PORT),--port $(PORT))
 
-test: setup  ## every test tier
+browser:  ## Debian's chromium + chromedriver for the page's browser test (root: apt-get)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; \
+	else \
+	  echo "the browser test needs Debian's chromium and chromium-driver:" \
+	       "sudo apt-get install chromium chromium-driver" >&2; exit 1; \
+	fi
+
+test: setup browser  ## every test tier
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: setup  ## unit tests only

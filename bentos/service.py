@@ -466,6 +466,7 @@ class Vitrine:
         if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
             raise ApiError(403, "missing or wrong admin token")
         outcome = await run_in_threadpool(self.reload)
+        await run_in_threadpool(self.reload_challenger)
         return JSONResponse(outcome, status_code=500 if outcome.get("error") else 200)
 
     # ------------------------------------------------------------------ probes (middleware)

@@ -23,6 +23,8 @@ import sqlalchemy.exc
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from components.gate import find_promotion_refusal, pick_promotion_candidate, read_gate_passed
 
@@ -61,6 +63,23 @@ def _guarded(method: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _signature(model: torch.nn.Module, example: np.ndarray) -> ModelSignature:
+    """Input N×C×H×W float32 (normalised pixels); outputs as the model returns them (vitrine's
+    models: class logits and the embedding). Declared explicitly: MLflow cannot infer a
+    signature for a model returning a tuple."""
+    with torch.inference_mode():
+        out = model(torch.from_numpy(np.ascontiguousarray(example, np.float32)))
+    outs = list(out) if isinstance(out, tuple | list) else [out]
+    names = ["logits", "embedding"] if len(outs) == 2 else [f"output_{i}" for i in range(len(outs))]
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, *example.shape[1:]), "pixels")]),
+        outputs=Schema(
+            [TensorSpec(f32, (-1, *o.shape[1:]), n) for o, n in zip(outs, names, strict=True)]
+        ),
+    )
 
 
 def _now() -> datetime:
@@ -167,7 +186,7 @@ class Registry:
             model,
             name="model",
             serialization_format="pickle",
-            input_example=input_example,
+            signature=_signature(model, input_example),
             pip_requirements=[f"torch=={torch_pin}", f"numpy=={np.__version__}"],
         )
         for artifact_path, path in extra_artifacts.items():

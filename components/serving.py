@@ -63,7 +63,8 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
         )
     declared = (content_type or "").split(";")[0].strip().lower()
     if declared not in IMAGE_TYPES | SNIFFED_TYPES:
-        raise BadImage(f"unsupported content type {declared!r}: send {', '.join(FORMATS)}", 415)
+        raise BadImage(f"unsupported content type {declared!r}: send an image "
+                       "(JPEG, PNG, WebP, GIF or BMP)", 415)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -93,11 +94,14 @@ def sha256_hex(data: bytes) -> str:
 
 
 def compute_image_stats(image: Image.Image, pixels: np.ndarray) -> dict[str, float]:
-    """Original size plus brightness and contrast (mean and std of the preprocessed pixels, 0..1)."""
+    """Original size and aspect (width / height) plus brightness and contrast (mean and std of
+    the preprocessed pixels, 0..1). The drift reference of every model version is computed with
+    this same function (components/reference.py), so served and reference statistics agree."""
     grey = pixels.astype(np.float64).mean(axis=-1) if pixels.ndim == 3 else pixels
     return {
         "width": int(image.size[0]),
         "height": int(image.size[1]),
+        "aspect": round(image.size[0] / image.size[1], 4),
         "brightness": round(float(grey.mean() / 255.0), 4),
         "contrast": round(float(grey.std() / 255.0), 4),
     }

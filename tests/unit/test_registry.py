@@ -229,3 +229,13 @@ def test_logging_outside_a_run_is_refused(registry: Registry):
         registry.log_metrics({"accuracy": 0.9})
     with pytest.raises(PromotionRefused, match="no gate verdict"):
         registry.approve("1", by="alice")
+
+
+def test_registered_model_has_an_explicit_signature(registry: Registry):
+    from mlflow.models import get_model_info
+
+    registry.load_model("2")  # points MLflow's globals at this store
+    info = get_model_info(f"models:/{registry.model_name}/2")
+    inputs, outputs = info.signature.inputs.to_dict(), info.signature.outputs.to_dict()
+    assert inputs[0]["name"] == "pixels" and inputs[0]["tensor-spec"]["dtype"] == "float32"
+    assert list(outputs[0]["tensor-spec"]["shape"]) == [-1, 2]
