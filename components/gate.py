@@ -113,6 +113,26 @@ def check_significance(
     return True, f"not significantly worse than champion ({detail}, alpha {alpha:g})"
 
 
+def check_compression(
+    variant: str, fp32: dict[str, float], compressed: dict[str, float], tolerance: float
+) -> tuple[bool, str]:
+    """A compressed variant may lose at most `tolerance` accuracy (absolute) against its own fp32
+    weights on the same frozen test split; otherwise it is refused and never served."""
+    old, new = fp32.get("accuracy"), compressed.get("accuracy")
+    if old is None or new is None:
+        return False, f"refused: {variant} accuracy cannot be compared (missing on one side)"
+    drop = old - new
+    detail = (
+        f"{variant} accuracy {new:.4f} vs fp32 {old:.4f} (loss {drop:+.4f}, tolerance "
+        f"{tolerance:g})"
+    )
+    if "recall_at_1" in fp32 and "recall_at_1" in compressed:
+        detail += f", recall_at_1 {compressed['recall_at_1']:.4f} vs {fp32['recall_at_1']:.4f}"
+    if drop > tolerance + 1e-12:
+        return False, f"refused: {detail}"
+    return True, f"accepted: {detail}"
+
+
 def decide(challenger: Candidate, champion: Candidate | None, policy: GatePolicy) -> Verdict:
     """Apply every check; the challenger passes only if all of them pass."""
     results = check_floors(challenger.metrics, policy)
