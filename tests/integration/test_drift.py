@@ -1,0 +1,106 @@
+"""Drift end to end: a small real champion registered WITH its reference, the real `bentoml
+serve`, `vitrine simulate` sending real (shifted) held-out images over HTTP, and `vitrine drift`
+judging each window from the service's request log: verdicts, exit codes, the report."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import Result
+from typer.testing import CliRunner
+
+from components.cli import app
+from components.reference import REFERENCE_ARTIFACT
+from tests.serving.conftest import build_champion, start_server, stop_server
+
+pytestmark = pytest.mark.integration
+N = 250  # requests per simulated window (monitoring.min_samples is 200)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, fmnist):
+    root = tmp_path_factory.mktemp("drift")
+    champion = build_champion(root, fmnist, n_train=400, n_test=300)
+    params_path = Path(champion.env["VITRINE_PARAMS"])
+    params = yaml.safe_load(params_path.read_text())
+    params["monitoring"]["tsne_points"] = 50  # the report's t-SNE picture only: keep it small
+    params_path.write_text(yaml.safe_dump(params))
+    env = {**champion.env, "VITRINE_SAMPLE_RATE": "1.0", "VITRINE_POLL_SECONDS": "0"}
+    server = start_server(env, root / "serve.log")
+    # the CLI runs in this process (one import of Evidently, MLflow and torch); the env is
+    # restored after each call
+    yield champion, server, {**env, "PREFECT_HOME": str(root / "prefect")}
+    stop_server(server.proc)
+
+
+def vitrine(env: dict, *args: str) -> Result:
+    """`vitrine ARGS` through the real Typer app, with its exit code and output."""
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def simulate_then_drift(served, shift: str, tmp_path) -> tuple[Result, dict]:
+    champion, server, env = served
+    since = datetime.now(UTC).isoformat()
+    sent = vitrine(env, "simulate", "--shift", shift, "--n", str(N), "--url", server.url)
+    assert sent.exit_code == 0, sent.output
+    assert f"{N} ok, 0 errors" in sent.output
+    out = tmp_path / f"{shift}.json"
+    judged = vitrine(env, "drift", "--since", since, "--json", str(out))
+    return judged, json.loads(out.read_text())
+
+
+def test_the_reference_is_registered_with_the_version(served):
+    champion, _, _ = served
+    assert champion.registry.has_artifact(champion.version, REFERENCE_ARTIFACT)
+    ref = pd.read_parquet(champion.ctx.work / "evaluate" / "reference" / "reference.parquet")
+    assert len(ref) == 300 and {"category", "confidence", "brightness", "aspect"} <= set(ref)
+
+
+def test_unshifted_traffic_is_no_drift(served, tmp_path):
+    judged, data = simulate_then_drift(served, "none", tmp_path)
+    assert judged.exit_code == 0, judged.output
+    assert judged.stdout.splitlines()[0] == "no drift"
+    assert data["drifted"] is False and data["details"]["window"]["requests"] == N
+    assert "registered with version" in data["details"]["reference"]["note"]
+
+
+def test_darkened_photos_drift_in_brightness(served, tmp_path):
+    judged, data = simulate_then_drift(served, "darken", tmp_path)
+    assert judged.exit_code == 1, judged.output
+    headline = judged.stdout.splitlines()[0]
+    assert headline.startswith("DRIFT: ") and "brightness (ks p" in headline
+    report = Path(data["report_html"])
+    page = report.read_text()
+    assert html.escape(headline) in page and "Most drifted slice" in page
+    assert "data:image/png" in page and (report.parent / "evidently.html").exists()
+    assert html.escape(headline) in (report.parent.parent / "index.html").read_text()
+
+
+def test_a_new_category_drifts(served, tmp_path):
+    judged, data = simulate_then_drift(served, "new-category", tmp_path)
+    assert judged.exit_code == 1, judged.output
+    assert data["drifted"] is True and data["details"]["signals"]
+
+
+def test_other_versions_are_excluded_and_counted_and_too_few_is_exit_2(served, tmp_path):
+    champion, _, env = served
+    since = datetime.now(UTC).isoformat()
+    time.sleep(0.01)
+    log = sorted((champion.ctx.paths.home / "requests").glob("requests-*.jsonl"))[-1]
+    record = json.loads(log.read_text().splitlines()[-1])
+    with log.open("a") as out:
+        for _ in range(3):
+            out.write(json.dumps({**record, "timestamp": datetime.now(UTC).isoformat(),
+                                  "model_version": "999"}) + "\n")  # fmt: skip
+    judged = vitrine(env, "drift", "--since", since, "--json", str(tmp_path / "few.json"))
+    assert judged.exit_code == 2
+    assert judged.stdout.startswith("NO VERDICT: too few samples: 0 requests")
+    details = json.loads((tmp_path / "few.json").read_text())["details"]
+    assert details["window"]["excluded_other_versions"] == {"999": 3}
