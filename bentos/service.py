@@ -12,6 +12,7 @@ champion (see components/ab.py).
 
 Routes: POST /classify /tags /search /embed (image as multipart field `image`, or a raw body),
 POST /search_text /recommend (JSON), GET /products/{id}[/image], GET / (the page),
+POST /explain (Grad-CAM heatmap and region, components/explain.py),
 POST /admin/reload (token). bentos/http.py holds the app, errors and the probes middleware.
 """
 
@@ -20,11 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import tempfile
-import threading
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,11 +29,12 @@ from urllib.parse import quote
 import bentoml
 import numpy as np
 from fastapi import Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from bentos.http import ApiError, ProbesAndLimits, app, guarded, log, read_upload
+from bentos.http import ApiError, ProbesAndLimits, app, guarded, read_upload
+from bentos.loader import Bundle, ModelLoader
 from components.serving import (
     LRUCache,
     MicroBatcher,
@@ -50,18 +48,6 @@ from components.serving import (
 )  # fmt: skip
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """One registered version: its model and the index it built. Never mutated after load."""
-
-    version: str
-    model: Any  # components.models.VitrineNet, eval mode
-    index: Any  # components.search.CatalogueIndex
-    loaded_at: str
-    load_seconds: float
-    text: np.ndarray | None = None  # products' positions in the MiniLM text space (index rows)
 
 
 class RecommendRequest(BaseModel):
@@ -117,116 +103,28 @@ class Vitrine:
                     "challenger_share": env_float("VITRINE_AB_SHARE", serving.ab.challenger_share)}
         )  # fmt: skip
         self.ab_log = ABLog(requests_dir)
-        self.challenger: Bundle | None = None
-        self.challenger_error: str | None = None
+        variant = os.environ.get("VITRINE_VARIANT") or serving.variant  # compress.VARIANTS
+        self.loader = ModelLoader(self.paths, self.params, self.metrics, variant, self.ab.mode)
         self.batcher = MicroBatcher(
             self._predict_batch, max_batch_size=serving.max_batch_size,
             on_batch=self.metrics.batch_size.observe,
         )  # fmt: skip
         self.admin_token = os.environ.get("VITRINE_ADMIN_TOKEN") or ""
-        self.bundle: Bundle | None = None
-        self.last_error: str | None = None
-        self.last_check_at: str | None = None
-        self._reload_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._registry = None
-        self.reload()
-        self.reload_challenger()
-        poll = env_float("VITRINE_POLL_SECONDS", serving.poll_seconds)
-        if poll > 0:
-            threading.Thread(
-                target=self._poll, args=(poll,), name="vitrine-poll", daemon=True
-            ).start()
+        self.loader.reload()
+        self.loader.reload_challenger()
+        self.loader.start_polling(env_float("VITRINE_POLL_SECONDS", serving.poll_seconds))
 
-    # ------------------------------------------------------------------ loading and hot swap
-    def _open_registry(self) -> Any:
-        if self._registry is None:
-            from components.registry import Registry
+    @property
+    def bundle(self) -> Bundle | None:
+        return self.loader.bundle
 
-            self._registry = Registry(
-                tracking_uri=self.paths.tracking_uri, artifact_root=self.paths.artifacts,
-                model_name=self.params.registry.model_name, audit_log=self.paths.audit_log,
-            )  # fmt: skip
-        return self._registry
-
-    def _load_bundle(self, registry: Any, version: str) -> Bundle:
-        from components.search import CatalogueIndex
-
-        start = time.perf_counter()
-        model = registry.load_model(version).eval()
-        text = None
-        with tempfile.TemporaryDirectory(prefix=f"vitrine-index-v{version}-") as tmp:
-            index_dir = registry.download_artifacts(version, "index", Path(tmp))
-            index = CatalogueIndex.load(index_dir)
-            if (index_dir / "text_projection.npz").exists():
-                from components import textsearch
-
-                projection = textsearch.TextProjection.load(index_dir / "text_projection.npz")
-                text = projection.project(index.embeddings)
-                textsearch.load_text_encoder()  # the first text query should not pay for it
-        if len(index) == 0:
-            raise ValueError(f"version {version} has an empty index")
-        with_dim = getattr(model, "embedding_dim", index.dim)
-        if with_dim != index.dim:
-            raise ValueError(f"model embeds in {with_dim} dims but its index holds {index.dim}")
-        loaded_at = datetime.now(UTC).isoformat()
-        return Bundle(version, model, index, loaded_at, round(time.perf_counter() - start, 3), text)
-
-    def reload(self) -> dict:
-        """Load the version the `champion` alias names, if it is not the one being served.
-
-        Runs off the request path (poll thread, or a threadpool for /admin/reload); requests
-        keep using the old bundle until the single assignment below. A failure keeps the old
-        bundle and is reported in /readyz.
-        """
-        with self._reload_lock:
-            old = self.bundle.version if self.bundle else None
-            self.last_check_at = datetime.now(UTC).isoformat()
-            try:
-                registry = self._open_registry()
-                target = registry.alias_version("champion")
-                if target is None:
-                    raise LookupError("no version has the `champion` alias yet")
-                if target == old:
-                    self.last_error = None
-                    return {"reloaded": False, "model_version": old, "previous_version": old}
-                bundle = self._load_bundle(registry, target)
-            except Exception as error:
-                self.last_error = f"{type(error).__name__}: {str(error)[:500]}"
-                self.metrics.reloads.labels("failed").inc()
-                log.exception("loading the champion failed; still serving %s", old)
-                return {"reloaded": False, "model_version": old, "error": self.last_error}
-            self.bundle, self.last_error = bundle, None  # the atomic swap
-            self.metrics.reloads.labels("loaded").inc()
-            self.metrics.set_model_version(bundle.version, old)
-            log.info("serving model version %s (was %s)", bundle.version, old)
-            return {"reloaded": True, "model_version": bundle.version, "previous_version": old}
-
-    def reload_challenger(self) -> None:
-        """A/B on: keep the `challenger` alias's version loaded beside the champion (or none)."""
-        if self.ab.mode == "off" or self.bundle is None:
-            self.challenger = None
-            return
-        try:
-            target = self._open_registry().alias_version("challenger")
-            if target in (None, self.bundle.version):
-                self.challenger, self.challenger_error = None, None
-            elif self.challenger is None or self.challenger.version != target:
-                self.challenger = self._load_bundle(self._open_registry(), target)
-                self.challenger_error = None
-                log.info("A/B (%s): challenger version %s loaded", self.ab.mode, target)
-        except Exception as error:
-            self.challenger_error = f"{type(error).__name__}: {str(error)[:500]}"
-            log.exception("loading the challenger failed; A/B paused")
-
-    def _poll(self, seconds: float) -> None:
-        while not self._stop.wait(seconds):
-            self.reload()
-            self.reload_challenger()
+    @property
+    def challenger(self) -> Bundle | None:
+        return self.loader.challenger
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        self._stop.set()
+        self.loader.stop()
         self.batcher.close()
 
     # ------------------------------------------------------------------ the model
@@ -252,7 +150,7 @@ class Vitrine:
     def current(self) -> Bundle:
         bundle = self.bundle
         if bundle is None:
-            raise ApiError(503, f"no model loaded: {self.last_error}")
+            raise ApiError(503, f"no model loaded: {self.loader.last_error}")
         return bundle
 
     def analyse(self, bundle: Bundle, data: bytes, content_type: str | None) -> dict:
@@ -421,6 +319,28 @@ class Vitrine:
                 "filters": {"category": body.category, "group": body.group},
                 "results": [self.hit_json(h) for h in hits]}  # fmt: skip
 
+    @app.post("/explain")
+    async def explain(self, request: Request) -> Any:
+        """Grad-CAM of the predicted category (components/explain.py): the heatmap over the photo
+        as a PNG (base64 in JSON, or the PNG itself with ?format=png) and the driving region."""
+        from components.explain import explain_image, explanation_json
+
+        data, ctype, fields = await read_upload(request)
+        answer = (fields.get("format") or "json").strip().lower()
+        if answer not in ("json", "png"):
+            raise ApiError(400, f"format must be json or png, got {answer!r}")
+        bundle = self.current()
+        image = await guarded(decode_upload, data, ctype, self.limits)
+        ex = await guarded(
+            explain_image, bundle.torch_model or bundle.model, image, self.categories
+        )
+        if answer == "png":
+            region = ",".join(str(ex.box[k]) for k in ("x0", "y0", "x1", "y1"))
+            return Response(ex.png, media_type="image/png", headers={
+                "X-Model-Version": bundle.version, "X-Category": quote(ex.category),
+                "X-Region": region})  # fmt: skip
+        return {"model_version": bundle.version, **explanation_json(ex)}
+
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
@@ -465,8 +385,8 @@ class Vitrine:
         given = given.removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
             raise ApiError(403, "missing or wrong admin token")
-        outcome = await run_in_threadpool(self.reload)
-        await run_in_threadpool(self.reload_challenger)
+        outcome = await run_in_threadpool(self.loader.reload)
+        await run_in_threadpool(self.loader.reload_challenger)
         return JSONResponse(outcome, status_code=500 if outcome.get("error") else 200)
 
     # ------------------------------------------------------------------ probes (middleware)
@@ -479,13 +399,16 @@ class Vitrine:
             "index_kind": bundle.index.kind if bundle else None,
             "loaded_at": bundle.loaded_at if bundle else None,
             "load_seconds": bundle.load_seconds if bundle else None,
-            "last_reload_error": self.last_error,
-            "last_check_at": self.last_check_at,
+            "last_reload_error": self.loader.last_error,
+            "last_check_at": self.loader.last_check_at,
             "text_search": bool(bundle and bundle.text is not None),
+            "variant": bundle.variant if bundle else None,
+            "variant_requested": self.loader.variant,
+            "variant_note": bundle.variant_note if bundle else None,
             "ab": {
                 "mode": self.ab.mode,
                 "challenger_version": self.challenger.version if self.challenger else None,
-                "challenger_error": self.challenger_error,
+                "challenger_error": self.loader.challenger_error,
             },
         }
         return (200 if bundle else 503), body

@@ -148,8 +148,9 @@ def train_one_epoch(
         x = to_tensor(images[rows])
         if params.augment:
             x = augment(x, generator)
-        logits, _ = model(x)
-        loss = criterion(logits, labels[rows])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.precision == "bf16"):
+            logits, _ = model(x)
+        loss = criterion(logits.float(), labels[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

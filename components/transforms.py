@@ -68,7 +68,10 @@ def load_uint8(path: Path, size: int, channels: int = 1) -> np.ndarray:
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
     """uint8 N×H×W×C → float N×C×H×W, normalised; channels-last memory for CPU speed."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    batch = np.ascontiguousarray(batch)
+    if not batch.flags.writeable:  # e.g. a read-only view of a cache: torch wants its own copy
+        batch = batch.copy()
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
     return ((x - MEAN) / SCALE).contiguous(memory_format=torch.channels_last)
 
 

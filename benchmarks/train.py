@@ -1,0 +1,171 @@
+"""Accuracy per CPU-minute: vitrine's default training configuration against baselines trained
+in the same run, on the standard Fashion-MNIST split (60,000 train / 10,000 test images, the
+split of the benchmark table's anchors: 2-conv CNN 0.925, ResNet18 + augmentation 0.949,
+MobileNet 0.950, WRN-28-10 0.963, all with GPU budgets).
+
+vitrine: components.training.train_model with params.yaml's `train` section, the loop's own
+code path; --budget-minutes sets the number of epochs from a timed probe of the first batches,
+so the one-cycle schedule ends inside the budget (early stopping is off: the budget decides).
+Baselines: logistic regression on raw pixels; frozen ImageNet EfficientNet-Lite0 features
+(64 px, the shipped weights) + a logistic-regression head. Each row prints test accuracy,
+macro-F1, Recall@1 (test images as queries against the train embeddings, same category =
+relevant) and wall time.
+
+    python benchmarks/train.py --budget-minutes 20 --json bench-train.json
+    python benchmarks/train.py --curve 5,10,20          # accuracy at each budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from components import training  # noqa: E402
+from components.catalogue import load_fashion_mnist  # noqa: E402
+from components.config import TrainParams, load_params  # noqa: E402
+from components.evaluation import retrieval_metrics  # noqa: E402
+from components.models import EfficientNetTrunk  # noqa: E402
+from components.transforms import to_tensor  # noqa: E402
+
+
+def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainParams) -> float:
+    """Seconds per epoch, from timing a few real training steps (after a warm-up)."""
+    probe = params.model_copy(update={"epochs": 1, "max_batches_per_epoch": 12})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = training.train_model(images, labels, probe, 10, Path(tmp), progress=False,
+                                      pretrained=False)  # fmt: skip
+    record = result.history[0]
+    steps = math.ceil(len(images) * (1 - params.val_fraction) / params.batch_size)
+    # the probe's record covers 12 steps + validating the held-out rows
+    per_step = record["seconds"] / 12
+    return per_step * steps * 1.03
+
+
+def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    epoch_s = probe_epoch_seconds(x_train, y_train, params)
+    epochs = max(1, int(budget_min * 60 / epoch_s))
+    run = params.model_copy(update={"epochs": epochs, "patience": epochs + 1})
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = training.train_model(x_train, y_train, run, 10, Path(tmp), pretrained=False)
+    minutes = (time.perf_counter() - start) / 60
+    probs, test_emb = training.predict_batches(result.model, x_test)
+    _, train_emb = training.predict_batches(result.model, x_train)
+    return {
+        **scores(y_test, probs.argmax(1), test_emb, train_emb, y_train),
+        "train_minutes": round(minutes, 2),
+        "epochs": epochs,
+        "epoch_seconds_probe": round(epoch_s, 1),
+    }
+
+
+def scores(y_test, predicted, test_emb, train_emb, y_train) -> dict:
+    r1 = retrieval_metrics(test_emb, y_test, train_emb, y_train, ks=(1,))["recall_at_1"]
+    return {
+        "accuracy": round(float((predicted == y_test).mean()), 4),
+        "macro_f1": round(float(f1_score(y_test, predicted, average="macro")), 4),
+        "recall_at_1": round(float(r1), 4),
+    }
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def logistic_head(train_x, y_train, test_x, y_test, seconds: float) -> dict:
+    start = time.perf_counter()
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    head = LogisticRegression(max_iter=200)
+    head.fit((train_x - mean) / std, y_train)
+    predicted = head.predict((test_x - mean) / std)
+    minutes = (seconds + time.perf_counter() - start) / 60
+    return {**scores(y_test, predicted, normalise(test_x), normalise(train_x), y_train),
+            "train_minutes": round(minutes, 2)}  # fmt: skip
+
+
+def efficientnet_features(images: np.ndarray, size: int = 64) -> np.ndarray:
+    trunk = EfficientNetTrunk(image_size=size, pretrained=True).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), 256):
+            x = to_tensor(images[start : start + 256])
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
+            out.append(trunk(x.repeat(1, 3, 1, 1)).numpy())
+    return np.concatenate(out)
+
+
+def baselines(data: dict, skip_efficientnet: bool) -> dict:
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    out = {"logreg_pixels": logistic_head(x_train.reshape(len(x_train), -1).astype(np.float32),
+                                          y_train, x_test.reshape(len(x_test), -1)
+                                          .astype(np.float32), y_test, 0.0)}  # fmt: skip
+    print(f"  logreg on pixels: {out['logreg_pixels']}", flush=True)
+    if not skip_efficientnet:
+        start = time.perf_counter()
+        f_train, f_test = efficientnet_features(x_train), efficientnet_features(x_test)
+        seconds = time.perf_counter() - start
+        out["efficientnet_lite0_frozen_linear"] = logistic_head(f_train, y_train, f_test, y_test,
+                                                                seconds)  # fmt: skip
+        print(f"  frozen EfficientNet-Lite0 + linear: "
+              f"{out['efficientnet_lite0_frozen_linear']}", flush=True)  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--budget-minutes", type=float, default=20.0)
+    parser.add_argument(
+        "--curve",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="train once per budget, e.g. 5,10,20 (replaces --budget-minutes)",
+    )
+    parser.add_argument("--skip-efficientnet", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(training.count_threads())
+    params = load_params()
+    fm = load_fashion_mnist(params.data.fashion_mnist_dir)
+    data = {split: (x[..., None], y.astype(np.int64)) for split, (x, y) in fm.items()}
+    config = params.train.model_dump(exclude={"max_batches_per_epoch"})
+    print(f"vitrine default config: {config}; {torch.get_num_threads()} threads", flush=True)
+    budgets = args.curve or [args.budget_minutes]
+    curve = {}
+    for budget in budgets:
+        curve[str(budget)] = train_vitrine(data, params.train, budget)
+        print(f"  vitrine, budget {budget} min: {curve[str(budget)]}", flush=True)
+    base = baselines(data, args.skip_efficientnet)
+    head = curve[str(max(budgets))]
+    result = {**head, "budget_minutes": max(budgets), "config": config,
+              "curve": curve if len(budgets) > 1 else None,
+              "baselines": {name: row["accuracy"] for name, row in base.items()},
+              "baseline_rows": base, "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    print(f"\n{'model':<36}{'accuracy':>9}{'macro-F1':>10}{'R@1':>8}{'minutes':>9}")
+    rows = [(f"vitrine {b} min ({r['epochs']} epochs)", r) for b, r in curve.items()]
+    rows += list(base.items())
+    for name, row in rows:
+        print(f"{name:<36}{row['accuracy']:>9}{row['macro_f1']:>10}{row['recall_at_1']:>8}"
+              f"{row['train_minutes']:>9}")  # fmt: skip
+    for name, row in base.items():
+        print(f"vitrine / {name}: accuracy ×{head['accuracy'] / row['accuracy']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Keeping the served model current: the champion's `Bundle` (and, with A/B on, the
+challenger's), loaded from the MLflow registry off the request path and swapped in one
+assignment. A failed load keeps the old bundle and is reported in /readyz."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("vitrine.service")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One registered version: its model and the index it built. Never mutated after load."""
+
+    version: str
+    model: Any  # components.models.VitrineNet, eval mode
+    index: Any  # components.search.CatalogueIndex
+    loaded_at: str
+    load_seconds: float
+    text: np.ndarray | None = None  # products' positions in the MiniLM text space (index rows)
+    torch_model: Any = None  # the version's fp32 weights (gradients for /explain)
+    variant: str = "fp32"  # what `model` is: fp32, or a compressed variant of the same version
+    variant_note: str | None = None  # why a requested variant is not the one served
+
+
+class ModelLoader:
+    """The champion (and challenger) bundles of one service process."""
+
+    def __init__(self, paths: Any, params: Any, metrics: Any, variant: str, ab_mode: str):
+        self.paths, self.params, self.metrics = paths, params, metrics
+        self.variant, self.ab_mode = variant, ab_mode
+        self.bundle: Bundle | None = None
+        self.challenger: Bundle | None = None
+        self.last_error: str | None = None
+        self.challenger_error: str | None = None
+        self.last_check_at: str | None = None
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._registry = None
+
+    def start_polling(self, seconds: float) -> None:
+        if seconds > 0:
+            threading.Thread(
+                target=self._poll, args=(seconds,), name="vitrine-poll", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _open_registry(self) -> Any:
+        if self._registry is None:
+            from components.registry import Registry
+
+            self._registry = Registry(
+                tracking_uri=self.paths.tracking_uri, artifact_root=self.paths.artifacts,
+                model_name=self.params.registry.model_name, audit_log=self.paths.audit_log,
+            )  # fmt: skip
+        return self._registry
+
+    def load_bundle(self, registry: Any, version: str) -> Bundle:
+        from components.search import CatalogueIndex
+
+        start = time.perf_counter()
+        model = registry.load_model(version).eval()
+        text = None
+        with tempfile.TemporaryDirectory(prefix=f"vitrine-index-v{version}-") as tmp:
+            index_dir = registry.download_artifacts(version, "index", Path(tmp))
+            index = CatalogueIndex.load(index_dir)
+            if (index_dir / "text_projection.npz").exists():
+                from components import textsearch
+
+                projection = textsearch.TextProjection.load(index_dir / "text_projection.npz")
+                text = projection.project(index.embeddings)
+                textsearch.load_text_encoder()  # the first text query should not pay for it
+        if len(index) == 0:
+            raise ValueError(f"version {version} has an empty index")
+        with_dim = getattr(model, "embedding_dim", index.dim)
+        if with_dim != index.dim:
+            raise ValueError(f"model embeds in {with_dim} dims but its index holds {index.dim}")
+        from components.compress import load_served_model
+
+        served, variant, note = load_served_model(registry, version, model, self.variant)
+        loaded_at = datetime.now(UTC).isoformat()
+        return Bundle(version, served, index, loaded_at, round(time.perf_counter() - start, 3), text,
+                      torch_model=model, variant=variant, variant_note=note)  # fmt: skip
+
+    def reload(self) -> dict:
+        """Load the version the `champion` alias names, if it is not the one being served.
+
+        Runs off the request path (poll thread, or a threadpool for /admin/reload); requests
+        keep using the old bundle until the single assignment below. A failure keeps the old
+        bundle and is reported in /readyz.
+        """
+        with self._reload_lock:
+            old = self.bundle.version if self.bundle else None
+            self.last_check_at = datetime.now(UTC).isoformat()
+            try:
+                registry = self._open_registry()
+                target = registry.alias_version("champion")
+                if target is None:
+                    raise LookupError("no version has the `champion` alias yet")
+                if target == old:
+                    self.last_error = None
+                    return {"reloaded": False, "model_version": old, "previous_version": old}
+                bundle = self.load_bundle(registry, target)
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {str(error)[:500]}"
+                self.metrics.reloads.labels("failed").inc()
+                log.exception("loading the champion failed; still serving %s", old)
+                return {"reloaded": False, "model_version": old, "error": self.last_error}
+            self.bundle, self.last_error = bundle, None  # the atomic swap
+            self.metrics.reloads.labels("loaded").inc()
+            self.metrics.set_model_version(bundle.version, old)
+            log.info("serving model version %s (was %s)", bundle.version, old)
+            return {"reloaded": True, "model_version": bundle.version, "previous_version": old}
+
+    def reload_challenger(self) -> None:
+        """A/B on: keep the `challenger` alias's version loaded beside the champion (or none)."""
+        if self.ab_mode == "off" or self.bundle is None:
+            self.challenger = None
+            return
+        try:
+            target = self._open_registry().alias_version("challenger")
+            if target in (None, self.bundle.version):
+                self.challenger, self.challenger_error = None, None
+            elif self.challenger is None or self.challenger.version != target:
+                self.challenger = self.load_bundle(self._open_registry(), target)
+                self.challenger_error = None
+                log.info("A/B (%s): challenger version %s loaded", self.ab_mode, target)
+        except Exception as error:
+            self.challenger_error = f"{type(error).__name__}: {str(error)[:500]}"
+            log.exception("loading the challenger failed; A/B paused")
+
+    def _poll(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            self.reload()
+            self.reload_challenger()
