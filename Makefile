@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS=1
 export GX_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1
 
-.PHONY: help setup dataset browser run serve test test-unit lint format ui status clean
+.PHONY: help setup dataset browser run serve test test-unit lint format ui status clean deploy worker
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,7 +67,7 @@ test: setup browser  ## every test tier
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: setup  ## unit tests only
-	$(BIN)/pytest -q -m "not integration and not data and not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not integration and not data and not slow and not serving and not model" $(PYTEST_ARGS)
 
 lint:  ## ruff lint + format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -77,6 +77,12 @@ format:  ## ruff fix + format
 
 ui: setup  ## MLflow UI (:5000) and Prefect server (:4200) on 127.0.0.1
 	$(BIN)/vitrine ui
+
+deploy: setup  ## Prefect deployments (retrain nightly, monitor hourly, promote every 10 min) on the `make ui` server
+	$(BIN)/vitrine deploy
+
+worker: setup  ## Prefect process worker that executes the deployments' scheduled runs (foreground)
+	$(BIN)/vitrine worker
 
 status: setup  ## champion, challenger, gate verdict, approval
 	$(BIN)/vitrine status

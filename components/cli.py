@@ -254,6 +254,144 @@ def ui(
             proc.terminate()
 
 
+@app.command()
+def drift(
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Window start: a duration back from now (30m, 1h, 2d) or an ISO time. "
+            "Default: monitoring.window_hours."
+        ),
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Drift of the champion's logged requests vs its reference (Evidently): prints the verdict
+    first, writes a report under the state folder's reports/; exit 0 no drift, 1 drift, 2 no
+    verdict (too few samples) or error."""
+    from datetime import UTC, datetime
+
+    from monitoring.drift import parse_since, run_drift
+
+    try:
+        start = parse_since(since, datetime.now(UTC)) if since else None
+    except ValueError as exc:
+        fail(str(exc), 2)
+    try:
+        result = run_drift(state_paths(), load_params(), since=start)
+    except Exception as exc:  # exit 1 means drift: any failure must be 2 (no verdict)
+        fail(f"drift check failed: {type(exc).__name__}: {exc}", 2)
+    typer.echo(result.headline)
+    if result.report_html:
+        typer.echo(f"report: {result.report_html}")
+        typer.echo(f"all reports: {result.report_html.parent.parent / 'index.html'}")
+    emit({"drifted": result.drifted, "exit_code": result.exit_code, "headline": result.headline,
+          "report_html": result.report_html, "report_json": result.report_json,
+          "details": result.details}, json_path)  # fmt: skip
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def simulate(
+    shift: Annotated[
+        str,
+        typer.Option(help="none, brightness, darken, rotate, blur, noise, crop or new-category"),
+    ] = "none",
+    n: Annotated[int, typer.Option("--n", help="Requests to send.", min=1)] = 500,
+    url: Annotated[
+        str | None, typer.Option(help="Default: http://serving.host:serving.port")
+    ] = None,
+    seed: int = 0,
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 8,
+    endpoint: Annotated[
+        str, typer.Option(help="/classify, /tags, /search or /embed")
+    ] = "/classify",
+    json_path: JsonOpt = None,
+) -> None:
+    """Send N real requests built from held-out test images, transformed by --shift, to the
+    running service (which logs a sample of them for `vitrine drift`)."""
+    from monitoring.shifts import SHIFTS, build_requests
+    from monitoring.simulate import ServiceUnavailable, send_requests
+
+    if shift not in SHIFTS:
+        fail(f"unknown shift {shift!r}: choose from {', '.join(SHIFTS)}", 2)
+    params = load_params()
+    url = url or f"http://{params.serving.host}:{params.serving.port}"
+    try:
+        catalogue = Path(params.data.catalogue_dir)
+        catalogue = catalogue if catalogue.is_absolute() else PROJECT_ROOT / catalogue
+        payloads = build_requests(shift, n, catalogue, seed=seed)
+        result = send_requests(url, payloads, endpoint=endpoint, concurrency=concurrency)
+    except (ServiceUnavailable, ValueError, OSError) as exc:
+        fail(str(exc), 2)
+    typer.echo(f"sent {result['sent']} {shift!r} requests to {url}{endpoint} in "
+               f"{result['seconds']} s: {result['ok']} ok, {result['errors']} errors "
+               f"(model versions {result['model_versions']})")  # fmt: skip
+    emit({"shift": shift, **result}, json_path)
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    list_only: Annotated[
+        bool, typer.Option("--list", help="Only show the deployments and their next runs.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create or update the Prefect deployments on the local server (`vitrine ui` starts it):
+    retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes;
+    crons from params.yaml `schedules`. `vitrine worker` executes their runs."""
+    from flows.deployments import PrefectUnavailable, api_url, apply_deployments, prefect_api
+    from flows.deployments import list_deployments as read_deployments
+
+    params = load_params()
+    try:
+        with prefect_api(api_url(params)):
+            if not list_only:
+                names = apply_deployments(params)
+                if not as_json:
+                    typer.echo(f"deployed {', '.join(names)} on {api_url(params)}")
+            rows = read_deployments()
+    except PrefectUnavailable as exc:
+        fail(str(exc))
+    except ValueError as exc:  # a cron or time zone Prefect refuses: nothing half-applied
+        fail(f"params.yaml schedules: {exc}", 2)
+    if as_json:
+        return emit({"api_url": api_url(params), "deployments": rows}, None, as_json=True)
+    typer.echo(f"{'deployment':<18}{'cron':<15}{'timezone':<10}{'state':<9}next runs")
+    for row in rows:
+        if not row["exists"]:
+            typer.echo(f"{row['name']:<18}missing: run `vitrine deploy`")
+            continue
+        for sched in row["schedules"] or [{"cron": "-", "timezone": "-", "active": False}]:
+            state = "paused" if row["paused"] or not sched["active"] else "active"
+            when = ", ".join(t[:16].replace("T", " ") for t in row["next_runs"]) or "-"
+            typer.echo(
+                f"{row['name']:<18}{sched['cron']:<15}{sched['timezone']:<10}{state:<9}{when}"
+            )
+    pool = params.schedules.work_pool
+    typer.echo(f"runs execute when a worker polls work pool {pool!r}: `vitrine worker`")
+
+
+@app.command()
+def worker() -> None:
+    """Execute the deployments' runs: a Prefect process worker on the `schedules.work_pool`
+    pool (foreground, Ctrl-C stops); each run is a subprocess of this virtualenv."""
+    from flows.deployments import PrefectUnavailable, api_url, check_server
+
+    params = load_params()
+    url = api_url(params)
+    try:
+        check_server(url)
+    except PrefectUnavailable as exc:
+        fail(str(exc))
+    prefect = Path(sys.executable).parent / "prefect"
+    cmd = [str(prefect), "worker", "start", "--pool", params.schedules.work_pool,
+           "--type", "process"]  # fmt: skip
+    os.chdir(PROJECT_ROOT)  # exec: Ctrl-C and SIGTERM reach the worker itself
+    os.execve(str(prefect), cmd, {**os.environ, "PREFECT_API_URL": url})
+
+
 @stage_app.command("validate")
 def stage_validate() -> None:
     """Validate data/catalogue into work/validate."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
@@ -69,6 +69,7 @@ class TrainParams(_Strict):
     class_weights: Literal["auto", "none"] = "auto"
     imbalance_ratio: float = Field(1.5, ge=1)
     augment: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPUs with AVX512-BF16 / AMX
     seed: int = 0
     max_batches_per_epoch: int | None = Field(None, ge=1)
 
@@ -80,6 +81,9 @@ class EvaluationParams(_Strict):
 
 class RegistryParams(_Strict):
     model_name: str = "vitrine-product"
+    # compressed variants built, measured and stored with every registered version (compress.py)
+    variants: list[Literal["onnx", "int8"]] = Field(default_factory=lambda: ["onnx", "int8"])
+    calibration_images: int = Field(512, ge=1)  # train-split images that calibrate int8
 
 
 class GatePolicy(_Strict):
@@ -90,6 +94,7 @@ class GatePolicy(_Strict):
     )
     max_latency_ms: float = 25.0
     significance_alpha: float = Field(0.05, gt=0, lt=1)
+    max_compression_loss: float = Field(0.005, ge=0)  # a variant's accuracy drop vs its fp32
 
 
 class PromotionParams(_Strict):
@@ -121,7 +126,108 @@ class ServingParams(_Strict):
     max_pixels: int = Field(36_000_000, ge=1)
     max_batch_size: int = Field(64, ge=1)
     poll_seconds: float = Field(30.0, ge=0)  # 0 = no polling of the champion alias
+    variant: Literal["fp32", "onnx", "int8"] = "fp32"  # an accepted compressed variant, or fp32
     ab: ABParams = Field(default_factory=ABParams)
+
+
+ColumnMethod = Literal[
+    "wasserstein", "jensenshannon", "psi", "kl_div", "hellinger", "ks", "chisquare", "z",
+    "energy_distance", "cramer_von_mises", "anderson", "mannw", "t_test",
+]  # fmt: skip  # Evidently stattest names; p-value tests (ks, chisquare, …) drift below threshold
+
+
+class ColumnDriftParams(_Strict):
+    method: ColumnMethod = "ks"  # a p-value test: valid at any window size, any model
+    threshold: float = Field(0.001, gt=0)
+
+
+class EmbeddingDriftParams(_Strict):
+    method: Literal["mmd", "model", "distance", "ratio"] = "mmd"  # Evidently EmbeddingsDrift
+    threshold: float = Field(0.01, gt=0)  # drift when the method's score is above it
+    pca_components: int | None = Field(None, ge=2)
+
+
+MONITORED_COLUMNS = ("category", "confidence", "brightness", "contrast", "width", "height",
+                     "aspect")  # fmt: skip  # request-log fields compared with the reference
+
+
+def _default_columns() -> dict[str, ColumnDriftParams]:
+    columns = {"category": ColumnDriftParams(method="chisquare", threshold=0.001)}
+    for name in MONITORED_COLUMNS[1:]:
+        columns[name] = ColumnDriftParams()
+    return columns
+
+
+class MonitoringParams(_Strict):
+    """Drift of the service's request log against the champion's reference (monitoring/)."""
+
+    window_hours: float = Field(24.0, gt=0)  # `vitrine drift` without --since
+    min_samples: int = Field(200, ge=10)  # fewer requests in the window: no verdict (exit 2)
+    reference_rows: int = Field(2000, ge=10)  # seeded sample of the reference compared against
+    max_current_rows: int = Field(2000, ge=10)  # seeded sample of a larger window
+    seed: int = 0
+    embeddings: EmbeddingDriftParams = Field(default_factory=EmbeddingDriftParams)
+    columns: dict[str, ColumnDriftParams] = Field(default_factory=_default_columns)
+    sample_images: int = Field(8, ge=0, le=64)  # catalogue look-alikes of the most drifted slice
+    tsne_points: int = Field(150, ge=50)  # per side, for the report's embedding picture only
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, ColumnDriftParams]) -> dict[str, ColumnDriftParams]:
+        unknown = sorted(set(value) - set(MONITORED_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown monitored columns {unknown}: use {list(MONITORED_COLUMNS)}")
+        return value
+
+
+class ScheduleParams(_Strict):
+    """One Prefect deployment's schedule (`vitrine deploy`)."""
+
+    cron: str
+    active: bool = True  # false: the deployment exists with its schedule paused
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"cron {value!r} needs 5 fields: minute hour day month weekday")
+        return value
+
+
+class MonitorScheduleParams(ScheduleParams):
+    retrain_on_drift: bool = True  # the online update: a drift verdict triggers a retrain run
+    # drift persists until a retrained model is approved: no second drift-triggered retrain
+    # within this many hours of the last one (nor while any retrain is in flight)
+    retrain_cooldown_hours: float = Field(12.0, ge=0)
+    # a retrain still "Running" this long after it started is taken as crashed (its worker
+    # died and nothing will finish it): it no longer blocks a drift-triggered retrain
+    retrain_stale_hours: float = Field(24.0, gt=0)
+
+
+class SchedulesParams(_Strict):
+    """Prefect deployments on the local server; a `process` work pool runs their flow runs."""
+
+    api_url: str = (
+        "http://127.0.0.1:4200/api"  # `vitrine ui`'s Prefect server; PREFECT_API_URL wins
+    )
+    work_pool: str = "vitrine"  # `vitrine worker` executes the pool's runs as subprocesses
+    timezone: str = "UTC"
+    retrain: ScheduleParams = Field(default_factory=lambda: ScheduleParams(cron="0 2 * * *"))
+    monitor: MonitorScheduleParams = Field(
+        default_factory=lambda: MonitorScheduleParams(cron="0 * * * *")
+    )
+    promote: ScheduleParams = Field(default_factory=lambda: ScheduleParams(cron="*/10 * * * *"))
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r} (IANA name, e.g. UTC)") from exc
+        return value
 
 
 class Params(_Strict):
@@ -135,6 +241,8 @@ class Params(_Strict):
     promotion: PromotionParams = Field(default_factory=PromotionParams)
     text_search: TextSearchParams = Field(default_factory=TextSearchParams)
     serving: ServingParams = Field(default_factory=ServingParams)
+    monitoring: MonitoringParams = Field(default_factory=MonitoringParams)
+    schedules: SchedulesParams = Field(default_factory=SchedulesParams)
 
 
 def load_params(path: Path | str | None = None) -> Params:

@@ -91,6 +91,12 @@ def run_ingest(ctx: RunContext, source: str | None = None) -> dict:
         fashion_mnist_dir=fmnist, test_fraction=data.test_fraction,
     )  # fmt: skip
     version = versioning.track_data(ctx.repo, ctx.paths.dvc_remote)
+    from components import refresh  # which source, in which state: scheduled retrains re-check it
+
+    source = source or data.source
+    source = source if source == "fashion-mnist" else str(Path(source).resolve())
+    refresh.record_source(ctx.paths, ctx.catalogue_dir, source,
+                          refresh.source_fingerprint(source, fmnist))  # fmt: skip
     return {"ingested": len(manifest), "data_version": version}
 
 
@@ -113,11 +119,9 @@ def run_label_cleaning(ctx: RunContext) -> dict:
     accepted = pd.read_parquet(ctx.work / "validate" / "accepted.parquet")
     train = accepted[accepted["split"] == "train"].sort_values("product_id").reset_index(drop=True)
     images = load_images(ctx, train, size=LABEL_MODEL_SIZE, channels=1)
-    probs = labels.compute_out_of_fold_probs(
-        images, train["label"].to_numpy(), ctx.params.labels, seed=ctx.params.data.seed
+    cleaned, issues, summary = labels.clean_labels(
+        train, images, ctx.params.labels, seed=ctx.params.data.seed
     )
-    issues = labels.find_label_issues(train, probs)
-    cleaned, summary = labels.apply_label_policy(train, issues, ctx.params.labels)
     out = ctx.stage_dir("labels")
     issues.to_parquet(out / "label_issues.parquet", index=False)
     cleaned.to_parquet(out / "train_manifest.parquet", index=False)
@@ -181,7 +185,18 @@ def run_evaluation(ctx: RunContext) -> dict:
     if ctx.params.text_search.enabled:
         result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
+    write_drift_reference(ctx, model, test)
     return result.metrics
+
+
+def write_drift_reference(ctx: RunContext, model: VitrineNet, test: pd.DataFrame) -> Path:
+    """The test split as THIS model sees it (request-log fields): monitoring's drift reference,
+    registered beside the model and its index (components/reference.py)."""
+    from components import reference
+
+    rows = reference.build_reference(model, test, ctx.catalogue_dir, ctx.params.data.categories)
+    out = ctx.stage_dir("evaluate") / reference.REFERENCE_ARTIFACT
+    return reference.write_reference(rows, out)
 
 
 def build_text_projection(ctx: RunContext, products: pd.DataFrame, emb: np.ndarray,

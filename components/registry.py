@@ -172,6 +172,31 @@ class Registry:
         mlflow.log_dict(d, name)
 
     @_guarded
+    def has_artifact(self, version: str, artifact_path: str) -> bool:
+        """Whether the run that produced `version` logged `artifact_path` (a top-level entry):
+        versions registered before an artifact existed (e.g. the drift reference) lack it."""
+        run_id = self.client.get_model_version(self.model_name, str(version)).run_id
+        return any(f.path == artifact_path for f in self.client.list_artifacts(run_id))
+
+    @_guarded
+    def log_report_run(self, experiment: str, run_name: str, folder: Path,
+                       metrics: dict[str, float], tags: dict[str, str]) -> str:  # fmt: skip
+        """One run in `experiment` (e.g. drift reports, kept apart from the retrain runs)
+        holding a report folder as artifacts, its figures and tags; returns the run id."""
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id if found is not None else self.client.create_experiment(
+                experiment, artifact_location=(self.artifact_root / experiment).resolve().as_uri())
+        )  # fmt: skip
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, float(value))
+        self.client.log_artifacts(run_id, str(folder))
+        self.client.set_terminated(run_id)
+        return run_id
+
+    @_guarded
     def log_and_register_model(
         self,
         model: torch.nn.Module,

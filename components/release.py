@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from components import evaluation, gate, training
+from components.compress import ARTIFACT_DIR
 from components.config import Params
 from components.pipeline import (
     RunContext,
@@ -27,6 +28,7 @@ from components.pipeline import (
 )
 from components.registry import Registry
 from components.transforms import to_tensor
+from components.variants import run_compression
 
 HEADLINE = ("accuracy", "macro_f1", "recall_at_1")
 
@@ -83,6 +85,8 @@ def run_registration(ctx: RunContext, registry: Registry, cause: str = "manual")
         "cause": cause,
         **{name: f"{metrics[name]:.4f}" for name in HEADLINE},
     }
+    compression = run_compression(ctx, model)  # variants gated on the frozen test split
+    tags.update(compression["tags"])
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     with registry.start_run(
         run_name, tags={"cause": cause, "data_version": data_version}
@@ -90,10 +94,17 @@ def run_registration(ctx: RunContext, registry: Registry, cause: str = "manual")
         registry.log_params(flatten_params(ctx.params))
         counts = {k: float(v) for k, v in report["counts"].items()}
         counts["label_issues"] = float(label_summary["flagged"])
-        registry.log_metrics({**{k: float(v) for k, v in metrics.items()}, **counts})
+        registry.log_metrics(
+            {**{k: float(v) for k, v in metrics.items()}, **counts, **compression["metrics"]}
+        )
         _log_stage_outputs(registry, work)
+        artifacts = {"index": work / "evaluate" / "index"}
+        if (work / "evaluate" / "reference").is_dir():  # the drift reference (monitoring/)
+            artifacts["reference"] = work / "evaluate" / "reference"
+        if compression["folder"] is not None:  # accepted variants, beside model and index
+            artifacts[ARTIFACT_DIR] = compression["folder"]
         version = registry.log_and_register_model(
-            model, example, extra_artifacts={"index": work / "evaluate" / "index"}, tags=tags
+            model, example, extra_artifacts=artifacts, tags=tags
         )
     out = {"version": version, "run_id": run_id, "data_version": data_version}
     write_json(out, ctx.stage_dir("register") / "registered.json")

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # PIL's JPEG plugin also opens phones' MPO files
 IMAGE_TYPES = {
@@ -262,6 +269,7 @@ class ServingMetrics:
     """vitrine_* metrics in a registry of their own (BentoML keeps its default one)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # no *_created gauges: half the exposition, no information
         r = self.registry = CollectorRegistry()
         self.requests = Counter("vitrine_requests", "Requests by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=r)  # fmt: skip
@@ -302,7 +310,7 @@ class ServingMetrics:
 
 
 ENDPOINTS = ("/", "/classify", "/tags", "/search", "/search_text", "/recommend", "/embed",
-             "/healthz", "/readyz", "/metrics", "/admin/reload")  # fmt: skip
+             "/explain", "/healthz", "/readyz", "/metrics", "/admin/reload")  # fmt: skip
 
 
 def endpoint_label(path: str) -> str:
