@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components import catalogue, pipeline, release
+from components import catalogue, pipeline, refresh, release
 from components.config import load_params, state_paths
 from components.pipeline import RunContext
 from components.summary import summarize_run
@@ -19,6 +19,11 @@ stage = task(cache_policy=NO_CACHE)  # stages are cheap to re-run and their inpu
 @stage
 def ingest(ctx: RunContext) -> dict:
     return pipeline.run_ingest(ctx)
+
+
+@stage
+def refresh_catalogue(ctx: RunContext) -> dict:
+    return refresh.refresh_catalogue(ctx)
 
 
 @stage
@@ -62,15 +67,20 @@ def retrain(
     epochs: int | None = None,
     cause: str = "manual",
     params_path: str | None = None,
+    refresh_data: bool = False,
 ) -> dict:
-    """ingest (when no catalogue yet) → validate → clean labels → train → evaluate →
-    register (challenger) → gate vs champion → bootstrap promotion when there is no champion."""
+    """ingest (when no catalogue yet; with refresh_data also when its source changed, see
+    components/refresh.py: scheduled and drift-triggered runs pass it) → validate → clean
+    labels → train → evaluate → register (challenger, tagged with `cause`) → gate vs
+    champion → bootstrap promotion only with no champion at all (else it awaits approval)."""
     params = load_params(params_path)
     params.data.limit = limit or params.data.limit
     params.train.epochs = epochs or params.train.epochs
     paths = state_paths()
     ctx = RunContext(params, paths, work=paths.runs / time.strftime("%Y%m%d-%H%M%S"))
-    if not (ctx.catalogue_dir / catalogue.MANIFEST).exists():
+    if refresh_data:
+        refresh_catalogue(ctx)
+    elif not (ctx.catalogue_dir / catalogue.MANIFEST).exists():
         ingest(ctx)
     report = validate(ctx)
     label_summary = clean_labels(ctx)

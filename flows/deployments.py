@@ -1,0 +1,228 @@
+"""The loop's schedules as Prefect deployments on the local Prefect server, and what the
+monitor flow asks of that server (retrain runs in flight, a new retrain run).
+
+How runs execute: `vitrine deploy` registers three deployments, each named `vitrine`, in the
+`process` work pool `schedules.work_pool`: `retrain` (nightly cron), `monitor` (hourly),
+`promote` (every 10 minutes). The server's scheduler turns their crons into scheduled flow runs;
+`vitrine worker` (a `prefect worker` on that pool) picks each due run up and executes it as a
+subprocess of the project's virtualenv (the entrypoints are importable modules, e.g.
+`flows.retrain.retrain`, so no code is copied), with the worker's environment (VITRINE_HOME,
+VITRINE_PARAMS, PREFECT_API_URL). Without a worker, runs wait in the Prefect UI as Late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)  # fmt: skip
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.runner.storage import LocalStorage
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.types.entrypoint import EntrypointType
+
+from components.config import PROJECT_ROOT, Params
+from components.trigger import DRIFT_TAG, RunInfo
+
+DEPLOYMENT = "vitrine"  # every deployment's name: retrain/vitrine, monitor/vitrine, promote/vitrine
+FLOWS = ("retrain", "monitor", "promote")
+ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
+
+
+class PrefectUnavailable(RuntimeError):
+    """The Prefect server the schedules live on does not answer."""
+
+
+def api_url(params: Params) -> str:
+    return os.environ.get("PREFECT_API_URL") or params.schedules.api_url
+
+
+def check_server(url: str) -> None:
+    """Fail fast with the command that starts the server, instead of Prefect's retries."""
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise PrefectUnavailable(
+            f"no Prefect server answers at {url} ({type(exc).__name__}): start it with "
+            "`vitrine ui` (or `make ui`), or point PREFECT_API_URL at a running one"
+        ) from exc
+
+
+@contextlib.contextmanager
+def prefect_api(url: str) -> Iterator[None]:
+    """Talk to the server at `url`, never to a temporary in-process one."""
+    check_server(url)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+def ensure_work_pool(name: str) -> None:
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=name, type="process",
+                                                   base_job_template=template))  # fmt: skip
+
+
+def _specs(params: Params) -> list[tuple[Any, Any, dict, dict, str]]:
+    """(flow, schedule settings, deployment parameters, schedule parameters, description)."""
+    from flows.monitor import monitor
+    from flows.promote import promote
+    from flows.retrain import retrain
+
+    sched = params.schedules
+    nightly = {"cause": f"schedule: retrain/{DEPLOYMENT} ({sched.retrain.cron})"}
+    return [
+        (retrain, sched.retrain, {"refresh_data": True}, nightly,
+         "retrain on the current catalogue (re-ingested if its source changed); gated, "
+         "registered as challenger; waits for approval once a champion exists"),
+        (monitor, sched.monitor, {}, {},
+         "drift of the request log vs the champion's reference; drift starts a retrain run"),
+        (promote, sched.promote, {}, {},
+         "champion <- an approved, gate-passed challenger (approvals made in the MLflow UI)"),
+    ]  # fmt: skip
+
+
+def build_deployments(params: Params) -> list:
+    """The three RunnerDeployments, all built (crons validated by Prefect) before any is sent."""
+    sched = params.schedules
+    built = []
+    for flow, setting, parameters, schedule_parameters, description in _specs(params):
+        # one run at a time: retrains share the checkpoint folder, so a second one queues;
+        # a monitor or promote run still busy when the next is due makes that one cancelled
+        strategy = (ConcurrencyLimitStrategy.ENQUEUE if flow.name == "retrain"
+                    else ConcurrencyLimitStrategy.CANCEL_NEW)  # fmt: skip
+        deployment = flow.to_deployment(
+            name=DEPLOYMENT,
+            schedules=[Cron(setting.cron, timezone=sched.timezone, active=setting.active,
+                            parameters=schedule_parameters)],
+            parameters=parameters,
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
+            tags=["vitrine"],
+            description=description,
+            work_pool_name=sched.work_pool,
+            job_variables={"working_dir": str(PROJECT_ROOT)},
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )  # fmt: skip
+        # pull step `set_working_directory` to the project: without one, Prefect copies the
+        # worker's cwd (the whole project, .venv included) into a temporary folder per run
+        deployment.storage = LocalStorage(str(PROJECT_ROOT))
+        built.append(deployment)
+    return built
+
+
+def apply_deployments(params: Params) -> list[str]:
+    """Create or update the three deployments (idempotent); returns their full names."""
+    deployments = build_deployments(params)
+    ensure_work_pool(params.schedules.work_pool)
+    for deployment in deployments:
+        deployment.apply(work_pool_name=params.schedules.work_pool)
+    return [f"{d.flow_name}/{d.name}" for d in deployments]
+
+
+def _next_runs(client, deployment_id, schedule, n: int = 3) -> tuple[list[datetime], str]:
+    """The server's scheduled runs; when it has made none yet, the cron's next dates."""
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"])),
+            expected_start_time=FlowRunFilterExpectedStartTime(after_=datetime.now(UTC)),
+        ),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=n,
+    )  # fmt: skip
+    zone = ZoneInfo(schedule.timezone or "UTC")  # shown in the schedule's own time zone
+    if runs:
+        return [r.expected_start_time.astimezone(zone) for r in runs], "scheduled"
+    from prefect.server.schemas.schedules import CronSchedule
+
+    cron = CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    return [t.astimezone(zone) for t in asyncio.run(cron.get_dates(n=n))], "from cron"
+
+
+def list_deployments() -> list[dict]:
+    """Each of the three deployments: schedule, state, work pool, next run times."""
+    rows = []
+    with get_client(sync_client=True) as client:
+        for name in FLOWS:
+            try:
+                dep = client.read_deployment_by_name(f"{name}/{DEPLOYMENT}")
+            except ObjectNotFound:
+                rows.append({"name": f"{name}/{DEPLOYMENT}", "exists": False})
+                continue
+            row = {"name": f"{name}/{DEPLOYMENT}", "exists": True, "paused": dep.paused,
+                   "work_pool": dep.work_pool_name, "schedules": [], "next_runs": [],
+                   "concurrency_limit": dep.global_concurrency_limit.limit
+                   if dep.global_concurrency_limit else None}  # fmt: skip
+            for item in dep.schedules:
+                sched = item.schedule
+                row["schedules"].append({"cron": getattr(sched, "cron", None),
+                                         "timezone": getattr(sched, "timezone", None),
+                                         "active": item.active})  # fmt: skip
+                if item.active and not dep.paused and getattr(sched, "cron", None):
+                    times, origin = _next_runs(client, dep.id, sched)
+                    row["next_runs"] += [t.isoformat() for t in times]
+                    row["next_runs_origin"] = origin
+            rows.append(row)
+    return rows
+
+
+def read_retrain_runs(limit: int = 50) -> list[RunInfo]:
+    """Retrain runs that may be in flight, plus the newest drift-triggered ones (cooldown)."""
+    flows = FlowFilter(name=FlowFilterName(any_=["retrain"]))
+    state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(ACTIVE_STATES)))
+    drift_tagged = FlowRunFilterTags(all_=[DRIFT_TAG])
+    found = {}
+    with get_client(sync_client=True) as client:
+        for flow_run_filter in (FlowRunFilter(state=state), FlowRunFilter(tags=drift_tagged)):
+            for run in client.read_flow_runs(flow_filter=flows, flow_run_filter=flow_run_filter,
+                                             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                             limit=limit):  # fmt: skip
+                found[run.id] = RunInfo(
+                    name=run.name, state_type=run.state_type.value if run.state_type else "",
+                    state_name=run.state_name or "", expected_start=run.expected_start_time,
+                    created=run.created, tags=tuple(run.tags), started=run.start_time,
+                )  # fmt: skip
+    return list(found.values())
+
+
+def trigger_retrain(cause: str, params_path: str | None = None) -> dict:
+    """A run of the retrain deployment (returns at once; the worker executes it), tagged as
+    drift-triggered; its `cause` parameter becomes the registered version's `cause` tag."""
+    name = f"retrain/{DEPLOYMENT}"
+    try:
+        run = run_deployment(
+            name, parameters={"cause": cause, "refresh_data": True, "params_path": params_path},
+            timeout=0, tags=[DRIFT_TAG, "vitrine"], as_subflow=False,
+            flow_run_name=f"drift-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+        )  # fmt: skip
+    except ObjectNotFound as exc:
+        raise RuntimeError(
+            f"drift, but no deployment {name} on the Prefect server: run `vitrine deploy`"
+        ) from exc
+    return {"id": str(run.id), "name": run.name, "state": run.state_name}
