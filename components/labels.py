@@ -127,6 +127,22 @@ def find_label_issues(manifest: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame
     )
 
 
+def clean_labels(
+    manifest: pd.DataFrame, images: np.ndarray, params: LabelParams, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The whole cleaning stage: (training manifest after the policy, issues, summary).
+
+    One entry point so the retrain flow and benchmarks/label_noise.py run the same code.
+    `images` are the manifest's rows in order (uint8 N×H×W×C).
+    """
+    if len(images) != len(manifest):
+        raise ValueError(f"{len(manifest)} manifest rows but {len(images)} images")
+    probs = compute_out_of_fold_probs(images, manifest["label"].to_numpy(), params, seed=seed)
+    issues = find_label_issues(manifest, probs)
+    cleaned, summary = apply_label_policy(manifest, issues, params)
+    return cleaned, issues, summary
+
+
 def apply_label_policy(
     manifest: pd.DataFrame, issues: pd.DataFrame, params: LabelParams
 ) -> tuple[pd.DataFrame, dict]:
