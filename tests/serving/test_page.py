@@ -67,7 +67,9 @@ def test_drop_a_photo_then_type_a_query(server, champion, browser, tmp_path):
     box.send_keys("ankle boots")
     by_testid(browser, "query-submit")[0].click()
     # a text search clears the photo's category and fills the results again
-    wait.until(lambda d: not by_testid(d, "category-name") and by_testid(d, "status")[0].text == "Done.")
+    wait.until(
+        lambda d: not by_testid(d, "category-name") and by_testid(d, "status")[0].text == "Done."
+    )
     assert len(by_testid(browser, "result")) == 12
     assert not by_testid(browser, "error")[0].is_displayed()
 
