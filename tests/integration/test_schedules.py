@@ -200,7 +200,7 @@ def test_monitor_while_the_retrain_runs_starts_no_second(world):
     run = world["drift_run"]
     slower = shrunk_params(world["ctx"].catalogue_dir, **{k: world["params"][k] for k in (
         "data", "text_search", "registry", "schedules", "monitoring", "gate")})  # fmt: skip
-    slower["train"].update(epochs=4)  # another fingerprint: a fresh run, not a resume of v1's
+    slower["train"].update(epochs=2)  # another fingerprint: a fresh run, not a resume of v1's
     env = {**os.environ, "PREFECT_API_URL": world["api"],
            "VITRINE_PARAMS": str(write_params(world["root"] / "slower.yaml", slower))}  # fmt: skip
     log = world["root"] / "retrain-run.log"
