@@ -115,7 +115,9 @@ def main() -> None:
     test = (data["test"][0][..., None], data["test"][1].astype(np.int64))
     runs = {}
     for key, mode in (("without", "none"), ("with", "auto")):
-        train_params = params.train.model_copy(update={"epochs": args.epochs, "class_weights": mode})
+        train_params = params.train.model_copy(
+            update={"epochs": args.epochs, "class_weights": mode}
+        )
         runs[key] = train_and_score(images[rows], labels[rows], train_params, test, names)
         runs[key]["minority_f1"] = float(
             np.mean([runs[key]["per_class"][names[c]]["f1"] for c in minority])

@@ -52,6 +52,11 @@ class LabelParams(_Strict):
     relabel_min_confidence: float = Field(0.9, ge=0, le=1)
     folds: int = Field(5, ge=2)
     pca_components: int = Field(64, ge=2)
+    # cleanlab's rule for which rows to flag (cleanlab.filter.find_label_issues `filter_by`)
+    filter_by: Literal[
+        "both", "prune_by_noise_rate", "prune_by_class", "confident_learning",
+        "predicted_neq_given", "low_normalized_margin", "low_self_confidence",
+    ] = "prune_by_noise_rate"  # fmt: skip
 
 
 class TrainParams(_Strict):
