@@ -16,6 +16,7 @@ Goal (issue 5): the handling raises the minority classes' F1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -41,9 +42,12 @@ def imbalanced_subset(labels: np.ndarray, minority: list[int], keep: float,
 
 
 def train_and_score(images: np.ndarray, targets: np.ndarray, params: TrainParams,
-                    test: tuple[np.ndarray, np.ndarray], names: list[str]) -> dict:  # fmt: skip
-    """Train with the training stage's function; per-class and macro scores on the test split."""
-    with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as ckpt:
+                    test: tuple[np.ndarray, np.ndarray], names: list[str],
+                    checkpoints: Path | None) -> dict:  # fmt: skip
+    """Train with the training stage's function; per-class and macro scores on the test split.
+    With `checkpoints` an interrupted run resumes (train_model checks the fingerprint)."""
+    keep = contextlib.nullcontext(str(checkpoints)) if checkpoints else None
+    with keep or tempfile.TemporaryDirectory(prefix="vitrine-bench-") as ckpt:
         result = training.train_model(images, targets, params, len(names), Path(ckpt),
                                       progress=False)  # fmt: skip
     probs, _ = training.predict_batches(result.model, test[0])
@@ -90,6 +94,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repo's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="keep training checkpoints here so a re-run resumes (default: temp)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -118,7 +124,8 @@ def main() -> None:
         train_params = params.train.model_copy(
             update={"epochs": args.epochs, "class_weights": mode}
         )
-        runs[key] = train_and_score(images[rows], labels[rows], train_params, test, names)
+        ckpt = args.checkpoints and args.checkpoints / key
+        runs[key] = train_and_score(images[rows], labels[rows], train_params, test, names, ckpt)
         runs[key]["minority_f1"] = float(
             np.mean([runs[key]["per_class"][names[c]]["f1"] for c in minority])
         )

@@ -41,6 +41,7 @@ accuracy while trained on noisy labels, i.e. several full CNN trainings, which t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -77,9 +78,14 @@ def load_data(params: Params, train_size: int | None, seed: int):
 
 
 def train_and_test(images: np.ndarray, targets: np.ndarray, params: TrainParams,
-                   test: tuple[np.ndarray, np.ndarray], num_classes: int) -> dict:  # fmt: skip
-    """Train with the training stage's own function; accuracy on the frozen test split."""
-    with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as ckpt:
+                   test: tuple[np.ndarray, np.ndarray], num_classes: int,
+                   checkpoints: Path | None) -> dict:  # fmt: skip
+    """Train with the training stage's own function; accuracy on the frozen test split.
+
+    With `checkpoints`, an interrupted benchmark resumes there: train_model continues a run
+    only from a checkpoint whose fingerprint (params, images, labels) matches."""
+    keep = contextlib.nullcontext(str(checkpoints)) if checkpoints else None
+    with keep or tempfile.TemporaryDirectory(prefix="vitrine-bench-") as ckpt:
         result = training.train_model(
             images, targets, params, num_classes, Path(ckpt), progress=False
         )
@@ -104,7 +110,8 @@ def run_noise_type(kind: str, manifest: pd.DataFrame, images: np.ndarray, clean:
     noisy["category"] = [params.data.categories[y] for y in noisy_labels]
     print(f"[{kind}] {flipped.sum():,} of {len(given):,} labels flipped "
           f"({flipped.mean():.1%})", flush=True)  # fmt: skip
-    b = train_and_test(images[noisy["row"]], noisy_labels, train_params, test, num_classes)
+    b = train_and_test(images[noisy["row"]], noisy_labels, train_params, test, num_classes,
+                       args.checkpoints and args.checkpoints / f"{kind}-noisy")  # fmt: skip
     print(f"[{kind}] (b) noisy: test acc {b['accuracy']:.4f} ({b['seconds']:.0f} s)", flush=True)
     t0 = time.perf_counter()
     cleaned, issues, summary = labels.clean_labels(
@@ -119,7 +126,8 @@ def run_noise_type(kind: str, manifest: pd.DataFrame, images: np.ndarray, clean:
           f"precision {scores['precision']:.3f} recall {scores['recall']:.3f} F1 "
           f"{scores['f1']:.3f}; {len(cleaned):,} rows kept, {residual:.1%} of them still wrong "
           f"({clean_s:.0f} s)", flush=True)  # fmt: skip
-    c = train_and_test(images[kept], cleaned["label"].to_numpy(), train_params, test, num_classes)
+    c = train_and_test(images[kept], cleaned["label"].to_numpy(), train_params, test, num_classes,
+                       args.checkpoints and args.checkpoints / f"{kind}-cleaned")  # fmt: skip
     print(f"[{kind}] (c) cleaned: test acc {c['accuracy']:.4f} ({c['seconds']:.0f} s)", flush=True)
     return {
         "clean_acc": clean["accuracy"],
@@ -166,6 +174,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--policy", choices=["drop", "relabel", "keep"], default=None,
                    help="override params.yaml's labels.policy")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="subset and noise seed")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="keep training checkpoints here so a re-run resumes (default: temp)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -181,7 +191,7 @@ def main() -> None:
           f"train backbone {train_params.backbone}, {args.epochs} epochs", flush=True)  # fmt: skip
     num_classes = len(params.data.categories)
     a = train_and_test(images[manifest["row"]], manifest["label"].to_numpy(), train_params, test,
-                       num_classes)  # fmt: skip
+                       num_classes, args.checkpoints and args.checkpoints / "clean")  # fmt: skip
     print(f"(a) clean labels: test acc {a['accuracy']:.4f} ({a['seconds']:.0f} s)", flush=True)
     results = {
         kind: run_noise_type(kind, manifest, images, a, params, train_params, test, args)
