@@ -175,3 +175,28 @@ def test_measure_latency_positive_and_per_image() -> None:
     assert 4.0 / 32 <= batched < single  # one 4 ms call shared by 32 images
     fast_single, fast_batched = measure_latency(BrightnessNet(), images, 10)
     assert 0 < fast_single < single and fast_batched > 0
+
+
+class ThreadsNet(torch.nn.Module):
+    """Records the torch thread count each forward pass sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.add(torch.get_num_threads())
+        out = x.flatten(1)[:, :3]
+        return out, F.normalize(out + 1.0, dim=1)
+
+
+def test_measure_latency_runs_on_one_thread_and_restores_the_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        net = ThreadsNet()
+        measure_latency(net, band_images(np.zeros(4, dtype=int)), 4)
+        assert net.seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
