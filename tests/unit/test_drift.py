@@ -61,12 +61,13 @@ def write_log(folder, version: str, n: int, when: datetime | None = None, dim: i
     stats = {"width": 28, "height": 28, "aspect": 1.0, "brightness": 0.3, "contrast": 0.2}
     for i in range(n):
         log.write("/classify", version, np.full(dim, i / max(n, 1)), "Bag", 0.9, stats)
-    if when is not None:  # move the records to another time
+    if when is not None:  # move the records to another time (and its day's file, like the log)
         for path in folder.glob("requests-*.jsonl"):
             lines = [json.loads(x) for x in path.read_text().splitlines()]
             for rec in lines:
                 rec["timestamp"] = when.isoformat()
-            path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+            path.unlink()
+            log.path_for(when).write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
 def test_read_window_excludes_other_versions_and_counts_them(tmp_path):
