@@ -124,12 +124,16 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def champion(tmp_path_factory, fmnist) -> Champion:
+    """One small champion and one server for the tier's read-mostly modules (test_explain,
+    test_page, test_service run in that order; only test_service's last tests move the alias).
+    Modules that register or promote versions from their first test (test_ab, test_variant)
+    override this fixture with a champion of their own."""
     return build_champion(tmp_path_factory.mktemp("serving"), fmnist)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(champion, tmp_path_factory):
     env = {**champion.env, "VITRINE_ADMIN_TOKEN": ADMIN_TOKEN, "VITRINE_POLL_SECONDS": str(POLL_SECONDS),
            "VITRINE_SAMPLE_RATE": "1.0"}  # fmt: skip

@@ -19,9 +19,21 @@ from components.config import PROJECT_ROOT
 from components.pipeline import RunContext
 from components.registry import PromotionRefused
 from components.release import run_promotion
-from tests.serving.conftest import register_approved, start_server, stop_server
+from tests.serving.conftest import (
+    Champion,
+    build_champion,
+    register_approved,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.serving
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, fmnist) -> Champion:
+    """A champion of this module's own: its tests register and promote versions."""
+    return build_champion(tmp_path_factory.mktemp("ab"), fmnist)
 
 
 @pytest.fixture(scope="module")

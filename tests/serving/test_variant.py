@@ -13,9 +13,15 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from components import compress
-from tests.serving.conftest import ADMIN_TOKEN, start_server, stop_server
+from tests.serving.conftest import ADMIN_TOKEN, Champion, build_champion, start_server, stop_server
 
 pytestmark = pytest.mark.serving
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, fmnist) -> Champion:
+    """A champion of this module's own: its tests register and promote versions."""
+    return build_champion(tmp_path_factory.mktemp("variant"), fmnist)
 
 
 def register(champion, *, tolerance: float, fake_fp32_accuracy: float | None = None) -> str:
