@@ -16,7 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from components.serving import IMAGE_TYPES, SNIFFED_TYPES, BadImage, endpoint_label
+from components.serving import (
+    IMAGE_TYPES,
+    SNIFFED_TYPES,
+    BadImage,
+    endpoint_label,
+    in_call_thread,
+)
 
 log = logging.getLogger("vitrine.service")
 app = FastAPI(title="vitrine", summary="Visual search over the catalogue, from the champion model")
@@ -54,7 +60,7 @@ async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     from components.search import UnknownProduct
 
     try:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        return await run_in_threadpool(in_call_thread, fn, *args, **kwargs)
     except BadImage as error:
         raise ApiError(error.status, str(error)) from error
     except UnknownProduct as error:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from components.serving import settle_heap
+
 log = logging.getLogger("vitrine.service")
 
 
@@ -119,6 +121,7 @@ class ModelLoader:
                 log.exception("loading the champion failed; still serving %s", old)
                 return {"reloaded": False, "model_version": old, "error": self.last_error}
             self.bundle, self.last_error = bundle, None  # the atomic swap
+            settle_heap()
             self.metrics.reloads.labels("loaded").inc()
             self.metrics.set_model_version(bundle.version, old)
             log.info("serving model version %s (was %s)", bundle.version, old)
@@ -136,6 +139,7 @@ class ModelLoader:
             elif self.challenger is None or self.challenger.version != target:
                 self.challenger = self.load_bundle(self._open_registry(), target)
                 self.challenger_error = None
+                settle_heap()
                 log.info("A/B (%s): challenger version %s loaded", self.ab_mode, target)
         except Exception as error:
             self.challenger_error = f"{type(error).__name__}: {str(error)[:500]}"

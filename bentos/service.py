@@ -44,6 +44,7 @@ from components.serving import (
     compute_image_stats,
     decode_upload,
     parse_k,
+    set_call_threads,
     sha256_hex,
 )  # fmt: skip
 
@@ -71,7 +72,6 @@ def env_float(name: str, default: float) -> float:
 @bentoml.asgi_app(app, path="/")
 class Vitrine:
     def __init__(self) -> None:
-        import torch
         from PIL import Image
 
         from components.config import configure_environment, load_params, state_paths
@@ -88,7 +88,12 @@ class Vitrine:
             max_pixels=serving.max_pixels,
         )
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels
-        torch.set_num_threads(os.cpu_count() or 1)
+        # One thread per model / FAISS call by default: the requests are the parallelism (the
+        # event loop, the batcher and the worker threads share the cores), and idle OpenMP
+        # workers spin for a while after every call, taking the core the event loop needs.
+        set_call_threads(
+            int(env_float("VITRINE_SERVING_THREADS", serving.threads)) or os.cpu_count() or 1
+        )
         self.metrics = ServingMetrics()
         self.cache = LRUCache(int(env_float("VITRINE_CACHE_SIZE", serving.cache_size)))
         self.text_cache = LRUCache(1024)  # query text -> MiniLM embedding

@@ -6,6 +6,7 @@ bentos/service.py wires these together; each is unit-tested here without a serve
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -94,6 +95,47 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise BadImage(f"truncated or corrupt {image.format} image: {error}") from error
     return image
+
+
+_thread_state = threading.local()
+CALL_THREADS = [0]  # threads per torch / FAISS call in the service; 0 = leave the defaults
+
+
+def set_call_threads(threads: int) -> None:
+    """The service's threads per model / FAISS call (params serving.threads)."""
+    import faiss
+    import torch
+
+    CALL_THREADS[0] = threads
+    torch.set_num_threads(threads)  # torch's count is process-wide
+    faiss.omp_set_num_threads(threads)  # OpenMP's is per calling thread: see in_call_thread
+
+
+def in_call_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in a worker thread, with FAISS's OpenMP thread count set for it.
+
+    OpenMP keeps the count per calling thread: a worker thread that never set it starts a
+    team of every core on its first FAISS search, and that team's idle workers spin at a
+    barrier after each search, taking a core from the event loop (seen: 4.6 s of CPU in one
+    spinning thread while 500 requests were served)."""
+    threads = CALL_THREADS[0]
+    if threads and getattr(_thread_state, "threads", None) != threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        _thread_state.threads = threads
+    return fn(*args, **kwargs)
+
+
+def settle_heap() -> None:
+    """Put what is alive now (the loaded bundles: model, index records, text model) out of the
+    garbage collector's reach. A full collection walks every tracked object: with the
+    70,000-product catalogue loaded one took 418 ms, stalling every request in flight (the p99
+    at concurrency 16). Called after each load; its own collection is the one pause a swap costs.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def sha256_hex(data: bytes) -> str:

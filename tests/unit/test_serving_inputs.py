@@ -249,3 +249,44 @@ def test_metrics_text_counts_requests_errors_latency_batches_and_cache():
     assert samples[("vitrine_cache_lookups_total", (("result", "hit"),))] == 1
     assert samples[("vitrine_model_info", (("version", "2"),))] == 1
     assert samples[("vitrine_model_info", (("version", "1"),))] == 0
+
+
+def test_call_threads_reach_faiss_in_every_worker_thread():
+    import os
+
+    import faiss
+    import torch
+
+    from components import serving
+
+    before = (serving.CALL_THREADS[0], torch.get_num_threads(), faiss.omp_get_max_threads())
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        seen["pinned"] = serving.in_call_thread(faiss.omp_get_max_threads)
+
+    try:
+        serving.set_call_threads(1)
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        # OpenMP's count is per thread: a new thread would get every core without the pin
+        assert seen["pinned"] == 1 and torch.get_num_threads() == 1
+        assert os.cpu_count() == 1 or faiss.omp_get_max_threads() == 1
+    finally:
+        serving.CALL_THREADS[0] = before[0]
+        torch.set_num_threads(before[1])
+        faiss.omp_set_num_threads(before[2])
+
+
+def test_settle_heap_freezes_what_is_alive():
+    import gc
+
+    from components.serving import settle_heap
+
+    alive = [{"record": i} for i in range(1000)]
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= len(alive)
+    finally:
+        gc.unfreeze()
