@@ -102,7 +102,9 @@ def measure_latency(model: nn.Module, images: np.ndarray, n: int) -> tuple[float
                 model(to_tensor(sample[:1]))
                 model(to_tensor(batches[:32]))
             single = [_time_ms(model, sample[i : i + 1]) for i in range(len(sample))]
-            batched = [_time_ms(model, batches[i : i + 32]) / 32 for i in range(0, len(batches), 32)]
+            batched = [
+                _time_ms(model, batches[i : i + 32]) / 32 for i in range(0, len(batches), 32)
+            ]
     finally:
         torch.set_num_threads(threads)
     return float(statistics.median(single)), float(statistics.median(batched))
