@@ -71,10 +71,14 @@ def multipart(photo: bytes, k: int) -> tuple[bytes, str]:
     """A multipart/form-data body (field `image` + field `k`), built once per photo."""
     boundary = "vitrine-bench-boundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="photo.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="photo.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
