@@ -76,11 +76,15 @@ def to_tensor(batch: np.ndarray) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Training-only: random horizontal flip and a random shift of up to max_shift pixels."""
+    """Training-only: a random horizontal flip and a random shift of up to max_shift pixels,
+    drawn per image; the result is channels-last (the layout training runs in)."""
     n, _, h, w = x.shape
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     pad = (max_shift,) * 4
     x = F.pad(x, pad, value=-MEAN / SCALE)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
-    return x[:, :, dy : dy + h, dx : dx + w].contiguous(memory_format=torch.channels_last)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # N×H×1
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # N×1×W
+    shifted = x[torch.arange(n)[:, None, None], :, rows, cols]  # N×H×W×C (indexed dims first)
+    return shifted.permute(0, 3, 1, 2)  # N×C×H×W view of NHWC memory: channels-last

@@ -189,3 +189,21 @@ def test_other_fingerprint_or_damaged_checkpoint_starts_fresh(fmnist, tmp_path: 
     (tmp_path / "fresh" / CHECKPOINT).write_bytes(b"not a checkpoint")
     damaged = train_model(images, labels, other, 10, tmp_path / "fresh", progress=False)
     assert damaged.resumed_from_epoch is None and same_weights(damaged.model, fresh.model)
+
+
+def test_augment_shifts_and_flips_each_image_on_its_own():
+    import torch.nn.functional as F
+
+    from components.transforms import MEAN, SCALE, augment
+
+    x = torch.randn(64, 1, 28, 28)
+    out = augment(x, torch.Generator().manual_seed(0), max_shift=2)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    padded = F.pad(torch.cat([x, x.flip(3)], 1), (2,) * 4, value=-MEAN / SCALE)
+    shifts = []
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(5) for dx in range(5) for flip in range(2)
+                 if torch.equal(out[i, 0], padded[i, flip, dy : dy + 28, dx : dx + 28])]  # fmt: skip
+        assert found, f"image {i} is not a shifted / flipped copy of its input"
+        shifts.append(found[0])
+    assert len(set(shifts)) > 5  # drawn per image, not one shift for the batch
