@@ -74,7 +74,9 @@ class TrainParams(_Strict):
     class_weights: Literal["auto", "none"] = "auto"
     imbalance_ratio: float = Field(1.5, ge=1)
     augment: bool = True
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPUs with AVX512-BF16 / AMX
+    # auto: bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 / AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True  # NHWC activations while training (oneDNN's fast conv layout)
     seed: int = 0
     max_batches_per_epoch: int | None = Field(None, ge=1)
 
