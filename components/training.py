@@ -151,13 +151,13 @@ def train_one_epoch(
     optimizer, scheduler, criterion = opt
     model.train()
     order = torch.randperm(len(images), generator=generator)
-    total = 0.0
+    total, bf16 = 0.0, use_bf16(params)
     for step in range(steps):
         rows = order[step * params.batch_size : (step + 1) * params.batch_size].numpy()
         x = to_tensor(images[rows])
         if params.augment:
             x = augment(x, generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(params)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, _ = model(x)
         loss = criterion(logits.float(), labels[rows])
         optimizer.zero_grad(set_to_none=True)
