@@ -122,8 +122,10 @@ def find_label_issues(
     given = manifest["label"].to_numpy(dtype=np.int64)
     if len(given) != len(probs):
         raise ValueError(f"{len(given)} manifest rows but {len(probs)} probability rows")
+    # n_jobs=1: cleanlab's default forks a multiprocessing pool, and a fork of this process
+    # (torch / OpenMP threads running) once hung the retrain flow's test for 20 minutes
     ranked = cleanlab.filter.find_label_issues(
-        given, probs, filter_by=filter_by, return_indices_ranked_by="self_confidence"
+        given, probs, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
     )
     quality = cleanlab.rank.get_label_quality_scores(given, probs)
     ranked = np.asarray(ranked, dtype=np.int64)
