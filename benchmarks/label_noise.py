@@ -165,7 +165,7 @@ def print_table(results: dict, args, policy: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--train-size", type=int, default=20000,
+    p.add_argument("--train-size", type=int, default=0,
                    help="stratified subset of the 60k train split (0 = all)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=8, help="training epochs for (a), (b), (c)")
     p.add_argument("--rate", type=float, default=0.2, help="noise rate (see the docstring)")
@@ -173,6 +173,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repo's)")
     p.add_argument("--policy", choices=["drop", "relabel", "keep"], default=None,
                    help="override params.yaml's labels.policy")  # fmt: skip
+    p.add_argument("--label-model", choices=["mlp", "cnn"], default=None,
+                   help="override params.yaml's labels.model (the out-of-fold model)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="subset and noise seed")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="keep training checkpoints here so a re-run resumes (default: temp)")  # fmt: skip
@@ -185,6 +187,8 @@ def main() -> None:
     params = load_params(args.params)
     if args.policy:
         params.labels = params.labels.model_copy(update={"policy": args.policy})
+    if args.label_model:
+        params.labels = params.labels.model_copy(update={"model": args.label_model})
     train_params = params.train.model_copy(update={"epochs": args.epochs})
     manifest, images, test = load_data(params, args.train_size or None, args.seed)
     print(f"{len(manifest):,} training rows, {len(test[1]):,} test rows; labels {params.labels}; "

@@ -51,7 +51,12 @@ class LabelParams(_Strict):
     policy: Literal["drop", "relabel", "keep"] = "drop"
     relabel_min_confidence: float = Field(0.9, ge=0, le=1)
     folds: int = Field(5, ge=2)
+    # the out-of-fold model: "mlp" = PCA on pixels + a small MLP (seconds); "cnn" = the
+    # training stage's compact CNN (minutes, finds confusable-pair flips far better)
+    model: Literal["mlp", "cnn"] = "mlp"
     pca_components: int = Field(64, ge=2)
+    cnn_width: int = Field(32, ge=4)
+    cnn_epochs: int = Field(8, ge=1)
     # cleanlab's rule for which rows to flag (cleanlab.filter.find_label_issues `filter_by`)
     filter_by: Literal[
         "both", "prune_by_noise_rate", "prune_by_class", "confident_learning",

@@ -17,7 +17,7 @@ from components.labels import (
     compute_out_of_fold_probs,
     find_label_issues,
 )
-from components.noise import score_flip_detection
+from components.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist missing")
@@ -172,3 +172,38 @@ def test_policy_keep(small_manifest) -> None:
     out, summary = apply_label_policy(manifest, issues, LabelParams(policy="keep"))
     pd.testing.assert_frame_equal(out, manifest)
     assert (summary["flagged"], summary["dropped"], summary["relabelled"]) == (2, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def pair_noise_slice(fmnist_slice):
+    """20% of each confusable-pair class (Shirt↔T-shirt, Pullover↔Coat, Sneaker↔Ankle boot)
+    takes the partner's label: the hard case for label cleaning."""
+    images, labels = fmnist_slice
+    noisy, flipped = inject_pair_noise(labels, 0.2, FASHION_MNIST_PAIRS, seed=4)
+    return images, labels, noisy, flipped
+
+
+def test_cnn_out_of_fold_model_finds_pair_flips(pair_noise_slice) -> None:
+    """labels.model=cnn: the training stage's CNN per fold. On 3,000 rows (2,000 per fold) a
+    narrow CNN is still no better than the MLP (measured: OOF accuracy 0.77 vs 0.79, flip F1
+    0.55 vs 0.60); it overtakes it from 20k rows (benchmarks/label_noise.py). Here: the
+    probabilities are well-formed, recover the true labels and flag the flips far above chance
+    (chance: F1 0.21 at this slice's 12% flips)."""
+    images, truth, noisy, flipped = pair_noise_slice
+    manifest = pd.DataFrame({"product_id": [f"fm-{i:05d}" for i in range(len(noisy))],
+                             "label": noisy})  # fmt: skip
+    params = LabelParams(model="cnn", folds=3, cnn_width=16, cnn_epochs=15, filter_by="both")
+    probs = compute_out_of_fold_probs(images, noisy, params, seed=0)
+    assert probs.shape == (len(noisy), 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert (probs.argmax(1) == truth).mean() > 0.72
+    flagged = manifest["product_id"].isin(find_label_issues(manifest, probs, "both")["product_id"])
+    assert score_flip_detection(flagged.to_numpy(), flipped)["f1"] > 0.45
+
+
+def test_cnn_out_of_fold_probs_do_not_memorise_labels(fmnist_slice) -> None:
+    images, _ = fmnist_slice
+    random_labels = np.random.default_rng(3).integers(0, 10, 800)
+    params = LabelParams(model="cnn", folds=2, cnn_width=8, cnn_epochs=3)
+    probs = compute_out_of_fold_probs(images[:800], random_labels, params, seed=0)
+    assert (probs.argmax(axis=1) == random_labels).mean() < 0.2
