@@ -156,7 +156,7 @@ def train_one_epoch(
         rows = order[step * params.batch_size : (step + 1) * params.batch_size].numpy()
         x = to_tensor(images[rows])
         if params.augment:
-            x = augment(x, generator)
+            x = augment(x, generator, cutout=params.cutout)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, _ = model(x)
         loss = criterion(logits.float(), labels[rows])

@@ -75,9 +75,12 @@ def to_tensor(batch: np.ndarray) -> torch.Tensor:
     return ((x - MEAN) / SCALE).contiguous(memory_format=torch.channels_last)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2,
+            cutout: int = 0) -> torch.Tensor:  # fmt: skip
     """Training-only: a random horizontal flip and a random shift of up to max_shift pixels,
-    drawn per image; the result is channels-last (the layout training runs in)."""
+    drawn per image, then (cutout > 0) a cutout×cutout square blacked out at a random centre
+    per image (DeVries & Taylor 2017; clipped at the border); the result is channels-last
+    (the layout training runs in)."""
     n, _, h, w = x.shape
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -87,4 +90,12 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> 
     rows = (dy[:, None] + torch.arange(h))[:, :, None]  # N×H×1
     cols = (dx[:, None] + torch.arange(w))[:, None, :]  # N×1×W
     shifted = x[torch.arange(n)[:, None, None], :, rows, cols]  # N×H×W×C (indexed dims first)
+    if cutout > 0:
+        cy = torch.randint(0, h, (n,), generator=generator)
+        cx = torch.randint(0, w, (n,), generator=generator)
+        top, left = cy - cutout // 2, cx - cutout // 2
+        in_rows = (torch.arange(h) >= top[:, None]) & (torch.arange(h) < top[:, None] + cutout)
+        in_cols = (torch.arange(w) >= left[:, None]) & (torch.arange(w) < left[:, None] + cutout)
+        hole = in_rows[:, :, None, None] & in_cols[:, None, :, None]  # N×H×W×1
+        shifted = shifted.masked_fill(hole, -MEAN / SCALE)
     return shifted.permute(0, 3, 1, 2)  # N×C×H×W view of NHWC memory: channels-last

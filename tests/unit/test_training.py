@@ -207,3 +207,24 @@ def test_augment_shifts_and_flips_each_image_on_its_own():
         assert found, f"image {i} is not a shifted / flipped copy of its input"
         shifts.append(found[0])
     assert len(set(shifts)) > 5  # drawn per image, not one shift for the batch
+
+
+def test_cutout_blacks_out_one_square_per_image():
+    from components.transforms import MEAN, SCALE, augment
+
+    x = torch.full((64, 1, 28, 28), 0.5)
+    out = augment(x, torch.Generator().manual_seed(0), max_shift=0, cutout=8)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    black = out[:, 0] == -MEAN / SCALE
+    assert torch.all(out[:, 0][~black] == 0.5)  # nothing else changes
+    for hole in black:
+        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        assert 1 <= len(rows) <= 8 and 1 <= len(cols) <= 8  # clipped at the border
+        assert hole.sum() == len(rows) * len(cols)  # one solid rectangle
+        assert rows.diff().eq(1).all() and cols.diff().eq(1).all()
+    assert (black.sum((1, 2)) == 64).float().mean() > 0.3  # most squares lie inside
+    centres = {(int(h.nonzero()[:, 0].float().mean()), int(h.nonzero()[:, 1].float().mean()))
+               for h in black}  # fmt: skip
+    assert len(centres) > 20  # drawn per image
+    off = augment(x, torch.Generator().manual_seed(0), max_shift=0)
+    assert not torch.any(off == -MEAN / SCALE)
