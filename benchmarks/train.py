@@ -144,10 +144,11 @@ def main() -> None:
         help="train once per budget, e.g. 5,10,20 (replaces --budget-minutes)",
     )
     parser.add_argument("--skip-efficientnet", action="store_true")
+    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repo's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(training.count_threads())
-    params = load_params()
+    params = load_params(args.params)
     fm = load_fashion_mnist(params.data.fashion_mnist_dir)
     data = {split: (x[..., None], y.astype(np.int64)) for split, (x, y) in fm.items()}
     config = params.train.model_dump(exclude={"max_batches_per_epoch"})
