@@ -52,8 +52,10 @@ class LabelParams(_Strict):
     relabel_min_confidence: float = Field(0.9, ge=0, le=1)
     folds: int = Field(5, ge=2)
     # the out-of-fold model: "mlp" = PCA on pixels + a small MLP (seconds); "cnn" = the
-    # training stage's compact CNN (minutes, finds confusable-pair flips far better)
-    model: Literal["mlp", "cnn"] = "mlp"
+    # training stage's compact CNN (minutes; finds confusable-pair flips far better on large
+    # catalogues, worse on small ones); "auto" = cnn from cnn_min_rows rows on, else mlp
+    model: Literal["auto", "mlp", "cnn"] = "auto"
+    cnn_min_rows: int = Field(10_000, ge=0)
     pca_components: int = Field(64, ge=2)
     cnn_width: int = Field(32, ge=4)
     cnn_epochs: int = Field(8, ge=1)

@@ -101,7 +101,7 @@ def compute_out_of_fold_probs(
     folds = StratifiedKFold(params.folds, shuffle=True, random_state=seed)
     splits = list(folds.split(np.zeros(len(labels)), labels))
     probs = np.zeros((len(labels), n_classes))
-    if params.model == "cnn":
+    if out_of_fold_model(params, len(labels)) == "cnn":
         for k, (train, test) in enumerate(splits):
             probs[test] = fit_predict_cnn(
                 images[train], labels[train], images[test], n_classes, params, seed + k
@@ -114,6 +114,15 @@ def compute_out_of_fold_probs(
                     features[train], labels[train], features[test], n_classes, seed + k
                 )
     return probs / probs.sum(axis=1, keepdims=True)
+
+
+def out_of_fold_model(params: LabelParams, n_rows: int) -> str:
+    """"cnn" or "mlp": params.model, with "auto" = the CNN from params.cnn_min_rows rows on.
+    Measured with pair noise: on 3,000 rows the CNN is worse than the MLP (OOF accuracy 0.77
+    vs 0.79), on 20,000 better (0.879 vs 0.856)."""
+    if params.model == "auto":
+        return "cnn" if n_rows >= params.cnn_min_rows else "mlp"
+    return params.model
 
 
 def fit_predict_cnn(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
@@ -192,6 +201,7 @@ def clean_labels(
     probs = compute_out_of_fold_probs(images, manifest["label"].to_numpy(), params, seed=seed)
     issues = find_label_issues(manifest, probs, filter_by=params.filter_by)
     cleaned, summary = apply_label_policy(manifest, issues, params)
+    summary["model"] = out_of_fold_model(params, len(manifest))
     return cleaned, issues, summary
 
 

@@ -35,7 +35,7 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
     params["train"].update(
         epochs=3, cnn_width=8, embedding_dim=32, batch_size=32, lr=0.02, patience=5
     )
-    params["labels"].update(folds=3, pca_components=16, cnn_width=8, cnn_epochs=3)
+    params["labels"].update(folds=3, pca_components=16)
     params["evaluation"]["latency_images"] = 16
     params["gate"].update(min_accuracy=0.5, min_recall_at_1=0.5)
     for section, values in overrides.items():

@@ -15,6 +15,7 @@ from components.labels import (
     apply_label_policy,
     clean_labels,
     compute_out_of_fold_probs,
+    out_of_fold_model,
     find_label_issues,
 )
 from components.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
@@ -99,6 +100,7 @@ def test_clean_labels_is_the_three_steps(fmnist_slice) -> None:
     expected = find_label_issues(manifest, probs, filter_by="prune_by_class")
     pd.testing.assert_frame_equal(issues, expected)
     assert summary["flagged"] == len(issues) and len(cleaned) == 600 - len(issues)
+    assert summary["model"] == "mlp"  # 600 rows: below labels.cnn_min_rows
     with pytest.raises(ValueError, match="600 manifest rows but 599 images"):
         clean_labels(manifest, images[:599], params)
 
@@ -207,3 +209,10 @@ def test_cnn_out_of_fold_probs_do_not_memorise_labels(fmnist_slice) -> None:
     params = LabelParams(model="cnn", folds=2, cnn_width=8, cnn_epochs=3)
     probs = compute_out_of_fold_probs(images[:800], random_labels, params, seed=0)
     assert (probs.argmax(axis=1) == random_labels).mean() < 0.2
+
+
+def test_auto_picks_the_cnn_only_for_large_catalogues() -> None:
+    auto = LabelParams(cnn_min_rows=10_000)
+    assert out_of_fold_model(auto, 9_999) == "mlp" and out_of_fold_model(auto, 10_000) == "cnn"
+    assert out_of_fold_model(LabelParams(model="cnn"), 10) == "cnn"
+    assert out_of_fold_model(LabelParams(model="mlp"), 10**6) == "mlp"
