@@ -144,7 +144,9 @@ def main() -> None:
         help="train once per budget, e.g. 5,10,20 (replaces --budget-minutes)",
     )
     parser.add_argument("--skip-efficientnet", action="store_true")
-    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repo's)")
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: the repo's)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(training.count_threads())

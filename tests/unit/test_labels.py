@@ -15,8 +15,8 @@ from components.labels import (
     apply_label_policy,
     clean_labels,
     compute_out_of_fold_probs,
-    out_of_fold_model,
     find_label_issues,
+    out_of_fold_model,
 )
 from components.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
 
