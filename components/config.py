@@ -81,7 +81,8 @@ class TrainParams(_Strict):
     class_weights: Literal["auto", "none"] = "auto"
     imbalance_ratio: float = Field(1.5, ge=1)
     augment: bool = True
-    cutout: int = Field(0, ge=0)  # side in pixels of the square cutout augmentation (0 = off)
+    # side in pixels of a square cutout augmentation; 0 = off (8 measured 0.9388 vs 0.9399, README)
+    cutout: int = Field(0, ge=0)
     # auto: bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True  # NHWC activations while training (oneDNN's fast conv layout)
