@@ -33,6 +33,11 @@ def inject_flips(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarra
     return noisy, flipped
 
 
+def manifest_of(labels: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"product_id": [f"fm-{i:05d}" for i in range(len(labels))],
+                         "label": labels})  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fmnist_slice() -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_fashion_mnist(FMNIST)["train"]
@@ -43,8 +48,7 @@ def fmnist_slice() -> tuple[np.ndarray, np.ndarray]:
 def noisy_run(fmnist_slice):
     images, labels = fmnist_slice
     noisy, flipped = inject_flips(labels, 0.2, seed=1)
-    manifest = pd.DataFrame({"product_id": [f"fm-{i:05d}" for i in range(len(noisy))],
-                             "label": noisy})  # fmt: skip
+    manifest = manifest_of(noisy)
     probs = compute_out_of_fold_probs(images, noisy, LabelParams(), seed=0)
     return manifest, probs, flipped
 
@@ -192,8 +196,7 @@ def test_cnn_out_of_fold_model_finds_pair_flips(pair_noise_slice) -> None:
     probabilities are well-formed, recover the true labels and flag the flips far above chance
     (chance: F1 0.21 at this slice's 12% flips)."""
     images, truth, noisy, flipped = pair_noise_slice
-    manifest = pd.DataFrame({"product_id": [f"fm-{i:05d}" for i in range(len(noisy))],
-                             "label": noisy})  # fmt: skip
+    manifest = manifest_of(noisy)
     params = LabelParams(model="cnn", folds=3, cnn_width=16, cnn_epochs=15, filter_by="both")
     probs = compute_out_of_fold_probs(images, noisy, params, seed=0)
     assert probs.shape == (len(noisy), 10)
