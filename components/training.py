@@ -9,6 +9,7 @@ optimizer, scheduler, the shuffling/augmentation generator and torch's global RN
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -35,7 +37,7 @@ Optimisation = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
 @dataclass
 class TrainResult:
     model: VitrineNet  # best weights (by validation accuracy), eval mode
-    history: list[dict]  # per epoch: epoch, train_loss, val_loss, val_accuracy, seconds, lr
+    history: list[dict]  # per epoch: epoch, size, train_loss, val_loss, val_accuracy, seconds, lr
     best_epoch: int
     stopped_early: bool
     resumed_from_epoch: int | None  # the last finished epoch found in the checkpoint
@@ -137,6 +139,26 @@ def use_bf16(params: TrainParams) -> bool:
     return params.precision == "bf16"
 
 
+def epoch_size(params: TrainParams, epoch: int) -> int:
+    """Input side of `epoch` under progressive resizing: the epochs split evenly into one
+    phase per side of params.progressive_sizes and a last phase at image_size, which gets
+    the remainder (10 epochs, sizes [20, 24]: 3 at 20 px, 3 at 24, 4 at 28)."""
+    sizes = [*params.progressive_sizes, params.image_size]
+    from_end = (params.epochs - 1 - epoch) * len(sizes) // params.epochs
+    return sizes[len(sizes) - 1 - from_end]
+
+
+@contextlib.contextmanager
+def input_side(model: nn.Module, size: int):
+    """Let the model take `size`-pixel batches as they are (it resizes others to its own)."""
+    own = model.image_size
+    model.image_size = size
+    try:
+        yield
+    finally:
+        model.image_size = own
+
+
 def train_one_epoch(
     model: nn.Module,
     images: np.ndarray,
@@ -146,8 +168,9 @@ def train_one_epoch(
     opt: Optimisation,
     generator: torch.Generator,
     bar: tqdm,
+    size: int,
 ) -> float:
-    """One pass over `steps` shuffled batches; returns the mean training loss."""
+    """One pass over `steps` shuffled batches at `size` px; returns the mean training loss."""
     optimizer, scheduler, criterion = opt
     model.train()
     order = torch.randperm(len(images), generator=generator)
@@ -157,7 +180,9 @@ def train_one_epoch(
         x = to_tensor(images[rows])
         if params.augment:
             x = augment(x, generator, cutout=params.cutout)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if x.shape[-1] != size:  # progressive resizing: antialiased, unlike the model's own
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        with input_side(model, size), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, _ = model(x)
         loss = criterion(logits.float(), labels[rows])
         optimizer.zero_grad(set_to_none=True)
@@ -209,14 +234,16 @@ def restore_run(state: dict | None, model: nn.Module, opt: Optimisation,
 def fit_epoch(model: nn.Module, epoch: int, train: tuple[np.ndarray, torch.Tensor],
               val: tuple[np.ndarray, np.ndarray], params: TrainParams, steps: int,
               opt: Optimisation, generator: torch.Generator, progress: bool) -> dict:  # fmt: skip
-    """Train one epoch, validate, and return the epoch's history record."""
+    """Train one epoch (at its progressive size), validate at full size, and return the
+    epoch's history record."""
     t0 = time.perf_counter()
-    desc = f"epoch {epoch + 1}/{params.epochs}"
+    size = epoch_size(params, epoch)
+    desc = f"epoch {epoch + 1}/{params.epochs}" + (f" {size}px" if params.progressive_sizes else "")
     with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
-        train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar)
+        train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar, size)
         val_loss, val_acc = evaluate_split(model, *val)
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
-    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+    return {"epoch": epoch, "size": size, "train_loss": train_loss, "val_loss": val_loss,
             "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
             "lr": opt[1].get_last_lr()[0]}  # fmt: skip
 
@@ -272,7 +299,8 @@ def train_model(
             break
         record = fit_epoch(model, epoch, (x_train, y_train), (images[val_idx], labels[val_idx]),
                            params, steps, opt, generator, progress)  # fmt: skip
-        update_run(run, record, model, params.patience, last_epoch=params.epochs - 1)
+        final_phase = record["size"] == params.image_size
+        update_run(run, record, model, params.patience, params.epochs - 1, final_phase)
         save_checkpoint(snapshot_run(fingerprint, model, opt, generator, run), checkpoint_dir)
         if on_epoch_end is not None:
             on_epoch_end(record)
@@ -291,8 +319,10 @@ def train_model(
     )
 
 
-def update_run(run: dict, record: dict, model: nn.Module, patience: int, last_epoch: int) -> None:
-    """Append the epoch record; keep the best weights; decide early stopping."""
+def update_run(run: dict, record: dict, model: nn.Module, patience: int, last_epoch: int,
+               final_phase: bool = True) -> None:  # fmt: skip
+    """Append the epoch record; keep the best weights; decide early stopping (which counts
+    only epochs of the final, full-size phase of progressive resizing)."""
     run["epoch"] = record["epoch"]
     run["history"].append(record)
     if record["val_accuracy"] > run["best_accuracy"]:
@@ -300,6 +330,6 @@ def update_run(run: dict, record: dict, model: nn.Module, patience: int, last_ep
         run["best_epoch"] = record["epoch"]
         run["best_state"] = copy.deepcopy(model.state_dict())
         run["bad_epochs"] = 0
-    else:
+    elif final_phase:
         run["bad_epochs"] += 1
         run["stopped_early"] = run["bad_epochs"] >= patience and record["epoch"] < last_epoch

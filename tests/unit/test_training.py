@@ -3,6 +3,7 @@ early stopping, and checkpoint resume after a real (SIGKILL) interruption."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -13,12 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
+from components import training
 from components.catalogue import load_fashion_mnist
 from components.config import TrainParams
+from components.models import build_model
 from components.training import (
     CHECKPOINT,
     compute_class_weights,
+    epoch_size,
     predict_batches,
     split_validation,
     train_model,
@@ -46,7 +51,7 @@ def test_training_beats_chance(fmnist, tmp_path: Path) -> None:
     result = train_model(images, labels, SMALL, 10, tmp_path, progress=False)
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert set(result.history[0]) == {
-        "epoch", "train_loss", "val_loss", "val_accuracy", "seconds", "lr",
+        "epoch", "size", "train_loss", "val_loss", "val_accuracy", "seconds", "lr",
     }  # fmt: skip
     best = max(h["val_accuracy"] for h in result.history)
     assert best > 0.6  # chance is 0.1
@@ -112,11 +117,63 @@ def test_early_stopping_keeps_best_epoch(fmnist, tmp_path: Path) -> None:
     assert accuracies[-1] <= accuracies[result.best_epoch] == max(accuracies)
 
 
+def test_progressive_phases_split_the_epochs_with_the_longest_last() -> None:
+    params = TrainParams(image_size=28, epochs=10, progressive_sizes=[20, 24])
+    assert [epoch_size(params, e) for e in range(10)] == [20] * 3 + [24] * 3 + [28] * 4
+    two = params.model_copy(update={"epochs": 2})
+    assert [epoch_size(two, e) for e in range(2)] == [24, 28]  # too few epochs for every size
+    assert {epoch_size(TrainParams(epochs=5), e) for e in range(5)} == {TrainParams().image_size}
+    with pytest.raises(ValidationError, match="at least 8"):
+        TrainParams(progressive_sizes=[20, 4])
+
+
+def test_progressive_resizing_feeds_small_batches_first_and_validates_at_full_size(
+    fmnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[bool, int]] = []  # (training mode, side) of every batch the trunk got
+
+    def recording_model(params, num_classes, pretrained=True):
+        model = build_model(params, num_classes, pretrained)
+        model.trunk.register_forward_pre_hook(
+            lambda module, args: seen.append((module.training, args[0].shape[-1]))
+        )
+        return model
+
+    monkeypatch.setattr(training, "build_model", recording_model)
+    params = TINY.model_copy(update={"progressive_sizes": [16, 20], "max_batches_per_epoch": 2})
+    result = train_model(fmnist[0][:600], fmnist[1][:600], params, 10, tmp_path, progress=False)
+    assert [h["size"] for h in result.history] == [16, 20, 28]
+    assert [side for is_training, side in seen if is_training] == [16, 16, 20, 20, 28, 28]
+    assert {side for is_training, side in seen if not is_training} == {28}
+    assert result.model.image_size == 28  # the model takes and resizes to the full size again
+
+
+def test_early_stopping_waits_for_the_full_size_phase(fmnist, tmp_path: Path) -> None:
+    stalled = TINY.model_copy(update={"epochs": 6, "patience": 1, "lr": 1e-9,
+                                      "max_batches_per_epoch": 1,
+                                      "progressive_sizes": [16, 20]})  # fmt: skip
+    result = train_model(fmnist[0][:600], fmnist[1][:600], stalled, 10, tmp_path, progress=False)
+    # without progressive resizing this run stops after epoch 1 (the test above)
+    assert result.stopped_early
+    assert [h["size"] for h in result.history] == [16, 16, 20, 20, 28]
+
+
+def test_train_benchmark_plans_epochs_from_each_sizes_probed_cost() -> None:
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cost = {20: 1.0, 24: 2.0, 28: 4.0}
+    progressive = TrainParams(image_size=28, progressive_sizes=[20, 24])
+    # 6 epochs: 2 per size = 14 s; 7: 20,20,24,24,28,28,28 = 18 s; 8: 20 s
+    assert bench.plan_epochs(18.0, cost, progressive) == 7
+    assert bench.plan_epochs(17.9, cost, progressive) == 6
+    assert bench.plan_epochs(0.5, cost, progressive) == 1
+    assert bench.plan_epochs(18.0, cost, TrainParams(image_size=28)) == 4
+
+
 def test_predict_batches_shapes_and_batch_independence(fmnist) -> None:
     images, _ = fmnist
     torch.manual_seed(0)
-    from components.models import build_model
-
     model = build_model(TINY, 10).train()
     probs, emb = predict_batches(model, images[:50], batch_size=512)
     probs_small, emb_small = predict_batches(model, images[:50], batch_size=7)
