@@ -4,8 +4,10 @@ split of the benchmark table's anchors: 2-conv CNN 0.925, ResNet18 + augmentatio
 MobileNet 0.950, WRN-28-10 0.963, all with GPU budgets).
 
 vitrine: components.training.train_model with params.yaml's `train` section, the loop's own
-code path; --budget-minutes sets the number of epochs from a timed probe of the first batches,
-so the one-cycle schedule ends inside the budget (early stopping is off: the budget decides).
+code path; --budget-minutes sets the number of epochs from timed probes of real training
+steps at each input size the run uses (progressive resizing trains the early epochs on
+smaller images), so the one-cycle schedule ends inside the budget (early stopping is off: the
+budget decides). The JSON records the probed and the measured seconds per epoch and size.
 Baselines: logistic regression on raw pixels; frozen ImageNet EfficientNet-Lite0 features
 (64 px, the shipped weights) + a logistic-regression head. Each row prints test accuracy,
 macro-F1, Recall@1 (test images as queries against the train embeddings, same category =
@@ -41,13 +43,15 @@ from components.models import EfficientNetTrunk  # noqa: E402
 from components.transforms import to_tensor  # noqa: E402
 
 
-def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainParams) -> float:
-    """Seconds per epoch from two timed probes of real training steps (10 and 40 batches):
-    their difference is the per-batch cost, the rest (validating the held-out rows, warm-up)
-    the fixed part of an epoch."""
+def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainParams,
+                        size: int) -> float:  # fmt: skip
+    """Seconds per epoch at `size` px from two timed probes of real training steps (10 and
+    40 batches): their difference is the per-batch cost, the rest (validating the held-out
+    rows, warm-up) the fixed part of an epoch."""
 
     def probe(batches: int) -> float:
-        run = params.model_copy(update={"epochs": 1, "max_batches_per_epoch": batches})
+        run = params.model_copy(update={"epochs": 1, "max_batches_per_epoch": batches,
+                                        "image_size": size, "progressive_sizes": []})  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             result = training.train_model(images, labels, run, 10, Path(tmp), progress=False,
                                           pretrained=False)  # fmt: skip
@@ -61,10 +65,26 @@ def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainPar
     return (per_step * steps + fixed) * 1.12
 
 
+def plan_epochs(budget_s: float, epoch_s: dict[int, float], params: TrainParams) -> int:
+    """The most epochs whose summed probed cost fits the budget (at least 1); under
+    progressive resizing each epoch costs what its size costs, and more epochs shift the
+    phase boundaries, so the sum is recomputed per candidate."""
+
+    def cost(epochs: int) -> float:
+        run = params.model_copy(update={"epochs": epochs})
+        return sum(epoch_s[training.epoch_size(run, e)] for e in range(epochs))
+
+    epochs = 1
+    while cost(epochs + 1) <= budget_s:
+        epochs += 1
+    return epochs
+
+
 def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    epoch_s = probe_epoch_seconds(x_train, y_train, params)
-    epochs = max(1, int(budget_min * 60 / epoch_s))
+    sizes = sorted({*params.progressive_sizes, params.image_size})
+    epoch_s = {size: probe_epoch_seconds(x_train, y_train, params, size) for size in sizes}
+    epochs = plan_epochs(budget_min * 60, epoch_s, params)
     run = params.model_copy(update={"epochs": epochs, "patience": epochs + 1})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,8 +97,12 @@ def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
         **scores(y_test, probs.argmax(1), test_emb, train_emb, y_train),
         "train_minutes": round(minutes, 2),
         "epochs": epochs,
-        "epoch_seconds_probe": round(epoch_s, 1),
-    }
+        "epoch_sizes": [h["size"] for h in result.history],
+        "epoch_seconds_probe": {str(size): round(s, 1) for size, s in epoch_s.items()},
+        "epoch_seconds": {str(size): round(float(np.mean([h["seconds"] for h in result.history
+                                                          if h["size"] == size])), 1)
+                          for size in sorted({h["size"] for h in result.history})},
+    }  # fmt: skip
 
 
 def scores(y_test, predicted, test_emb, train_emb, y_train) -> dict:
