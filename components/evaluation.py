@@ -30,7 +30,7 @@ from sklearn.metrics import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from components.config import EvaluationParams  # noqa: E402
-from components.training import predict_batches
+from components.training import predict_batches, torch_threads
 from components.transforms import to_tensor  # noqa: E402
 
 QUERY_CHUNK = 1024
@@ -94,19 +94,12 @@ def measure_latency(model: nn.Module, images: np.ndarray, n: int) -> tuple[float
     model.eval()
     sample = images[: max(1, min(n, len(images)))]
     batches = np.resize(sample, (max(5, -(-len(sample) // 32)) * 32, *sample.shape[1:]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for _ in range(3):
-                model(to_tensor(sample[:1]))
-                model(to_tensor(batches[:32]))
-            single = [_time_ms(model, sample[i : i + 1]) for i in range(len(sample))]
-            batched = [
-                _time_ms(model, batches[i : i + 32]) / 32 for i in range(0, len(batches), 32)
-            ]
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), torch.inference_mode():
+        for _ in range(3):
+            model(to_tensor(sample[:1]))
+            model(to_tensor(batches[:32]))
+        single = [_time_ms(model, sample[i : i + 1]) for i in range(len(sample))]
+        batched = [_time_ms(model, batches[i : i + 32]) / 32 for i in range(0, len(batches), 32)]
     return float(statistics.median(single)), float(statistics.median(batched))
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,18 @@ class TrainResult:
 def count_threads() -> int:
     """Torch threads for training: $OMP_NUM_THREADS when set, else every core."""
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch's (process-wide) intra-op thread count set to `threads`,
+    restoring the caller's count afterwards, also on an exception."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def compute_class_weights(
@@ -149,7 +161,7 @@ def epoch_size(params: TrainParams, epoch: int) -> int:
 
 
 @contextlib.contextmanager
-def input_side(model: nn.Module, size: int):
+def input_side(model: nn.Module, size: int) -> Iterator[None]:
     """Let the model take `size`-pixel batches as they are (it resizes others to its own)."""
     own = model.image_size
     model.image_size = size
@@ -273,8 +285,15 @@ def train_model(
     `on_epoch_end(record)` is called after each epoch's checkpoint is written (e.g. to log
     metrics); an exception from it interrupts the run like a crash would.
     """
+    with torch_threads(count_threads()):
+        return _train_model(images, labels, params, num_classes, checkpoint_dir, progress,
+                            pretrained, on_epoch_end)  # fmt: skip
+
+
+def _train_model(images: np.ndarray, labels: np.ndarray, params: TrainParams, num_classes: int,
+                 checkpoint_dir: Path, progress: bool, pretrained: bool,
+                 on_epoch_end: Callable[[dict], None] | None) -> TrainResult:  # fmt: skip
     started = time.perf_counter()
-    torch.set_num_threads(count_threads())
     labels, checkpoint_dir = np.asarray(labels, dtype=np.int64), Path(checkpoint_dir)
     fingerprint = fingerprint_run(images, labels, params, num_classes, pretrained)
     val_idx = split_validation(labels, params.val_fraction, params.seed)

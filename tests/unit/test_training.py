@@ -63,6 +63,29 @@ def test_training_beats_chance(fmnist, tmp_path: Path) -> None:
     assert (probs.argmax(1) == labels[result.val_indices]).mean() == pytest.approx(best)
 
 
+def test_training_threads_apply_inside_the_run_only(fmnist, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    during = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images, labels = fmnist
+        params = SMALL.model_copy(update={"epochs": 1, "max_batches_per_epoch": 2})
+        train_model(images, labels, params, 10, tmp_path, progress=False,
+                    on_epoch_end=lambda _: during.append(torch.get_num_threads()))  # fmt: skip
+        assert during == [2] and torch.get_num_threads() == 1
+
+        def crash(_: dict) -> None:
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):  # restored after a crash too
+            train_model(images, labels, params.model_copy(update={"seed": 1}), 10,
+                        tmp_path / "crash", progress=False, on_epoch_end=crash)  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(fmnist, tmp_path: Path) -> None:
     images, labels = fmnist[0][:600], fmnist[1][:600]
     quick = TINY.model_copy(update={"epochs": 1, "max_batches_per_epoch": 3})
