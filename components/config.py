@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
@@ -68,7 +68,10 @@ class LabelParams(_Strict):
 
 class TrainParams(_Strict):
     backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
-    cnn_width: int = Field(32, ge=4)
+    # the compact CNN: conv width and number of conv blocks per stage, a 2x2 max-pool between
+    # stages, global average pooling after the last (its width = the feature size)
+    cnn_widths: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    cnn_depths: list[int] = Field(default_factory=lambda: [2, 2, 1])
     image_size: int = Field(28, ge=16)
     embedding_dim: int = Field(128, ge=8)
     epochs: int = Field(8, ge=1)
@@ -91,6 +94,20 @@ class TrainParams(_Strict):
     channels_last: bool = True  # NHWC activations while training (oneDNN's fast conv layout)
     seed: int = 0
     max_batches_per_epoch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_depth_per_stage(self) -> TrainParams:
+        widths, depths = self.cnn_widths, self.cnn_depths
+        if not widths or len(widths) != len(depths):
+            raise ValueError(f"cnn_widths {widths} and cnn_depths {depths}: one of each per stage")
+        if min(widths) < 4 or min(depths) < 1:
+            raise ValueError(f"cnn_widths must be >= 4 and cnn_depths >= 1, got {widths}, {depths}")
+        smallest = min([self.image_size, *self.progressive_sizes])
+        if self.backbone == "cnn" and 2 ** (len(widths) - 1) > smallest:
+            raise ValueError(
+                f"cnn_widths: {len(widths)} stages pool a {smallest} px input to nothing"
+            )
+        return self
 
     @field_validator("progressive_sizes")
     @classmethod

@@ -38,20 +38,19 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-def build_cnn_trunk(width: int, in_channels: int = 1) -> nn.Sequential:
-    """The compact CNN trunk: N×C×H×W → N×(4·width) features (any H, W ≥ 4)."""
-    w = width
-    return nn.Sequential(
-        conv_block(in_channels, w),
-        conv_block(w, w),
-        nn.MaxPool2d(2),
-        conv_block(w, 2 * w),
-        conv_block(2 * w, 2 * w),
-        nn.MaxPool2d(2),
-        conv_block(2 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
+def build_cnn_trunk(widths: list[int], depths: list[int], in_channels: int = 1) -> nn.Sequential:
+    """The compact CNN trunk: N×C×H×W → N×widths[-1] features. Stage i is depths[i] conv
+    blocks of widths[i] channels; a 2×2 max-pool sits between stages (so H, W must be at least
+    2^(stages-1))."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for stage, (width, depth) in enumerate(zip(widths, depths, strict=True)):
+        if stage:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(depth):
+            layers.append(conv_block(channels, width))
+            channels = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 class EfficientNetTrunk(nn.Module):
@@ -130,8 +129,8 @@ class VitrineNet(nn.Module):
 def build_model(params: TrainParams, num_classes: int, pretrained: bool = True) -> VitrineNet:
     """The model params.backbone names; `pretrained` only matters for efficientnet_lite0."""
     if params.backbone == "cnn":
-        trunk: nn.Module = build_cnn_trunk(params.cnn_width, in_channels=1)
-        features, in_channels, dropout = 4 * params.cnn_width, 1, 0.0
+        trunk: nn.Module = build_cnn_trunk(params.cnn_widths, params.cnn_depths, in_channels=1)
+        features, in_channels, dropout = params.cnn_widths[-1], 1, 0.0
     elif params.backbone == "efficientnet_lite0":
         trunk = EfficientNetTrunk(params.image_size, pretrained)
         features, in_channels, dropout = EFFICIENTNET_FEATURES, 3, 0.2

@@ -33,7 +33,7 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
     params = yaml.safe_load(DEFAULT_PARAMS.read_text())
     params["data"]["catalogue_dir"] = str(catalogue_dir)
     params["train"].update(
-        epochs=3, cnn_width=8, embedding_dim=32, batch_size=32, lr=0.02, patience=5
+        epochs=3, cnn_widths=[8, 16, 32], embedding_dim=32, batch_size=32, lr=0.02, patience=5
     )
     params["labels"].update(folds=3, pca_components=16)
     params["evaluation"]["latency_images"] = 16

@@ -24,7 +24,7 @@ from tests.conftest import CATEGORIES
 def model():
     torch.manual_seed(0)
     # the default width: big enough that int8 weights, not graph overhead, set the file size
-    return build_model(TrainParams(cnn_width=32, embedding_dim=16), num_classes=10).eval()
+    return build_model(TrainParams(embedding_dim=16), num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from components.config import TrainParams
 from components.models import VitrineNet, build_model
 from components.transforms import to_tensor
 
-CNN = TrainParams(backbone="cnn", cnn_width=8, embedding_dim=16)
+CNN = TrainParams(backbone="cnn", cnn_widths=[8, 16, 32], embedding_dim=16)
 EFFNET = TrainParams(backbone="efficientnet_lite0", image_size=64, embedding_dim=32)
 
 
@@ -48,6 +48,34 @@ def test_cnn_heads_on_grayscale() -> None:
     assert (model.backbone_name, model.in_channels, model.image_size) == ("cnn", 1, 28)
     assert (model.num_classes, model.embedding_dim) == (10, 16)
     check_outputs(model, grayscale_batch(), 10, 16)
+
+
+def test_cnn_stages_follow_widths_and_depths() -> None:
+    params = TrainParams(cnn_widths=[8, 12, 24], cnn_depths=[1, 2, 3], embedding_dim=16)
+    model = build_model(params, num_classes=10).eval()
+    convs = [m for m in model.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (1, 8), (8, 12), (12, 12), (12, 24), (24, 24), (24, 24),
+    ]  # fmt: skip
+    pools = [m for m in model.trunk if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 2 and model.classifier.in_features == 24
+    check_outputs(model, grayscale_batch(), 10, 16)
+
+
+@pytest.mark.parametrize(
+    "widths, depths", [([8, 16], [2, 2, 1]), ([], []), ([8, 2], [1, 1]), ([8, 16], [1, 0])]
+)
+def test_cnn_stage_config_is_checked(widths: list[int], depths: list[int]) -> None:
+    with pytest.raises(ValueError, match="cnn_widths"):
+        TrainParams(cnn_widths=widths, cnn_depths=depths)
+
+
+def test_cnn_stages_must_leave_pixels_to_pool() -> None:
+    five = {"cnn_widths": [8] * 5, "cnn_depths": [1] * 5}  # 4 pools: 16 px -> 1 px
+    model = build_model(TrainParams(**five, image_size=16), num_classes=3).eval()
+    check_outputs(model, grayscale_batch(size=16), 3, 128)
+    with pytest.raises(ValueError, match="5 stages pool a 8 px input"):
+        TrainParams(**five, image_size=16, progressive_sizes=[8])
 
 
 def test_cnn_resizes_other_sizes_to_its_image_size() -> None:

@@ -31,7 +31,9 @@ MIN_PRECISION_AT_10 = 0.55
 def embedded(fmnist, tmp_path_factory) -> dict:
     """Image embeddings of real products from a tiny model trained on the train slice."""
     params = yaml.safe_load(DEFAULT_PARAMS.read_text())["train"]
-    params.update(epochs=3, cnn_width=8, embedding_dim=32, batch_size=64, lr=0.02, patience=5)
+    params.update(
+        epochs=3, cnn_widths=[8, 16, 32], embedding_dim=32, batch_size=64, lr=0.02, patience=5
+    )
     x_train, y_train = fmnist["train"][0][:N_TRAIN, :, :, None], fmnist["train"][1][:N_TRAIN]
     x_test, y_test = fmnist["test"][0][:N_TEST, :, :, None], fmnist["test"][1][:N_TEST]
     result = train_model(x_train, y_train, TrainParams(**params), len(CATEGORIES),

@@ -31,8 +31,8 @@ from components.training import (
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[2]
-SMALL = TrainParams(cnn_width=8, epochs=2, batch_size=32, lr=0.02, val_fraction=0.1)
-TINY = TrainParams(cnn_width=8, epochs=3, batch_size=32, lr=0.02, val_fraction=0.1)
+SMALL = TrainParams(cnn_widths=[8, 16, 32], epochs=2, batch_size=32, lr=0.02, val_fraction=0.1)
+TINY = TrainParams(cnn_widths=[8, 16, 32], epochs=3, batch_size=32, lr=0.02, val_fraction=0.1)
 
 
 @pytest.fixture(scope="module")
