@@ -46,8 +46,9 @@ from components.transforms import to_tensor  # noqa: E402
 def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainParams,
                         size: int) -> float:  # fmt: skip
     """Seconds per epoch at `size` px from two timed probes of real training steps (10 and
-    40 batches): their difference is the per-batch cost, the rest (validating the held-out
-    rows, warm-up) the fixed part of an epoch."""
+    50 batches) after an untimed warm-up one: their difference is the per-batch cost, the
+    rest (validating the held-out rows) the fixed part of an epoch. (With 10 and 40 batches
+    and no warm-up, one run's probes put a 20 px epoch at 18.7 s; it took 32.8.)"""
 
     def probe(batches: int) -> float:
         run = params.model_copy(update={"epochs": 1, "max_batches_per_epoch": batches,
@@ -57,8 +58,9 @@ def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainPar
                                           pretrained=False)  # fmt: skip
         return result.history[0]["seconds"]
 
-    short, long = probe(10), probe(40)
-    per_step = max(long - short, 1e-3) / 30
+    probe(3)
+    short, long = probe(10), probe(50)
+    per_step = max(long - short, 1e-3) / 40
     fixed = max(short - 10 * per_step, 0.0)
     steps = math.ceil(len(images) * (1 - params.val_fraction) / params.batch_size)
     # a full run measured 10% slower per epoch than these probes (55.1 s vs 49.9 s, 24 epochs)
