@@ -63,7 +63,9 @@ def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainPar
     per_step = max(long - short, 1e-3) / 40
     fixed = max(short - 10 * per_step, 0.0)
     steps = math.ceil(len(images) * (1 - params.val_fraction) / params.batch_size)
-    # a full run measured 10% slower per epoch than these probes (55.1 s vs 49.9 s, 24 epochs)
+    # ×1.12: calibrated on the earlier probes (no warm-up, 10/40 batches), which a full run
+    # beat by 10%; these probes come out about 3% under a full run's epochs, so the factor now
+    # leaves about 8% of a budget unused (20-minute curve run: 17.7 minutes; README)
     return (per_step * steps + fixed) * 1.12
 
 

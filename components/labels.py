@@ -9,8 +9,9 @@ Every row's probabilities come from a model that never saw its label (Stratified
   accuracy 0.890 in ~30 s.
 - "cnn" (minutes): the training stage's own compact CNN (components.training.train_model,
   stages of width w, 2w, 4w with w = `params.cnn_width`, `params.cnn_epochs` epochs, bf16 /
-  channels-last where the CPU has them) trained on each fold's training part. It costs (folds-1)·epochs passes over the
-  rows: 4 folds × 8 epochs took 4 minutes on 20k rows and 12 on 60k (2 cores).
+  channels-last where the CPU has them) trained on each fold's training part. It costs
+  (folds-1)·epochs passes over the rows: 4 folds × 8 epochs took 4 minutes on 20k rows and
+  12 on 60k (2 cores).
 - "auto" (the default): the CNN from `params.cnn_min_rows` rows on, else the MLP. The CNN
   needs data: on 3,000 rows it recovers the true labels worse than the MLP (0.77 vs 0.79).
 
