@@ -48,8 +48,14 @@ def load_split(registry: Registry, version: str, model: nn.Module, catalogue: Pa
     size, channels = model.image_size, model.in_channels
     images = np.stack([load_uint8(catalogue / p, size, channels) for p in test["path"]])
     train_paths = [catalogue / p for p in products.loc[train, "path"]]
-    return (images, test["label"].to_numpy(), test["product_id"].tolist(), emb[train],
-            products.loc[train, "label"].to_numpy(), train_paths)  # fmt: skip
+    return (
+        images,
+        test["label"].to_numpy(),
+        test["product_id"].tolist(),
+        emb[train],
+        products.loc[train, "label"].to_numpy(),
+        train_paths,
+    )
 
 
 def build_variants(model: nn.Module, calibration: np.ndarray, folder: Path) -> dict:
@@ -95,35 +101,47 @@ def measure_latencies(variants: dict, images: np.ndarray, n: int, rounds: int) -
     }
 
 
-def row(quality: dict, base: dict, latency: tuple, base_latency: tuple, size: int,
-        base_size: int) -> dict:  # fmt: skip
+def row(
+    quality: dict, base: dict, latency: tuple, base_latency: tuple, size: int, base_size: int
+) -> dict:
     m, b = quality["metrics"], base["metrics"]
     cosine = np.sum(quality["embedding"] * base["embedding"], axis=1)
     return {
-        "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "recall_at_1": m["recall_at_1"],
-        "latency_ms_b1": latency[0], "latency_ms_b32": latency[1] * 32,
-        "latency_ms_per_image_b32": latency[1], "size_bytes": size,
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "recall_at_1": m["recall_at_1"],
+        "latency_ms_b1": latency[0],
+        "latency_ms_b32": latency[1] * 32,
+        "latency_ms_per_image_b32": latency[1],
+        "size_bytes": size,
         "agreement_with_fp32": float(np.mean(quality["predicted"] == base["predicted"])),
         "min_embedding_cosine_to_fp32": float(cosine.min()),
         "accuracy_ratio": m["accuracy"] / b["accuracy"],
         "recall_at_1_ratio": m["recall_at_1"] / b["recall_at_1"],
-        "speedup_b1": base_latency[0] / latency[0], "speedup_b32": base_latency[1] / latency[1],
+        "speedup_b1": base_latency[0] / latency[0],
+        "speedup_b32": base_latency[1] / latency[1],
         "size_ratio": size / base_size,
-    }  # fmt: skip
+    }
 
 
 def print_table(result: dict) -> None:
-    head = (f"{'variant':20s} {'acc':>7s} {'R@1':>7s} {'b1 ms':>7s} {'b32 ms':>7s} "
-            f"{'size KB':>8s} {'acc×':>6s} {'R@1×':>6s} {'b1 ×':>6s} {'b32 ×':>6s} {'size×':>6s} "
-            f"{'agree':>6s}")  # fmt: skip
+    head = (
+        f"{'variant':20s} {'acc':>7s} {'R@1':>7s} {'b1 ms':>7s} {'b32 ms':>7s} "
+        f"{'size KB':>8s} {'acc×':>6s} {'R@1×':>6s} {'b1 ×':>6s} {'b32 ×':>6s} {'size×':>6s} "
+        f"{'agree':>6s}"
+    )
     print(head)
     for name, r in result["variants"].items():
-        print(f"{name:20s} {r['accuracy']:7.4f} {r['recall_at_1']:7.4f} {r['latency_ms_b1']:7.3f} "
-              f"{r['latency_ms_b32']:7.2f} {r['size_bytes'] / 1024:8.1f} {r['accuracy_ratio']:6.4f} "
-              f"{r['recall_at_1_ratio']:6.4f} {r['speedup_b1']:6.2f} {r['speedup_b32']:6.2f} "
-              f"{r['size_ratio']:6.3f} {r['agreement_with_fp32']:6.4f}")  # fmt: skip
-    print("ratios are to fp32 torch measured in this run (× > 1 = faster for latency columns); "
-          "b32 ms = one batch of 32")  # fmt: skip
+        print(
+            f"{name:20s} {r['accuracy']:7.4f} {r['recall_at_1']:7.4f} {r['latency_ms_b1']:7.3f} "
+            f"{r['latency_ms_b32']:7.2f} {r['size_bytes'] / 1024:8.1f} {r['accuracy_ratio']:6.4f} "
+            f"{r['recall_at_1_ratio']:6.4f} {r['speedup_b1']:6.2f} {r['speedup_b32']:6.2f} "
+            f"{r['size_ratio']:6.3f} {r['agreement_with_fp32']:6.4f}"
+        )
+    print(
+        "ratios are to fp32 torch measured in this run (× > 1 = faster for latency columns); "
+        "b32 ms = one batch of 32"
+    )
 
 
 def main() -> None:
@@ -131,8 +149,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--version", help="model version (default: the champion)")
-    parser.add_argument("--calibration-images", type=int, default=None,
-                        help="train-split images calibrating int8 (default: params.yaml)")  # fmt: skip
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=None,
+        help="train-split images calibrating int8 (default: params.yaml)",
+    )
     parser.add_argument("--latency-images", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
@@ -140,8 +162,9 @@ def main() -> None:
     paths = state_paths()
     configure_environment(paths)
     params = load_params()
-    registry = Registry(paths.tracking_uri, paths.artifacts, params.registry.model_name,
-                        paths.audit_log)  # fmt: skip
+    registry = Registry(
+        paths.tracking_uri, paths.artifacts, params.registry.model_name, paths.audit_log
+    )
     version = args.version or registry.alias_version("champion")
     if version is None:
         raise SystemExit(f"no champion in {paths.home}: run `make run` or pass --version")
@@ -158,19 +181,37 @@ def main() -> None:
         )
         variants = build_variants(model, calibration, Path(tmp))
         ks = params.evaluation.retrieval_k
-        quality = {name: measure_quality(m, split, params.data.categories, ks)
-                   for name, (m, _) in variants.items()}  # fmt: skip
+        quality = {
+            name: measure_quality(m, split, params.data.categories, ks)
+            for name, (m, _) in variants.items()
+        }
         latency = measure_latencies(variants, split[0], args.latency_images, args.rounds)
         sizes = {name: path.stat().st_size for name, (_, path) in variants.items()}
     result = {
-        "version": version, "backbone": model.backbone_name, "baseline": BASELINE,
-        "n_test": len(split[1]), "n_catalogue": len(split[4]), "calibration_images": len(picked),
-        "threads": torch.get_num_threads(), "served_int8": "int8 (onnxruntime static QDQ)",
-        "variants": {name: row(quality[name], quality[BASELINE], latency[name], latency[BASELINE],
-                               sizes[name], sizes[BASELINE]) for name in variants},
-    }  # fmt: skip
-    print(f"model version {version} ({model.backbone_name}), {result['n_test']} test images vs "
-          f"{result['n_catalogue']} catalogue embeddings, {result['threads']} threads")  # fmt: skip
+        "version": version,
+        "backbone": model.backbone_name,
+        "baseline": BASELINE,
+        "n_test": len(split[1]),
+        "n_catalogue": len(split[4]),
+        "calibration_images": len(picked),
+        "threads": torch.get_num_threads(),
+        "served_int8": "int8 (onnxruntime static QDQ)",
+        "variants": {
+            name: row(
+                quality[name],
+                quality[BASELINE],
+                latency[name],
+                latency[BASELINE],
+                sizes[name],
+                sizes[BASELINE],
+            )
+            for name in variants
+        },
+    }
+    print(
+        f"model version {version} ({model.backbone_name}), {result['n_test']} test images vs "
+        f"{result['n_catalogue']} catalogue embeddings, {result['threads']} threads"
+    )
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

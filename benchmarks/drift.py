@@ -55,15 +55,22 @@ def log_window(images: list, model, version: str, categories: list[str], folder:
     probs, emb = predict_batches(model, np.stack(pixels))
     for i, image in enumerate(decoded):
         best = int(probs[i].argmax())
-        log.write("/classify", version, emb[i], categories[best], float(probs[i][best]),
-                  compute_image_stats(image, pixels[i]))  # fmt: skip
+        log.write(
+            "/classify",
+            version,
+            emb[i],
+            categories[best],
+            float(probs[i][best]),
+            compute_image_stats(image, pixels[i]),
+        )
 
 
 def judge(folder: Path, version: str, ref_frame, ref_shares: dict, settings) -> tuple:
     """(verdict, baseline verdict) for the logged window, as `vitrine drift` reads it."""
     window = drift.read_window(folder, version, *_forever())
-    rows, emb = drift.seeded_sample(window.rows, window.emb, settings.max_current_rows,
-                                    settings.seed)  # fmt: skip
+    rows, emb = drift.seeded_sample(
+        window.rows, window.emb, settings.max_current_rows, settings.seed
+    )
     signals, _ = detect.compute_signals(ref_frame, detect.to_frame(rows, emb), settings, False)
     shares = (detect.category_shares(rows["category"]), ref_shares)
     verdict = detect.decide(signals, len(window.rows), settings.min_samples, shares)
@@ -87,8 +94,9 @@ def load_setup(part: str) -> dict:
         sys.exit(f"no champion in {paths.home}: run `make run` first (or set VITRINE_HOME)")
     ref_rows, ref_emb, note = drift.load_reference(registry, version, paths, params)
     settings = params.monitoring
-    ref_rows, ref_emb = drift.seeded_sample(ref_rows, ref_emb, settings.reference_rows,
-                                            settings.seed)  # fmt: skip
+    ref_rows, ref_emb = drift.seeded_sample(
+        ref_rows, ref_emb, settings.reference_rows, settings.seed
+    )
     catalogue = drift.catalogue_dir(params)
     test = shifts.held_out_products(catalogue)
     test = test[~test["product_id"].isin(set(ref_rows["product_id"]))]
@@ -97,18 +105,24 @@ def load_setup(part: str) -> dict:
         im for i, im in enumerate(shifts.withheld_category_images()) if half(f"d{i}") == part
     ]
     return {
-        "params": params, "settings": settings, "version": version, "note": note,
+        "params": params,
+        "settings": settings,
+        "version": version,
+        "note": note,
         "model": registry.load_model(version).eval(),
         "ref_frame": detect.to_frame(ref_rows, ref_emb),
         "ref_shares": detect.category_shares(ref_rows["category"]),
-        "pool": shifts.open_images(catalogue, test["path"].tolist()), "unknown": unknown,
-    }  # fmt: skip
+        "pool": shifts.open_images(catalogue, test["path"].tolist()),
+        "unknown": unknown,
+    }
 
 
 def run(part: str, windows: int, size: int, seed: int) -> dict:
     s = load_setup(part)
-    print(f"champion v{s['version']}; reference: {s['note']}; {part} pool "
-          f"{len(s['pool'])} images + {len(s['unknown'])} unknown-category images")  # fmt: skip
+    print(
+        f"champion v{s['version']}; reference: {s['note']}; {part} pool "
+        f"{len(s['pool'])} images + {len(s['unknown'])} unknown-category images"
+    )
     if len(s["pool"]) < size:
         sys.exit(f"the {part} pool has {len(s['pool'])} images, fewer than --window-size {size}")
     results: dict[str, dict] = {}
@@ -122,16 +136,23 @@ def run(part: str, windows: int, size: int, seed: int) -> dict:
             images = shifts.shifted_images(shift, [s["pool"][i] for i in picks], s["unknown"], rng)
             with tempfile.TemporaryDirectory() as tmp:
                 log_window(images, s["model"], s["version"], s["params"].data.categories, Path(tmp))
-                verdict, base = judge(Path(tmp), s["version"], s["ref_frame"], s["ref_shares"],
-                                      s["settings"])  # fmt: skip
+                verdict, base = judge(
+                    Path(tmp), s["version"], s["ref_frame"], s["ref_shares"], s["settings"]
+                )
             hits += bool(verdict.drifted)
             base_hits += bool(base.drifted)
             for sig in verdict.signals:
                 scores.setdefault(sig.name, []).append(sig.score)
-        results[shift] = {"rate": hits / windows, "baseline_rate": base_hits / windows,
-                          "scores": scores}  # fmt: skip
-        print(f"  {shift:<13} detected {hits:>2}/{windows} (baseline {base_hits:>2}/{windows})"
-              f"  [{time.perf_counter() - started:.0f} s]", flush=True)  # fmt: skip
+        results[shift] = {
+            "rate": hits / windows,
+            "baseline_rate": base_hits / windows,
+            "scores": scores,
+        }
+        print(
+            f"  {shift:<13} detected {hits:>2}/{windows} (baseline {base_hits:>2}/{windows})"
+            f"  [{time.perf_counter() - started:.0f} s]",
+            flush=True,
+        )
     return results
 
 
@@ -174,19 +195,34 @@ def main() -> None:
         print(f"{s:<14}{rates[s]:>10.2f}{base[s]:>10.2f}")
     print(f"{'false alarms':<14}{false_alarm:>10.2f}{base_false:>10.2f}")
     ratio = mean / base_mean if base_mean else float("inf")
-    print(f"mean detection {mean:.3f} vs predictions-only baseline {base_mean:.3f}: "
-          f"{ratio:.2f}x; goal >= 0.95 per shift, <= 0.05 false alarms")  # fmt: skip
+    print(
+        f"mean detection {mean:.3f} vs predictions-only baseline {base_mean:.3f}: "
+        f"{ratio:.2f}x; goal >= 0.95 per shift, <= 0.05 false alarms"
+    )
     if args.part == "calibration":
         print_calibration(results, load_params().monitoring)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "detection_rate": rates, "false_alarm_rate": false_alarm, "windows": args.windows,
-            "window_size": args.window_size, "part": args.part, "seed": seed,
-            "baseline": {"name": "predictions only (category + confidence signals)",
-                         "detection_rate": base, "false_alarm_rate": base_false},
-            "mean_detection_ratio_to_baseline": ratio,
-        }, indent=2) + "\n")  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "detection_rate": rates,
+                    "false_alarm_rate": false_alarm,
+                    "windows": args.windows,
+                    "window_size": args.window_size,
+                    "part": args.part,
+                    "seed": seed,
+                    "baseline": {
+                        "name": "predictions only (category + confidence signals)",
+                        "detection_rate": base,
+                        "false_alarm_rate": base_false,
+                    },
+                    "mean_detection_ratio_to_baseline": ratio,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

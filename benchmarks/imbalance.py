@@ -28,8 +28,9 @@ from components import catalogue, training
 from components.config import TrainParams, load_params
 
 
-def imbalanced_subset(labels: np.ndarray, minority: list[int], keep: float,
-                      seed: int) -> np.ndarray:  # fmt: skip
+def imbalanced_subset(
+    labels: np.ndarray, minority: list[int], keep: float, seed: int
+) -> np.ndarray:
     """Sorted row indices: every row of the other classes, round(keep·n) of each minority."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -41,15 +42,21 @@ def imbalanced_subset(labels: np.ndarray, minority: list[int], keep: float,
     return np.sort(np.concatenate(rows))
 
 
-def train_and_score(images: np.ndarray, targets: np.ndarray, params: TrainParams,
-                    test: tuple[np.ndarray, np.ndarray], names: list[str],
-                    checkpoints: Path | None) -> dict:  # fmt: skip
+def train_and_score(
+    images: np.ndarray,
+    targets: np.ndarray,
+    params: TrainParams,
+    test: tuple[np.ndarray, np.ndarray],
+    names: list[str],
+    checkpoints: Path | None,
+) -> dict:
     """Train with the training stage's function; per-class and macro scores on the test split.
     With `checkpoints` an interrupted run resumes (train_model checks the fingerprint)."""
     keep = contextlib.nullcontext(str(checkpoints)) if checkpoints else None
     with keep or tempfile.TemporaryDirectory(prefix="vitrine-bench-") as ckpt:
-        result = training.train_model(images, targets, params, len(names), Path(ckpt),
-                                      progress=False)  # fmt: skip
+        result = training.train_model(
+            images, targets, params, len(names), Path(ckpt), progress=False
+        )
     probs, _ = training.predict_batches(result.model, test[0])
     pred, truth = probs.argmax(1), test[1]
     classes = list(range(len(names)))
@@ -69,33 +76,49 @@ def train_and_score(images: np.ndarray, targets: np.ndarray, params: TrainParams
 
 def print_table(runs: dict, names: list[str], minority: list[int]) -> None:
     base, handled = runs["without"], runs["with"]
-    print(f"\n{'class':<13} {'F1 none':>8} {'F1 auto':>8} {'gain':>7}   "
-          f"{'P none':>6} {'P auto':>6} {'R none':>6} {'R auto':>6}")  # fmt: skip
+    print(
+        f"\n{'class':<13} {'F1 none':>8} {'F1 auto':>8} {'gain':>7}   "
+        f"{'P none':>6} {'P auto':>6} {'R none':>6} {'R auto':>6}"
+    )
     for c, name in enumerate(names):
         b, h = base["per_class"][name], handled["per_class"][name]
         mark = " *" if c in minority else ""
-        print(f"{name + mark:<13} {b['f1']:8.4f} {h['f1']:8.4f} {h['f1'] - b['f1']:+7.4f}   "
-              f"{b['precision']:6.3f} {h['precision']:6.3f} {b['recall']:6.3f} "
-              f"{h['recall']:6.3f}")  # fmt: skip
+        print(
+            f"{name + mark:<13} {b['f1']:8.4f} {h['f1']:8.4f} {h['f1'] - b['f1']:+7.4f}   "
+            f"{b['precision']:6.3f} {h['precision']:6.3f} {b['recall']:6.3f} "
+            f"{h['recall']:6.3f}"
+        )
     for key in ("macro_f1", "accuracy", "minority_f1"):
         ratio = f"{handled[key] / base[key]:.3f}" if base[key] else "n/a"
-        print(f"{key:<13} {base[key]:8.4f} {handled[key]:8.4f} {handled[key] - base[key]:+7.4f}"
-              f"   (ratio {ratio})")  # fmt: skip
-    print("* = minority class (subsampled); none = class_weights none (baseline), auto = the "
-          "training stage's handling")  # fmt: skip
+        print(
+            f"{key:<13} {base[key]:8.4f} {handled[key]:8.4f} {handled[key] - base[key]:+7.4f}"
+            f"   (ratio {ratio})"
+        )
+    print(
+        "* = minority class (subsampled); none = class_weights none (baseline), auto = the "
+        "training stage's handling"
+    )
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--minority", default="Shirt,Coat,Sneaker", help="comma-separated categories")
     p.add_argument("--keep", type=float, default=0.05, help="share of each minority class kept")
-    p.add_argument("--train-size", type=int, default=0,
-                   help="stratified subset of the 60k train split before subsampling (0 = all)")  # fmt: skip
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=0,
+        help="stratified subset of the 60k train split before subsampling (0 = all)",
+    )
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repo's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoints", type=Path, default=None,
-                   help="keep training checkpoints here so a re-run resumes (default: temp)")  # fmt: skip
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="keep training checkpoints here so a re-run resumes (default: temp)",
+    )
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -112,8 +135,14 @@ def main() -> None:
     images, labels = data["train"][0][..., None], data["train"][1].astype(np.int64)
     if args.train_size:
         rng = np.random.default_rng(args.seed)
-        pick = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[
-            : round(args.train_size * (labels == c).mean())] for c in range(len(names))])  # fmt: skip
+        pick = np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(labels == c))[
+                    : round(args.train_size * (labels == c).mean())
+                ]
+                for c in range(len(names))
+            ]
+        )
         images, labels = images[np.sort(pick)], labels[np.sort(pick)]
     rows = imbalanced_subset(labels, minority, args.keep, args.seed)
     counts = np.bincount(labels[rows], minlength=len(names))
@@ -129,12 +158,20 @@ def main() -> None:
         runs[key]["minority_f1"] = float(
             np.mean([runs[key]["per_class"][names[c]]["f1"] for c in minority])
         )
-        print(f"class_weights {mode}: macro-F1 {runs[key]['macro_f1']:.4f} "
-              f"({runs[key]['train_seconds']:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"class_weights {mode}: macro-F1 {runs[key]['macro_f1']:.4f} "
+            f"({runs[key]['train_seconds']:.0f} s)",
+            flush=True,
+        )
     print_table(runs, names, minority)
     if args.json:
-        out = {**runs, "minority": [names[c] for c in minority], "keep": args.keep,
-               "train_counts": counts.tolist(), "epochs": args.epochs}  # fmt: skip
+        out = {
+            **runs,
+            "minority": [names[c] for c in minority],
+            "keep": args.keep,
+            "train_counts": counts.tolist(),
+            "epochs": args.epochs,
+        }
         args.json.write_text(json.dumps(out, indent=2))
 
 

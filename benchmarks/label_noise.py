@@ -77,9 +77,14 @@ def load_data(params: Params, train_size: int | None, seed: int):
     return manifest, images[..., None], (x_test[..., None], y_test.astype(np.int64))
 
 
-def train_and_test(images: np.ndarray, targets: np.ndarray, params: TrainParams,
-                   test: tuple[np.ndarray, np.ndarray], num_classes: int,
-                   checkpoints: Path | None) -> dict:  # fmt: skip
+def train_and_test(
+    images: np.ndarray,
+    targets: np.ndarray,
+    params: TrainParams,
+    test: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    checkpoints: Path | None,
+) -> dict:
     """Train with the training stage's own function; accuracy on the frozen test split.
 
     With `checkpoints`, an interrupted benchmark resumes there: train_model continues a run
@@ -100,18 +105,34 @@ def inject(kind: str, given: np.ndarray, rate: float, num_classes: int, seed: in
     return noise.inject_pair_noise(given, rate, noise.FASHION_MNIST_PAIRS, seed)
 
 
-def run_noise_type(kind: str, manifest: pd.DataFrame, images: np.ndarray, clean: dict,
-                   params: Params, train_params: TrainParams, test, args) -> dict:  # fmt: skip
+def run_noise_type(
+    kind: str,
+    manifest: pd.DataFrame,
+    images: np.ndarray,
+    clean: dict,
+    params: Params,
+    train_params: TrainParams,
+    test,
+    args,
+) -> dict:
     """(b) and (c) for one noise type; `clean` is (a), shared by both noise types."""
     num_classes = len(params.data.categories)
     given = manifest["label"].to_numpy()
     noisy_labels, flipped = inject(kind, given, args.rate, num_classes, args.seed)
     noisy = manifest.assign(label=noisy_labels)
     noisy["category"] = [params.data.categories[y] for y in noisy_labels]
-    print(f"[{kind}] {flipped.sum():,} of {len(given):,} labels flipped "
-          f"({flipped.mean():.1%})", flush=True)  # fmt: skip
-    b = train_and_test(images[noisy["row"]], noisy_labels, train_params, test, num_classes,
-                       args.checkpoints and args.checkpoints / f"{kind}-noisy")  # fmt: skip
+    print(
+        f"[{kind}] {flipped.sum():,} of {len(given):,} labels flipped ({flipped.mean():.1%})",
+        flush=True,
+    )
+    b = train_and_test(
+        images[noisy["row"]],
+        noisy_labels,
+        train_params,
+        test,
+        num_classes,
+        args.checkpoints and args.checkpoints / f"{kind}-noisy",
+    )
     print(f"[{kind}] (b) noisy: test acc {b['accuracy']:.4f} ({b['seconds']:.0f} s)", flush=True)
     t0 = time.perf_counter()
     cleaned, issues, summary = labels.clean_labels(
@@ -120,14 +141,26 @@ def run_noise_type(kind: str, manifest: pd.DataFrame, images: np.ndarray, clean:
     clean_s = time.perf_counter() - t0
     scores = noise.score_flip_detection(noisy["product_id"].isin(issues["product_id"]), flipped)
     kept = cleaned["row"].to_numpy()
-    residual = float((cleaned["label"].to_numpy() != manifest.set_index("row").loc[kept, "label"]
-                      .to_numpy()).mean())  # fmt: skip
-    print(f"[{kind}] cleaning ({params.labels.policy}): flagged {scores['flagged']:,}, flip "
-          f"precision {scores['precision']:.3f} recall {scores['recall']:.3f} F1 "
-          f"{scores['f1']:.3f}; {len(cleaned):,} rows kept, {residual:.1%} of them still wrong "
-          f"({clean_s:.0f} s)", flush=True)  # fmt: skip
-    c = train_and_test(images[kept], cleaned["label"].to_numpy(), train_params, test, num_classes,
-                       args.checkpoints and args.checkpoints / f"{kind}-cleaned")  # fmt: skip
+    residual = float(
+        (
+            cleaned["label"].to_numpy() != manifest.set_index("row").loc[kept, "label"].to_numpy()
+        ).mean()
+    )
+    print(
+        f"[{kind}] cleaning ({params.labels.policy}): flagged {scores['flagged']:,}, flip "
+        f"precision {scores['precision']:.3f} recall {scores['recall']:.3f} F1 "
+        f"{scores['f1']:.3f}; {len(cleaned):,} rows kept, {residual:.1%} of them still wrong "
+        f"({clean_s:.0f} s)",
+        flush=True,
+    )
+    c = train_and_test(
+        images[kept],
+        cleaned["label"].to_numpy(),
+        train_params,
+        test,
+        num_classes,
+        args.checkpoints and args.checkpoints / f"{kind}-cleaned",
+    )
     print(f"[{kind}] (c) cleaned: test acc {c['accuracy']:.4f} ({c['seconds']:.0f} s)", flush=True)
     return {
         "clean_acc": clean["accuracy"],
@@ -146,38 +179,60 @@ def run_noise_type(kind: str, manifest: pd.DataFrame, images: np.ndarray, clean:
             "clean": clean["seconds"],
             "noisy": b["seconds"],
             "cleaned": c["seconds"],
-        },  # fmt: skip
+        },
         "goal_met": c["accuracy"] >= GOAL_RATIO * clean["accuracy"] and scores["f1"] >= GOAL_F1,
     }
 
 
 def print_table(results: dict, args, policy: str) -> None:
-    print(f"\ntrain rows {args.train_size or 'all'}, epochs {args.epochs}, noise rate "
-          f"{args.rate}, cleaning policy {policy}; test = frozen t10k split (10,000)")  # fmt: skip
-    print(f"{'noise':<11} {'clean(a)':>8} {'noisy(b)':>8} {'cleaned(c)':>10} {'b/a':>6} "
-          f"{'c/a':>6} {'flipP':>6} {'flipR':>6} {'flipF1':>6}  goal")  # fmt: skip
+    print(
+        f"\ntrain rows {args.train_size or 'all'}, epochs {args.epochs}, noise rate "
+        f"{args.rate}, cleaning policy {policy}; test = frozen t10k split (10,000)"
+    )
+    print(
+        f"{'noise':<11} {'clean(a)':>8} {'noisy(b)':>8} {'cleaned(c)':>10} {'b/a':>6} "
+        f"{'c/a':>6} {'flipP':>6} {'flipR':>6} {'flipF1':>6}  goal"
+    )
     for kind, r in results.items():
-        print(f"{kind:<11} {r['clean_acc']:8.4f} {r['noisy_acc']:8.4f} {r['cleaned_acc']:10.4f} "
-              f"{r['noisy_over_clean']:6.3f} {r['cleaned_over_clean']:6.3f} {r['precision']:6.3f} "
-              f"{r['recall']:6.3f} {r['f1']:6.3f}  {'MET' if r['goal_met'] else 'NOT MET'}")  # fmt: skip
+        print(
+            f"{kind:<11} {r['clean_acc']:8.4f} {r['noisy_acc']:8.4f} {r['cleaned_acc']:10.4f} "
+            f"{r['noisy_over_clean']:6.3f} {r['cleaned_over_clean']:6.3f} {r['precision']:6.3f} "
+            f"{r['recall']:6.3f} {r['f1']:6.3f}  {'MET' if r['goal_met'] else 'NOT MET'}"
+        )
     print(f"goal: c/a >= {GOAL_RATIO} and flip F1 >= {GOAL_F1} for every noise type")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--train-size", type=int, default=0,
-                   help="stratified subset of the 60k train split (0 = all)")  # fmt: skip
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=0,
+        help="stratified subset of the 60k train split (0 = all)",
+    )
     p.add_argument("--epochs", type=int, default=8, help="training epochs for (a), (b), (c)")
     p.add_argument("--rate", type=float, default=0.2, help="noise rate (see the docstring)")
     p.add_argument("--noise", nargs="+", choices=NOISE_TYPES, default=list(NOISE_TYPES))
     p.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repo's)")
-    p.add_argument("--policy", choices=["drop", "relabel", "keep"], default=None,
-                   help="override params.yaml's labels.policy")  # fmt: skip
-    p.add_argument("--label-model", choices=["auto", "mlp", "cnn"], default=None,
-                   help="override params.yaml's labels.model (the out-of-fold model)")  # fmt: skip
+    p.add_argument(
+        "--policy",
+        choices=["drop", "relabel", "keep"],
+        default=None,
+        help="override params.yaml's labels.policy",
+    )
+    p.add_argument(
+        "--label-model",
+        choices=["auto", "mlp", "cnn"],
+        default=None,
+        help="override params.yaml's labels.model (the out-of-fold model)",
+    )
     p.add_argument("--seed", type=int, default=0, help="subset and noise seed")
-    p.add_argument("--checkpoints", type=Path, default=None,
-                   help="keep training checkpoints here so a re-run resumes (default: temp)")  # fmt: skip
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="keep training checkpoints here so a re-run resumes (default: temp)",
+    )
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -191,11 +246,20 @@ def main() -> None:
         params.labels = params.labels.model_copy(update={"model": args.label_model})
     train_params = params.train.model_copy(update={"epochs": args.epochs})
     manifest, images, test = load_data(params, args.train_size or None, args.seed)
-    print(f"{len(manifest):,} training rows, {len(test[1]):,} test rows; labels {params.labels}; "
-          f"train backbone {train_params.backbone}, {args.epochs} epochs", flush=True)  # fmt: skip
+    print(
+        f"{len(manifest):,} training rows, {len(test[1]):,} test rows; labels {params.labels}; "
+        f"train backbone {train_params.backbone}, {args.epochs} epochs",
+        flush=True,
+    )
     num_classes = len(params.data.categories)
-    a = train_and_test(images[manifest["row"]], manifest["label"].to_numpy(), train_params, test,
-                       num_classes, args.checkpoints and args.checkpoints / "clean")  # fmt: skip
+    a = train_and_test(
+        images[manifest["row"]],
+        manifest["label"].to_numpy(),
+        train_params,
+        test,
+        num_classes,
+        args.checkpoints and args.checkpoints / "clean",
+    )
     print(f"(a) clean labels: test acc {a['accuracy']:.4f} ({a['seconds']:.0f} s)", flush=True)
     results = {
         kind: run_noise_type(kind, manifest, images, a, params, train_params, test, args)

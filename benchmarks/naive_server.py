@@ -30,8 +30,12 @@ def build_app() -> FastAPI:
     paths = state_paths()
     configure_environment(paths)
     params = load_params()
-    registry = Registry(tracking_uri=paths.tracking_uri, artifact_root=paths.artifacts,
-                        model_name=params.registry.model_name, audit_log=paths.audit_log)  # fmt: skip
+    registry = Registry(
+        tracking_uri=paths.tracking_uri,
+        artifact_root=paths.artifacts,
+        model_name=params.registry.model_name,
+        audit_log=paths.audit_log,
+    )
     version = registry.alias_version("champion")
     model = registry.load_model(version).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,14 +47,19 @@ def build_app() -> FastAPI:
 
     @app.post("/search")
     def search(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10) -> dict:
-        pixels = image_to_uint8(Image.open(io.BytesIO(image.file.read())), model.image_size,
-                                model.in_channels)  # fmt: skip
+        pixels = image_to_uint8(
+            Image.open(io.BytesIO(image.file.read())), model.image_size, model.in_channels
+        )
         with torch.inference_mode():
             _, emb = model(to_tensor(pixels[None].copy()))
         scores = embeddings @ emb[0].numpy()
         top = np.argsort(-scores)[:k]
-        return {"model_version": version, "results": [
-            {"product_id": ids[i], "score": float(scores[i]), "category": cats[i]} for i in top]}  # fmt: skip
+        return {
+            "model_version": version,
+            "results": [
+                {"product_id": ids[i], "score": float(scores[i]), "category": cats[i]} for i in top
+            ],
+        }
 
     @app.get("/readyz")
     def ready() -> dict:

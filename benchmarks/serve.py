@@ -42,8 +42,14 @@ def free_port() -> int:
 
 
 def start(command: list[str], url: str, log: Path, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -162,8 +168,9 @@ def load_photos(n: int) -> list[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1000, help="per concurrency level")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1, 4, 16])  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
+    )
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--log-dir", default="/tmp")
@@ -178,8 +185,15 @@ def main() -> None:
     }
     bin_dir = Path(sys.executable).parent
     port = free_port()
-    service_cmd = [str(bin_dir / "bentoml"), "serve", "bentos.service:Vitrine",
-                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    service_cmd = [
+        str(bin_dir / "bentoml"),
+        "serve",
+        "bentos.service:Vitrine",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     print(f"vitrine service (bentoml, micro-batching, cache, FAISS) on :{port}")
     service = run_side("vitrine", service_cmd, port, photos, args, env)
     port = free_port()
@@ -201,8 +215,10 @@ def main() -> None:
     print(f"\n{'':<10}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
     for name, side in (("vitrine", service), ("baseline", baseline)):
         for c, row in side.items():
-            print(f"{name:<10}{c:>5}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
-                  f"{row['rps']:>9}{row['errors']:>8}")  # fmt: skip
+            print(
+                f"{name:<10}{c:>5}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
+                f"{row['rps']:>9}{row['errors']:>8}"
+            )
     print(
         f"throughput at concurrency {top}: {result[f'rps_ratio_{top}']}× the baseline; "
         f"p50 at concurrency 1: {result['p50_ratio_1']}× faster"

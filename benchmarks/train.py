@@ -48,19 +48,27 @@ from components.transforms import to_tensor  # noqa: E402
 PROBE_MARGIN = 1.05
 
 
-def probe_epoch_seconds(images: np.ndarray, labels: np.ndarray, params: TrainParams,
-                        size: int) -> float:  # fmt: skip
+def probe_epoch_seconds(
+    images: np.ndarray, labels: np.ndarray, params: TrainParams, size: int
+) -> float:
     """Seconds per epoch at `size` px from two timed probes of real training steps (10 and
     50 batches) after an untimed warm-up one: their difference is the per-batch cost, the
     rest (validating the held-out rows) the fixed part of an epoch. (With 10 and 40 batches
     and no warm-up, one run's probes put a 20 px epoch at 18.7 s; it took 32.8.)"""
 
     def probe(batches: int) -> float:
-        run = params.model_copy(update={"epochs": 1, "max_batches_per_epoch": batches,
-                                        "image_size": size, "progressive_sizes": []})  # fmt: skip
+        run = params.model_copy(
+            update={
+                "epochs": 1,
+                "max_batches_per_epoch": batches,
+                "image_size": size,
+                "progressive_sizes": [],
+            }
+        )
         with tempfile.TemporaryDirectory() as tmp:
-            result = training.train_model(images, labels, run, 10, Path(tmp), progress=False,
-                                          pretrained=False)  # fmt: skip
+            result = training.train_model(
+                images, labels, run, 10, Path(tmp), progress=False, pretrained=False
+            )
         return result.history[0]["seconds"]
 
     probe(3)
@@ -94,8 +102,9 @@ def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
     run = params.model_copy(update={"epochs": epochs, "patience": epochs + 1})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = training.train_model(x_train, y_train, run, 10, Path(tmp), progress=False,
-                                      pretrained=False)  # fmt: skip
+        result = training.train_model(
+            x_train, y_train, run, 10, Path(tmp), progress=False, pretrained=False
+        )
     minutes = (time.perf_counter() - start) / 60
     probs, test_emb = training.predict_batches(result.model, x_test)
     _, train_emb = training.predict_batches(result.model, x_train)
@@ -106,10 +115,13 @@ def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
         "epoch_sizes": [h["size"] for h in result.history],
         "probe_margin": PROBE_MARGIN,
         "epoch_seconds_probe": {str(size): round(s, 1) for size, s in epoch_s.items()},
-        "epoch_seconds": {str(size): round(float(np.mean([h["seconds"] for h in result.history
-                                                          if h["size"] == size])), 1)
-                          for size in sorted({h["size"] for h in result.history})},
-    }  # fmt: skip
+        "epoch_seconds": {
+            str(size): round(
+                float(np.mean([h["seconds"] for h in result.history if h["size"] == size])), 1
+            )
+            for size in sorted({h["size"] for h in result.history})
+        },
+    }
 
 
 def scores(y_test, predicted, test_emb, train_emb, y_train) -> dict:
@@ -133,8 +145,10 @@ def logistic_head(train_x, y_train, test_x, y_test, seconds: float) -> dict:
     head.fit((train_x - mean) / std, y_train)
     predicted = head.predict((test_x - mean) / std)
     minutes = (seconds + time.perf_counter() - start) / 60
-    return {**scores(y_test, predicted, normalise(test_x), normalise(train_x), y_train),
-            "train_minutes": round(minutes, 2)}  # fmt: skip
+    return {
+        **scores(y_test, predicted, normalise(test_x), normalise(train_x), y_train),
+        "train_minutes": round(minutes, 2),
+    }
 
 
 def efficientnet_features(images: np.ndarray, size: int = 64) -> np.ndarray:
@@ -150,18 +164,27 @@ def efficientnet_features(images: np.ndarray, size: int = 64) -> np.ndarray:
 
 def baselines(data: dict, skip_efficientnet: bool) -> dict:
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    out = {"logreg_pixels": logistic_head(x_train.reshape(len(x_train), -1).astype(np.float32),
-                                          y_train, x_test.reshape(len(x_test), -1)
-                                          .astype(np.float32), y_test, 0.0)}  # fmt: skip
+    out = {
+        "logreg_pixels": logistic_head(
+            x_train.reshape(len(x_train), -1).astype(np.float32),
+            y_train,
+            x_test.reshape(len(x_test), -1).astype(np.float32),
+            y_test,
+            0.0,
+        )
+    }
     print(f"  logreg on pixels: {out['logreg_pixels']}", flush=True)
     if not skip_efficientnet:
         start = time.perf_counter()
         f_train, f_test = efficientnet_features(x_train), efficientnet_features(x_test)
         seconds = time.perf_counter() - start
-        out["efficientnet_lite0_frozen_linear"] = logistic_head(f_train, y_train, f_test, y_test,
-                                                                seconds)  # fmt: skip
-        print(f"  frozen EfficientNet-Lite0 + linear: "
-              f"{out['efficientnet_lite0_frozen_linear']}", flush=True)  # fmt: skip
+        out["efficientnet_lite0_frozen_linear"] = logistic_head(
+            f_train, y_train, f_test, y_test, seconds
+        )
+        print(
+            f"  frozen EfficientNet-Lite0 + linear: {out['efficientnet_lite0_frozen_linear']}",
+            flush=True,
+        )
     return out
 
 
@@ -193,16 +216,23 @@ def main() -> None:
         print(f"  vitrine, budget {budget} min: {curve[str(budget)]}", flush=True)
     base = baselines(data, args.skip_efficientnet)
     head = curve[str(max(budgets))]
-    result = {**head, "budget_minutes": max(budgets), "config": config,
-              "curve": curve if len(budgets) > 1 else None,
-              "baselines": {name: row["accuracy"] for name, row in base.items()},
-              "baseline_rows": base, "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    result = {
+        **head,
+        "budget_minutes": max(budgets),
+        "config": config,
+        "curve": curve if len(budgets) > 1 else None,
+        "baselines": {name: row["accuracy"] for name, row in base.items()},
+        "baseline_rows": base,
+        "cpu_threads": torch.get_num_threads(),
+    }
     print(f"\n{'model':<36}{'accuracy':>9}{'macro-F1':>10}{'R@1':>8}{'minutes':>9}")
     rows = [(f"vitrine {b} min ({r['epochs']} epochs)", r) for b, r in curve.items()]
     rows += list(base.items())
     for name, row in rows:
-        print(f"{name:<36}{row['accuracy']:>9}{row['macro_f1']:>10}{row['recall_at_1']:>8}"
-              f"{row['train_minutes']:>9}")  # fmt: skip
+        print(
+            f"{name:<36}{row['accuracy']:>9}{row['macro_f1']:>10}{row['recall_at_1']:>8}"
+            f"{row['train_minutes']:>9}"
+        )
     for name, row in base.items():
         print(f"vitrine / {name}: accuracy ×{head['accuracy'] / row['accuracy']:.3f}")
     if args.json:

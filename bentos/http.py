@@ -51,8 +51,11 @@ async def read_upload(request: Request) -> tuple[bytes, str | None, dict[str, st
         return await upload.read(), upload.content_type, fields
     if base in IMAGE_TYPES | SNIFFED_TYPES - {""}:
         return await request.body(), base, fields
-    raise ApiError(415, f"unsupported request content type {base or 'none'!r}: send "
-                        "multipart/form-data with field 'image', or a raw image body")  # fmt: skip
+    raise ApiError(
+        415,
+        f"unsupported request content type {base or 'none'!r}: send "
+        "multipart/form-data with field 'image', or a raw image body",
+    )
 
 
 async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -78,8 +81,9 @@ def _service() -> Any:
 
 def error_response(status: int, message: str) -> JSONResponse:
     bundle = getattr(_service(), "bundle", None)
-    return JSONResponse({"error": message, "model_version": bundle.version if bundle else None},
-                        status_code=status)  # fmt: skip
+    return JSONResponse(
+        {"error": message, "model_version": bundle.version if bundle else None}, status_code=status
+    )
 
 
 @app.exception_handler(ApiError)

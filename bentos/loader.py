@@ -64,9 +64,11 @@ class ModelLoader:
             from components.registry import Registry
 
             self._registry = Registry(
-                tracking_uri=self.paths.tracking_uri, artifact_root=self.paths.artifacts,
-                model_name=self.params.registry.model_name, audit_log=self.paths.audit_log,
-            )  # fmt: skip
+                tracking_uri=self.paths.tracking_uri,
+                artifact_root=self.paths.artifacts,
+                model_name=self.params.registry.model_name,
+                audit_log=self.paths.audit_log,
+            )
         return self._registry
 
     def load_bundle(self, registry: Any, version: str) -> Bundle:
@@ -93,8 +95,17 @@ class ModelLoader:
 
         served, variant, note = load_served_model(registry, version, model, self.variant)
         loaded_at = datetime.now(UTC).isoformat()
-        return Bundle(version, served, index, loaded_at, round(time.perf_counter() - start, 3), text,
-                      torch_model=model, variant=variant, variant_note=note)  # fmt: skip
+        return Bundle(
+            version,
+            served,
+            index,
+            loaded_at,
+            round(time.perf_counter() - start, 3),
+            text,
+            torch_model=model,
+            variant=variant,
+            variant_note=note,
+        )
 
     def reload(self) -> dict:
         """Load the version the `champion` alias names, if it is not the one being served.

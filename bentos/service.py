@@ -46,7 +46,7 @@ from components.serving import (
     parse_k,
     set_call_threads,
     sha256_hex,
-)  # fmt: skip
+)
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -104,16 +104,19 @@ class Vitrine:
         from components.ab import ABLog
 
         self.ab = serving.ab.model_copy(
-            update={"mode": os.environ.get("VITRINE_AB_MODE") or serving.ab.mode,
-                    "challenger_share": env_float("VITRINE_AB_SHARE", serving.ab.challenger_share)}
-        )  # fmt: skip
+            update={
+                "mode": os.environ.get("VITRINE_AB_MODE") or serving.ab.mode,
+                "challenger_share": env_float("VITRINE_AB_SHARE", serving.ab.challenger_share),
+            }
+        )
         self.ab_log = ABLog(requests_dir)
         variant = os.environ.get("VITRINE_VARIANT") or serving.variant  # compress.VARIANTS
         self.loader = ModelLoader(self.paths, self.params, self.metrics, variant, self.ab.mode)
         self.batcher = MicroBatcher(
-            self._predict_batch, max_batch_size=serving.max_batch_size,
+            self._predict_batch,
+            max_batch_size=serving.max_batch_size,
             on_batch=self.metrics.batch_size.observe,
-        )  # fmt: skip
+        )
         self.admin_token = os.environ.get("VITRINE_ADMIN_TOKEN") or ""
         self.loader.reload()
         self.loader.reload_challenger()
@@ -173,10 +176,14 @@ class Vitrine:
         probs, embedding = cached
         best = int(np.argmax(probs))
         return {
-            "pixels": pixels, "probs": probs, "embedding": embedding, "best": best,
-            "category": self.categories[best], "confidence": float(probs[best]),
+            "pixels": pixels,
+            "probs": probs,
+            "embedding": embedding,
+            "best": best,
+            "category": self.categories[best],
+            "confidence": float(probs[best]),
             "stats": compute_image_stats(image, pixels),
-        }  # fmt: skip
+        }
 
     # ------------------------------------------------------------------ online A/B
     def pick(self, request: Request) -> tuple[Bundle, Bundle | None]:
@@ -221,29 +228,56 @@ class Vitrine:
             except Exception:
                 status = 500
             ab["agrees"] = agrees
-            self.record_ab({"arm": "challenger", "version": shadow.version, "mode": "shadow",
-                            "confidence": confidence, "agrees": agrees},
-                           "shadow", status, time.perf_counter() - started)  # fmt: skip
+            self.record_ab(
+                {
+                    "arm": "challenger",
+                    "version": shadow.version,
+                    "mode": "shadow",
+                    "confidence": confidence,
+                    "agrees": agrees,
+                },
+                "shadow",
+                status,
+                time.perf_counter() - started,
+            )
         return bundle, result
 
     def record_ab(self, ab: dict, endpoint: str, status: int, seconds: float) -> None:
         from components.ab import ABEvent
 
         self.metrics.observe_arm(ab["arm"], ab["version"], status, seconds)
-        self.ab_log.write(ABEvent(ab["arm"], ab["version"], endpoint, status,
-                                  round(seconds * 1000, 3), ab["mode"], ab.get("confidence"),
-                                  ab.get("agrees")))  # fmt: skip
+        self.ab_log.write(
+            ABEvent(
+                ab["arm"],
+                ab["version"],
+                endpoint,
+                status,
+                round(seconds * 1000, 3),
+                ab["mode"],
+                ab.get("confidence"),
+                ab.get("agrees"),
+            )
+        )
 
     def log_request(self, endpoint: str, bundle: Bundle, result: dict) -> None:
-        self.request_log.write(endpoint, bundle.version, result["embedding"],
-                               result["category"], result["confidence"], result["stats"])  # fmt: skip
+        self.request_log.write(
+            endpoint,
+            bundle.version,
+            result["embedding"],
+            result["category"],
+            result["confidence"],
+            result["stats"],
+        )
 
     def hit_json(self, hit: Any) -> dict:
         return {
-            "product_id": hit.product_id, "score": round(float(hit.score), 6),
-            "category": hit.category, "group": hit.group, "title": hit.title,
+            "product_id": hit.product_id,
+            "score": round(float(hit.score), 6),
+            "category": hit.category,
+            "group": hit.group,
+            "title": hit.title,
             "image_url": f"/products/{quote(hit.product_id, safe='')}/image",
-        }  # fmt: skip
+        }
 
     # ------------------------------------------------------------------ image endpoints
     @app.post("/classify")
@@ -256,9 +290,11 @@ class Vitrine:
             "model_version": bundle.version,
             "category": result["category"],
             "confidence": round(result["confidence"], 6),
-            "top": [{"category": self.categories[i], "probability": round(float(result["probs"][i]), 6)}
-                    for i in top],
-        }  # fmt: skip
+            "top": [
+                {"category": self.categories[i], "probability": round(float(result["probs"][i]), 6)}
+                for i in top
+            ],
+        }
 
     @app.post("/tags")
     async def tags(self, request: Request) -> dict:
@@ -270,17 +306,27 @@ class Vitrine:
         cats = [hit.category for hit in hits]
         majority = max(set(cats), key=cats.count) if cats else None
         group = group_of(result["category"])
-        group_score = sum(float(p) for c, p in zip(self.categories, result["probs"], strict=True)
-                          if group_of(c) == group)  # fmt: skip
+        group_score = sum(
+            float(p)
+            for c, p in zip(self.categories, result["probs"], strict=True)
+            if group_of(c) == group
+        )
         shade, brightness = shade_of(result["pixels"])
         self.log_request("/tags", bundle, result)
-        return {"model_version": bundle.version, "tags": {
-            "category": {"value": result["category"], "score": round(result["confidence"], 6)},
-            "group": {"value": group, "score": round(group_score, 6)},
-            "shade": {"value": shade, "score": round(brightness, 4)},
-            "neighbours": {"value": majority, "score": round(cats.count(majority) / len(cats), 4) if cats else 0.0,
-                           "agrees": majority == result["category"], "k": len(cats)},
-        }}  # fmt: skip
+        return {
+            "model_version": bundle.version,
+            "tags": {
+                "category": {"value": result["category"], "score": round(result["confidence"], 6)},
+                "group": {"value": group, "score": round(group_score, 6)},
+                "shade": {"value": shade, "score": round(brightness, 4)},
+                "neighbours": {
+                    "value": majority,
+                    "score": round(cats.count(majority) / len(cats), 4) if cats else 0.0,
+                    "agrees": majority == result["category"],
+                    "k": len(cats),
+                },
+            },
+        }
 
     @app.post("/search")
     async def search(self, request: Request) -> dict:
@@ -288,12 +334,17 @@ class Vitrine:
         k = await guarded(parse_k, fields.get("k", 10))
         category, group = fields.get("category") or None, fields.get("group") or None
         bundle, result = await self.infer(request, data, ctype)
-        hits = await guarded(bundle.index.search, result["embedding"], k, category=category, group=group)  # fmt: skip
+        hits = await guarded(
+            bundle.index.search, result["embedding"], k, category=category, group=group
+        )
         self.log_request("/search", bundle, result)
-        return {"model_version": bundle.version, "k": k,
-                "filters": {"category": category, "group": group},
-                "query": {"category": result["category"], "confidence": round(result["confidence"], 6)},
-                "results": [self.hit_json(h) for h in hits]}  # fmt: skip
+        return {
+            "model_version": bundle.version,
+            "k": k,
+            "filters": {"category": category, "group": group},
+            "query": {"category": result["category"], "confidence": round(result["confidence"], 6)},
+            "results": [self.hit_json(h) for h in hits],
+        }
 
     @app.post("/embed")
     async def embed(self, request: Request) -> dict:
@@ -309,8 +360,11 @@ class Vitrine:
 
         bundle, _ = self.pick(request)
         if bundle.text is None:
-            raise ApiError(409, f"model version {bundle.version} was registered without text "
-                                "search (text_search.enabled was false)")  # fmt: skip
+            raise ApiError(
+                409,
+                f"model version {bundle.version} was registered without text "
+                "search (text_search.enabled was false)",
+            )
         query = body.query.strip()
         if not query:
             raise ApiError(400, "query is blank: type a few words, e.g. 'white sneakers'")
@@ -318,11 +372,21 @@ class Vitrine:
         if vector is None:
             vector = (await run_in_threadpool(textsearch.encode_texts, [query]))[0]
             self.text_cache.put(query.lower(), vector)
-        hits = await guarded(bundle.index.search_space, bundle.text, vector, body.k,
-                             category=body.category, group=body.group)  # fmt: skip
-        return {"model_version": bundle.version, "query": query, "k": body.k,
-                "filters": {"category": body.category, "group": body.group},
-                "results": [self.hit_json(h) for h in hits]}  # fmt: skip
+        hits = await guarded(
+            bundle.index.search_space,
+            bundle.text,
+            vector,
+            body.k,
+            category=body.category,
+            group=body.group,
+        )
+        return {
+            "model_version": bundle.version,
+            "query": query,
+            "k": body.k,
+            "filters": {"category": body.category, "group": body.group},
+            "results": [self.hit_json(h) for h in hits],
+        }
 
     @app.post("/explain")
     async def explain(self, request: Request) -> Any:
@@ -341,9 +405,15 @@ class Vitrine:
         )
         if answer == "png":
             region = ",".join(str(ex.box[k]) for k in ("x0", "y0", "x1", "y1"))
-            return Response(ex.png, media_type="image/png", headers={
-                "X-Model-Version": bundle.version, "X-Category": quote(ex.category),
-                "X-Region": region})  # fmt: skip
+            return Response(
+                ex.png,
+                media_type="image/png",
+                headers={
+                    "X-Model-Version": bundle.version,
+                    "X-Category": quote(ex.category),
+                    "X-Region": region,
+                },
+            )
         return {"model_version": bundle.version, **explanation_json(ex)}
 
     @app.get("/", response_class=HTMLResponse)
@@ -355,8 +425,12 @@ class Vitrine:
     async def recommend(self, request: Request, body: RecommendRequest) -> dict:
         bundle, _ = self.pick(request)
         hits = await guarded(bundle.index.recommend, body.history, body.k, diversify=body.diversify)
-        return {"model_version": bundle.version, "k": body.k, "diversify": body.diversify,
-                "results": [self.hit_json(h) for h in hits]}  # fmt: skip
+        return {
+            "model_version": bundle.version,
+            "k": body.k,
+            "diversify": body.diversify,
+            "results": [self.hit_json(h) for h in hits],
+        }
 
     @app.get("/products/{product_id}")
     async def product(self, product_id: str) -> dict:

@@ -128,11 +128,15 @@ def ab_verdict(summary: dict, challenger_version: str, policy: ABParams) -> tupl
     if champ is not None:
         increase = chal["error_rate"] - champ["error_rate"]
         if increase > policy.max_error_rate_increase:
-            reasons.append(f"error rate {chal['error_rate']:.3f} vs champion "
-                           f"{champ['error_rate']:.3f} (+{increase:.3f} > "
-                           f"{policy.max_error_rate_increase})")  # fmt: skip
+            reasons.append(
+                f"error rate {chal['error_rate']:.3f} vs champion "
+                f"{champ['error_rate']:.3f} (+{increase:.3f} > "
+                f"{policy.max_error_rate_increase})"
+            )
         if champ["p95_ms"] > 0 and chal["p95_ms"] / champ["p95_ms"] > policy.max_p95_latency_ratio:
-            reasons.append(f"p95 latency {chal['p95_ms']:.1f} ms is "
-                           f"{chal['p95_ms'] / champ['p95_ms']:.2f}× the champion's "
-                           f"(> {policy.max_p95_latency_ratio}×)")  # fmt: skip
+            reasons.append(
+                f"p95 latency {chal['p95_ms']:.1f} ms is "
+                f"{chal['p95_ms'] / champ['p95_ms']:.2f}× the champion's "
+                f"(> {policy.max_p95_latency_ratio}×)"
+            )
     return not reasons, reasons or ["A/B period finished within the policy"]

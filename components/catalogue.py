@@ -33,9 +33,17 @@ from tqdm import tqdm
 MANIFEST = "manifest.parquet"
 REQUIRED_CSV_COLUMNS = ("product_id", "image", "label")
 MANIFEST_COLUMNS = [
-    "product_id", "path", "label", "category", "title",
-    "sha256", "width", "height", "split", "source",
-]  # fmt: skip
+    "product_id",
+    "path",
+    "label",
+    "category",
+    "title",
+    "sha256",
+    "width",
+    "height",
+    "split",
+    "source",
+]
 
 
 class CatalogueError(ValueError):
@@ -83,8 +91,20 @@ def ingest_fashion_mnist(root: Path, out_dir: Path, categories: list[str]) -> pd
             blob = png_bytes(images[i])
             (out_dir / rel).write_bytes(blob)
             name = categories[int(labels[i])]
-            rows.append((product_id, rel, int(labels[i]), name, name,
-                         hashlib.sha256(blob).hexdigest(), 28, 28, split, "fashion-mnist"))  # fmt: skip
+            rows.append(
+                (
+                    product_id,
+                    rel,
+                    int(labels[i]),
+                    name,
+                    name,
+                    hashlib.sha256(blob).hexdigest(),
+                    28,
+                    28,
+                    split,
+                    "fashion-mnist",
+                )
+            )
     return _finish(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), out_dir)
 
 
@@ -128,8 +148,20 @@ def ingest_csv(csv_path: Path, out_dir: Path, categories: list[str], test_fracti
             shutil.copyfile(src, out_dir / rel)
             digest, width, height = _probe(out_dir / rel)
         title = rec.get("title") or rec["label"]
-        rows.append((rec["product_id"], rel, label, rec["label"], title,
-                     digest, width, height, rec.get("split", ""), rec["image"]))  # fmt: skip
+        rows.append(
+            (
+                rec["product_id"],
+                rel,
+                label,
+                rec["label"],
+                title,
+                digest,
+                width,
+                height,
+                rec.get("split", ""),
+                rec["image"],
+            )
+        )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     unsplit = ~manifest["split"].isin(["train", "test"])
     if unsplit.any():
@@ -145,8 +177,14 @@ def _finish(manifest: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return manifest
 
 
-def ingest_catalogue(source: str, out_dir: Path, categories: list[str], *,
-                     fashion_mnist_dir: Path, test_fraction: float = 0.15) -> pd.DataFrame:  # fmt: skip
+def ingest_catalogue(
+    source: str,
+    out_dir: Path,
+    categories: list[str],
+    *,
+    fashion_mnist_dir: Path,
+    test_fraction: float = 0.15,
+) -> pd.DataFrame:
     """Replace out_dir with a fresh catalogue from `source` ('fashion-mnist' or a CSV path).
 
     The new catalogue is built beside out_dir and swapped in only when complete: a source that

@@ -14,8 +14,11 @@ import typer
 
 from components.config import PROJECT_ROOT, configure_environment, load_params, state_paths
 
-app = typer.Typer(help="vitrine: visual search for e-commerce, and the loop that keeps it good.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
+app = typer.Typer(
+    help="vitrine: visual search for e-commerce, and the loop that keeps it good.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 stage_app = typer.Typer(help="Run one stage of the loop on ./work (what `dvc repro` calls).")
 app.add_typer(stage_app, name="stage")
 ab_app = typer.Typer(help="The online A/B between champion and challenger (serving.ab).")
@@ -114,13 +117,18 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         if not info:
             typer.echo(f"{role:<11} none")
             continue
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.get("metrics", {}).items())
-                            if k in ("accuracy", "macro_f1", "recall_at_1"))  # fmt: skip
+        metrics = ", ".join(
+            f"{k} {v:.4f}"
+            for k, v in sorted(info.get("metrics", {}).items())
+            if k in ("accuracy", "macro_f1", "recall_at_1")
+        )
         typer.echo(f"{role:<11} version {info['version']}: {metrics}")
         if role == "challenger":
             gate = info.get("gate") or {}
-            typer.echo(f"{'':<11} gate {'passed' if gate.get('passed') else 'failed'}; "
-                       f"approval {info.get('approval')}")  # fmt: skip
+            typer.echo(
+                f"{'':<11} gate {'passed' if gate.get('passed') else 'failed'}; "
+                f"approval {info.get('approval')}"
+            )
             for reason in gate.get("reasons", []):
                 typer.echo(f"{'':<13}- {reason}")
     typer.echo(f"previous    {data.get('previous_champion') or 'none'}")
@@ -158,8 +166,10 @@ def promote(
     if record is None:
         typer.echo("nothing to promote: no approved version that passed the gate")
         return
-    typer.echo(f"champion: {record['from'] or 'none'} → {record['to']} "
-               f"(approved by {record.get('approved_by')})")  # fmt: skip
+    typer.echo(
+        f"champion: {record['from'] or 'none'} → {record['to']} "
+        f"(approved by {record.get('approved_by')})"
+    )
 
 
 @app.command()
@@ -185,10 +195,15 @@ def serve(
     serving = load_params().serving
     host, port = host or serving.host, port or serving.port
     bentoml = Path(sys.executable).parent / "bentoml"
-    typer.echo(f"serving the champion on http://{host}:{port}/ (page), "
-               f"http://{host}:{port}/readyz (model version); Ctrl-C stops")  # fmt: skip
-    done = subprocess.run([str(bentoml), "serve", "bentos.service:Vitrine", "--host", host,
-                           "--port", str(port)], cwd=PROJECT_ROOT, env=dict(os.environ))  # fmt: skip
+    typer.echo(
+        f"serving the champion on http://{host}:{port}/ (page), "
+        f"http://{host}:{port}/readyz (model version); Ctrl-C stops"
+    )
+    done = subprocess.run(
+        [str(bentoml), "serve", "bentos.service:Vitrine", "--host", host, "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env=dict(os.environ),
+    )
     raise typer.Exit(done.returncode)
 
 
@@ -205,18 +220,25 @@ def ab_report(
     summary = summarise_arms(read_ab_log(paths.home / "requests"))
     versions = [a["model_version"] for a in summary["arms"].values() if a["arm"] == "challenger"]
     version = version or (max(versions, key=int) if versions else None)
-    passed, reasons = ab_verdict(summary, version, params.serving.ab) if version else (False, [
-        "no challenger traffic recorded: set serving.ab.mode to route or shadow"])  # fmt: skip
+    passed, reasons = (
+        ab_verdict(summary, version, params.serving.ab)
+        if version
+        else (False, ["no challenger traffic recorded: set serving.ab.mode to route or shadow"])
+    )
     summary["verdict"] = {"challenger": version, "passed": passed, "reasons": reasons}
     if as_json:
         return emit(summary, None, as_json=True)
-    typer.echo(f"{'arm':<24}{'requests':>9}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}"
-               f"{'confidence':>12}{'agreement':>11}")  # fmt: skip
+    typer.echo(
+        f"{'arm':<24}{'requests':>9}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'confidence':>12}{'agreement':>11}"
+    )
     for name, arm in summary["arms"].items():
         conf, agree = arm["mean_confidence"], arm["agreement"]
-        typer.echo(f"{name:<24}{arm['requests']:>9}{arm['error_rate']:>8.3f}{arm['p50_ms']:>9.1f}"
-                   f"{arm['p95_ms']:>9.1f}{'-' if conf is None else f'{conf:.3f}':>12}"
-                   f"{'-' if agree is None else f'{agree:.3f}':>11}")  # fmt: skip
+        typer.echo(
+            f"{name:<24}{arm['requests']:>9}{arm['error_rate']:>8.3f}{arm['p50_ms']:>9.1f}"
+            f"{arm['p95_ms']:>9.1f}{'-' if conf is None else f'{conf:.3f}':>12}"
+            f"{'-' if agree is None else f'{agree:.3f}':>11}"
+        )
     typer.echo(f"A/B gate for v{version}: {'PASSED' if passed else 'NOT YET'}")
     for reason in reasons:
         typer.echo(f"  - {reason}")
@@ -234,12 +256,34 @@ def ui(
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PREFECT_HOME": str(paths.prefect_home)}
     procs = [
-        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
-                          paths.tracking_uri, "--default-artifact-root", paths.artifacts.as_uri(),
-                          "--host", "127.0.0.1", "--port", str(mlflow_port)], env=env),
-        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                          "--port", str(prefect_port)], env=env),
-    ]  # fmt: skip
+        subprocess.Popen(
+            [
+                str(bin_dir / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                paths.tracking_uri,
+                "--default-artifact-root",
+                paths.artifacts.as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+            ],
+            env=env,
+        ),
+        subprocess.Popen(
+            [
+                str(bin_dir / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+            ],
+            env=env,
+        ),
+    ]
     typer.echo(
         f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)"
     )
@@ -284,9 +328,17 @@ def drift(
     if result.report_html:
         typer.echo(f"report: {result.report_html}")
         typer.echo(f"all reports: {result.report_html.parent.parent / 'index.html'}")
-    emit({"drifted": result.drifted, "exit_code": result.exit_code, "headline": result.headline,
-          "report_html": result.report_html, "report_json": result.report_json,
-          "details": result.details}, json_path)  # fmt: skip
+    emit(
+        {
+            "drifted": result.drifted,
+            "exit_code": result.exit_code,
+            "headline": result.headline,
+            "report_html": result.report_html,
+            "report_json": result.report_json,
+            "details": result.details,
+        },
+        json_path,
+    )
     raise typer.Exit(result.exit_code)
 
 
@@ -323,9 +375,11 @@ def simulate(
         result = send_requests(url, payloads, endpoint=endpoint, concurrency=concurrency)
     except (ServiceUnavailable, ValueError, OSError) as exc:
         fail(str(exc), 2)
-    typer.echo(f"sent {result['sent']} {shift!r} requests to {url}{endpoint} in "
-               f"{result['seconds']} s: {result['ok']} ok, {result['errors']} errors "
-               f"(model versions {result['model_versions']})")  # fmt: skip
+    typer.echo(
+        f"sent {result['sent']} {shift!r} requests to {url}{endpoint} in "
+        f"{result['seconds']} s: {result['ok']} ok, {result['errors']} errors "
+        f"(model versions {result['model_versions']})"
+    )
     emit({"shift": shift, **result}, json_path)
     if result["errors"]:
         raise typer.Exit(1)
@@ -386,8 +440,15 @@ def worker() -> None:
     except PrefectUnavailable as exc:
         fail(str(exc))
     prefect = Path(sys.executable).parent / "prefect"
-    cmd = [str(prefect), "worker", "start", "--pool", params.schedules.work_pool,
-           "--type", "process"]  # fmt: skip
+    cmd = [
+        str(prefect),
+        "worker",
+        "start",
+        "--pool",
+        params.schedules.work_pool,
+        "--type",
+        "process",
+    ]
     os.chdir(PROJECT_ROOT)  # exec: Ctrl-C and SIGTERM reach the worker itself
     os.execve(str(prefect), cmd, {**os.environ, "PREFECT_API_URL": url})
 

@@ -54,10 +54,15 @@ def export_onnx(model: VitrineNet, path: Path) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # deprecation of the legacy exporter; tracer notes
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=["pixels"], output_names=["logits", "embedding"],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["pixels"],
+            output_names=["logits", "embedding"],
             dynamic_axes={"pixels": batch, "logits": batch, "embedding": batch},
-        )  # fmt: skip
+        )
     return path
 
 
@@ -97,10 +102,14 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration: np.ndarray) -> P
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared))
         quantize_static(
-            str(prepared), str(out_path), _Calibration(calibration),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        )  # fmt: skip
+            str(prepared),
+            str(out_path),
+            _Calibration(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     return out_path
 
 
@@ -120,10 +129,12 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 
 def model_meta(model: VitrineNet) -> dict[str, Any]:
     return {
-        "image_size": int(model.image_size), "in_channels": int(model.in_channels),
-        "num_classes": int(model.num_classes), "embedding_dim": int(model.embedding_dim),
+        "image_size": int(model.image_size),
+        "in_channels": int(model.in_channels),
+        "num_classes": int(model.num_classes),
+        "embedding_dim": int(model.embedding_dim),
         "backbone_name": str(model.backbone_name),
-    }  # fmt: skip
+    }
 
 
 class OnnxModel(nn.Module):
@@ -194,8 +205,9 @@ def variant_tag(variant: str) -> str:
     return f"variant_{variant}"
 
 
-def load_served_model(registry: Any, version: str, model: VitrineNet, variant: str,
-                      threads: int | None = None) -> tuple[nn.Module, str, str | None]:  # fmt: skip
+def load_served_model(
+    registry: Any, version: str, model: VitrineNet, variant: str, threads: int | None = None
+) -> tuple[nn.Module, str, str | None]:
     """(model to serve, its variant name, why the fp32 model serves instead, or None).
 
     A version whose variant was refused at registration, or registered before variants existed,

@@ -17,9 +17,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 
 FASHION_MNIST_CATEGORIES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 class _Strict(BaseModel):
@@ -61,9 +69,14 @@ class LabelParams(_Strict):
     cnn_epochs: int = Field(8, ge=1)
     # cleanlab's rule for which rows to flag (cleanlab.filter.find_label_issues `filter_by`)
     filter_by: Literal[
-        "both", "prune_by_noise_rate", "prune_by_class", "confident_learning",
-        "predicted_neq_given", "low_normalized_margin", "low_self_confidence",
-    ] = "prune_by_noise_rate"  # fmt: skip
+        "both",
+        "prune_by_noise_rate",
+        "prune_by_class",
+        "confident_learning",
+        "predicted_neq_given",
+        "low_normalized_margin",
+        "low_self_confidence",
+    ] = "prune_by_noise_rate"
 
 
 class TrainParams(_Strict):
@@ -174,10 +187,22 @@ class ServingParams(_Strict):
     ab: ABParams = Field(default_factory=ABParams)
 
 
+# Evidently stattest names; p-value tests (ks, chisquare, …) drift below threshold
 ColumnMethod = Literal[
-    "wasserstein", "jensenshannon", "psi", "kl_div", "hellinger", "ks", "chisquare", "z",
-    "energy_distance", "cramer_von_mises", "anderson", "mannw", "t_test",
-]  # fmt: skip  # Evidently stattest names; p-value tests (ks, chisquare, …) drift below threshold
+    "wasserstein",
+    "jensenshannon",
+    "psi",
+    "kl_div",
+    "hellinger",
+    "ks",
+    "chisquare",
+    "z",
+    "energy_distance",
+    "cramer_von_mises",
+    "anderson",
+    "mannw",
+    "t_test",
+]
 
 
 class ColumnDriftParams(_Strict):
@@ -191,8 +216,16 @@ class EmbeddingDriftParams(_Strict):
     pca_components: int | None = Field(None, ge=2)
 
 
-MONITORED_COLUMNS = ("category", "confidence", "brightness", "contrast", "width", "height",
-                     "aspect")  # fmt: skip  # request-log fields compared with the reference
+# request-log fields compared with the reference
+MONITORED_COLUMNS = (
+    "category",
+    "confidence",
+    "brightness",
+    "contrast",
+    "width",
+    "height",
+    "aspect",
+)
 
 
 def _default_columns() -> dict[str, ColumnDriftParams]:

@@ -138,9 +138,14 @@ def classification_metrics(
         "roc_auc_ovr": roc_auc_ovr(labels, probs),
     }
     per_class = pd.DataFrame(
-        {"category": categories, "precision": precision, "recall": recall, "f1": f1,
-         "support": support.astype(np.int64)}
-    )  # fmt: skip
+        {
+            "category": categories,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support.astype(np.int64),
+        }
+    )
     return metrics, per_class
 
 
@@ -191,15 +196,21 @@ def evaluate_model(
     )
     latency, latency_batch = measure_latency(model, images, params.latency_images)
     metrics.update(
-        latency_ms=latency, latency_ms_batch=latency_batch,
-        n_test=float(len(labels)), n_catalogue=float(len(catalogue_labels)),
-    )  # fmt: skip
+        latency_ms=latency,
+        latency_ms_batch=latency_batch,
+        n_test=float(len(labels)),
+        n_catalogue=float(len(catalogue_labels)),
+    )
     predicted = probs.argmax(axis=1)
     predictions = pd.DataFrame(
-        {"product_id": np.asarray(test_ids, dtype=str)[order], "label": labels,
-         "predicted": predicted.astype(np.int64), "confidence": probs.max(axis=1).astype(float),
-         "correct": predicted == labels}
-    )  # fmt: skip
+        {
+            "product_id": np.asarray(test_ids, dtype=str)[order],
+            "label": labels,
+            "predicted": predicted.astype(np.int64),
+            "confidence": probs.max(axis=1).astype(float),
+            "correct": predicted == labels,
+        }
+    )
     png = plot_confusion(labels, predicted, categories, Path(out_dir) / "confusion.png")
     return EvaluationResult(metrics, per_class, predictions, png)
 

@@ -130,20 +130,32 @@ def explain_image(model: nn.Module, image: Image.Image, categories: list[str]) -
     x0, y0, x1, y1 = find_region(heat)
     png = render_overlay(image, heat, (x0, y0, x1, y1))
     box = {  # back to the photo's own pixels
-        "x0": min(width, int(x0 / scale)), "y0": min(height, int(y0 / scale)),
-        "x1": min(width, max(1, round(x1 / scale))), "y1": min(height, max(1, round(y1 / scale))),
-    }  # fmt: skip
+        "x0": min(width, int(x0 / scale)),
+        "y0": min(height, int(y0 / scale)),
+        "x1": min(width, max(1, round(x1 / scale))),
+        "y1": min(height, max(1, round(y1 / scale))),
+    }
     best = int(np.argmax(probs))
-    return Explanation(categories[best], best, float(probs[best]), saliency, box, png,
-                       (heat.shape[1], heat.shape[0]))  # fmt: skip
+    return Explanation(
+        categories[best],
+        best,
+        float(probs[best]),
+        saliency,
+        box,
+        png,
+        (heat.shape[1], heat.shape[0]),
+    )
 
 
 def explanation_json(ex: Explanation) -> dict:
     """The JSON body of POST /explain (the service adds model_version)."""
     return {
-        "method": "grad-cam", "category": ex.category, "confidence": round(ex.confidence, 6),
-        "region": ex.box, "heatmap_png": base64.b64encode(ex.png).decode("ascii"),
+        "method": "grad-cam",
+        "category": ex.category,
+        "confidence": round(ex.confidence, 6),
+        "region": ex.box,
+        "heatmap_png": base64.b64encode(ex.png).decode("ascii"),
         "heatmap_size": {"width": ex.png_size[0], "height": ex.png_size[1]},
         # over the model's square input (the photo padded to a square, resized): 0..1
         "saliency": [[round(float(v), 3) for v in line] for line in ex.saliency],
-    }  # fmt: skip
+    }

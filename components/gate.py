@@ -156,9 +156,13 @@ def read_gate_passed(tags: dict[str, str]) -> bool | None:
 
 
 def find_promotion_refusal(
-    version: str, champion: str | None, tags: dict[str, str], *, bootstrap: bool,
+    version: str,
+    champion: str | None,
+    tags: dict[str, str],
+    *,
+    bootstrap: bool,
     floors_passed: bool | None,
-) -> str | None:  # fmt: skip
+) -> str | None:
     """Why `version` may not become champion, or None when it may.
 
     `bootstrap` means: no champion exists yet and the policy allows a first promotion without

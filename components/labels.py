@@ -51,8 +51,12 @@ BATCH = 256
 LR = 2e-3
 WEIGHT_DECAY = 1e-4
 ISSUE_COLUMNS = [
-    "product_id", "given_label", "suggested_label", "suggested_confidence", "label_quality",
-]  # fmt: skip
+    "product_id",
+    "given_label",
+    "suggested_label",
+    "suggested_confidence",
+    "label_quality",
+]
 
 
 def project_pixels(images: np.ndarray, n_components: int) -> np.ndarray:
@@ -131,19 +135,33 @@ def out_of_fold_model(params: LabelParams, n_rows: int) -> str:
     return params.model
 
 
-def fit_predict_cnn(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                    n_classes: int, params: LabelParams, seed: int) -> np.ndarray:  # fmt: skip
+def fit_predict_cnn(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    n_classes: int,
+    params: LabelParams,
+    seed: int,
+) -> np.ndarray:
     """Train the compact CNN on one fold's training part (uint8 N×H×W×C); probabilities for
     x_test. The training stage's defaults (augmentation, label smoothing, one-cycle AdamW)
     with the cleaning stage's width and epochs; no early stopping, a 2% validation split only
     to pick the best epoch."""
     w = params.cnn_width  # the stage layout its F1 figures were measured with
-    run = TrainParams(backbone="cnn", cnn_widths=[w, 2 * w, 4 * w], cnn_depths=[2, 2, 1],
-                      image_size=x_train.shape[1], epochs=params.cnn_epochs,
-                      patience=params.cnn_epochs + 1, val_fraction=0.02, seed=seed)  # fmt: skip
+    run = TrainParams(
+        backbone="cnn",
+        cnn_widths=[w, 2 * w, 4 * w],
+        cnn_depths=[2, 2, 1],
+        image_size=x_train.shape[1],
+        epochs=params.cnn_epochs,
+        patience=params.cnn_epochs + 1,
+        val_fraction=0.02,
+        seed=seed,
+    )
     with tempfile.TemporaryDirectory(prefix="vitrine-labels-") as tmp:
-        result = training.train_model(x_train, y_train, run, n_classes, Path(tmp),
-                                      progress=False, pretrained=False)  # fmt: skip
+        result = training.train_model(
+            x_train, y_train, run, n_classes, Path(tmp), progress=False, pretrained=False
+        )
     probs, _ = training.predict_batches(result.model, x_test)
     return probs.astype(np.float64)
 

@@ -57,8 +57,13 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_images(ctx: RunContext, manifest: pd.DataFrame, model: VitrineNet | None = None,
-                size: int | None = None, channels: int | None = None) -> np.ndarray:  # fmt: skip
+def load_images(
+    ctx: RunContext,
+    manifest: pd.DataFrame,
+    model: VitrineNet | None = None,
+    size: int | None = None,
+    channels: int | None = None,
+) -> np.ndarray:
     """Decode manifest rows through the shared preprocessing at the model's input size (or the
     given / configured one); cached on disk by content and size."""
     size = size or (model.image_size if model is not None else ctx.params.train.image_size)
@@ -87,16 +92,20 @@ def run_ingest(ctx: RunContext, source: str | None = None) -> dict:
     if not fmnist.exists() and unpacked.exists():
         fmnist = unpacked
     manifest = catalogue.ingest_catalogue(
-        source or data.source, ctx.catalogue_dir, data.categories,
-        fashion_mnist_dir=fmnist, test_fraction=data.test_fraction,
-    )  # fmt: skip
+        source or data.source,
+        ctx.catalogue_dir,
+        data.categories,
+        fashion_mnist_dir=fmnist,
+        test_fraction=data.test_fraction,
+    )
     version = versioning.track_data(ctx.repo, ctx.paths.dvc_remote)
     from components import refresh  # which source, in which state: scheduled retrains re-check it
 
     source = source or data.source
     source = source if source == "fashion-mnist" else str(Path(source).resolve())
-    refresh.record_source(ctx.paths, ctx.catalogue_dir, source,
-                          refresh.source_fingerprint(source, fmnist))  # fmt: skip
+    refresh.record_source(
+        ctx.paths, ctx.catalogue_dir, source, refresh.source_fingerprint(source, fmnist)
+    )
     return {"ingested": len(manifest), "data_version": version}
 
 
@@ -134,10 +143,12 @@ def run_training(ctx: RunContext) -> dict:
     train = pd.read_parquet(ctx.work / "labels" / "train_manifest.parquet")
     images = load_images(ctx, train)
     result = training.train_model(
-        images, train["label"].to_numpy(), ctx.params.train,
+        images,
+        train["label"].to_numpy(),
+        ctx.params.train,
         num_classes=len(ctx.params.data.categories),
         checkpoint_dir=ctx.paths.home / "checkpoints",
-    )  # fmt: skip
+    )
     out = ctx.stage_dir("train")
     torch.save(result.model, out / "model.pt")
     summary = {
@@ -178,10 +189,16 @@ def run_evaluation(ctx: RunContext) -> dict:
     in_catalogue = (accepted["split"] == "train").to_numpy()
     test = accepted[~in_catalogue]
     result = evaluation.evaluate_model(
-        model, load_images(ctx, test, model), test["label"].to_numpy(), test["product_id"].tolist(),
-        emb[in_catalogue], accepted.loc[in_catalogue, "label"].to_numpy(),
-        ctx.params.data.categories, ctx.params.evaluation, ctx.stage_dir("evaluate"),
-    )  # fmt: skip
+        model,
+        load_images(ctx, test, model),
+        test["label"].to_numpy(),
+        test["product_id"].tolist(),
+        emb[in_catalogue],
+        accepted.loc[in_catalogue, "label"].to_numpy(),
+        ctx.params.data.categories,
+        ctx.params.evaluation,
+        ctx.stage_dir("evaluate"),
+    )
     if ctx.params.text_search.enabled:
         result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
@@ -199,8 +216,9 @@ def write_drift_reference(ctx: RunContext, model: VitrineNet, test: pd.DataFrame
     return reference.write_reference(rows, out)
 
 
-def build_text_projection(ctx: RunContext, products: pd.DataFrame, emb: np.ndarray,
-                          index_dir: Path) -> dict[str, float]:  # fmt: skip
+def build_text_projection(
+    ctx: RunContext, products: pd.DataFrame, emb: np.ndarray, index_dir: Path
+) -> dict[str, float]:
     """Fit the image → MiniLM-text projection on the catalogue's (train split) products and save
     it beside the index; precision@10 of held-out phrasings over the whole index is the metric."""
     from components import textsearch  # the sentence model loads only when text search is on
@@ -209,11 +227,14 @@ def build_text_projection(ctx: RunContext, products: pd.DataFrame, emb: np.ndarr
     train = (products["split"] == "train").to_numpy()
     titles = products["title"].fillna("").astype(str) if "title" in products else None
     projection = textsearch.train_text_projection(
-        emb[train], products.loc[train, "category"].tolist(),
+        emb[train],
+        products.loc[train, "category"].tolist(),
         None if titles is None else titles[train].tolist(),
-        seed=ctx.params.train.seed, ridge_alpha=settings.ridge_alpha,
-        max_titles=settings.max_titles, threads=torch.get_num_threads(),
-    )  # fmt: skip
+        seed=ctx.params.train.seed,
+        ridge_alpha=settings.ridge_alpha,
+        max_titles=settings.max_titles,
+        threads=torch.get_num_threads(),
+    )
     projection.save(index_dir / textsearch.PROJECTION_FILE)
     scores = textsearch.evaluate_text_search(projection, emb, products["category"].tolist(), k=10)
     return {

@@ -21,8 +21,12 @@ from components import catalogue
 from components.config import DataParams, StatePaths
 
 SOURCES_FILE = "catalogue-sources.json"  # in the state folder: catalogue dir -> source record
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def fashion_mnist_dir(data: DataParams, paths: StatePaths) -> Path:
@@ -72,9 +76,10 @@ def record_source(paths: StatePaths, catalogue_dir: Path, source: str, fingerpri
     """Remember which source (and which state of it) the catalogue was ingested from."""
     sources = _read_sources(paths)
     sources[str(Path(catalogue_dir).resolve())] = {
-        "source": source, "fingerprint": fingerprint,
+        "source": source,
+        "fingerprint": fingerprint,
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+    }
     paths.home.mkdir(parents=True, exist_ok=True)
     tmp = paths.home / f".{SOURCES_FILE}.tmp"
     tmp.write_text(json.dumps(sources, indent=2))
@@ -113,7 +118,10 @@ def refresh_catalogue(ctx) -> dict:
 
     source, reason = refresh_reason(ctx.params.data, ctx.paths, ctx.catalogue_dir)
     if reason is None:
-        return {"reingested": False, "reason": f"source {source} unchanged",
-                "data_version": data_version(ctx)}  # fmt: skip
+        return {
+            "reingested": False,
+            "reason": f"source {source} unchanged",
+            "data_version": data_version(ctx),
+        }
     result = run_ingest(ctx, source)
     return {"reingested": True, "reason": reason, **result}

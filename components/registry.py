@@ -179,15 +179,24 @@ class Registry:
         return any(f.path == artifact_path for f in self.client.list_artifacts(run_id))
 
     @_guarded
-    def log_report_run(self, experiment: str, run_name: str, folder: Path,
-                       metrics: dict[str, float], tags: dict[str, str]) -> str:  # fmt: skip
+    def log_report_run(
+        self,
+        experiment: str,
+        run_name: str,
+        folder: Path,
+        metrics: dict[str, float],
+        tags: dict[str, str],
+    ) -> str:
         """One run in `experiment` (e.g. drift reports, kept apart from the retrain runs)
         holding a report folder as artifacts, its figures and tags; returns the run id."""
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = (
-            found.experiment_id if found is not None else self.client.create_experiment(
-                experiment, artifact_location=(self.artifact_root / experiment).resolve().as_uri())
-        )  # fmt: skip
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(
+                experiment, artifact_location=(self.artifact_root / experiment).resolve().as_uri()
+            )
+        )
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
         for key, value in metrics.items():
@@ -236,9 +245,11 @@ class Registry:
         run_id = self.client.get_model_version(self.model_name, version).run_id
         Path(dst).mkdir(parents=True, exist_ok=True)
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+            run_id=run_id,
+            artifact_path=artifact_path,
+            dst_path=str(dst),
             tracking_uri=self.tracking_uri,
-        )  # fmt: skip
+        )
         return Path(local)
 
     @_guarded

@@ -120,10 +120,16 @@ def measure_champion(ctx: RunContext, registry: Registry, version: str) -> gate.
     _, emb = training.predict_batches(model, load_images(ctx, accepted[in_catalogue], model))
     test = accepted[~in_catalogue]
     result = evaluation.evaluate_model(
-        model, load_images(ctx, test, model), test["label"].to_numpy(), test["product_id"].tolist(),
-        emb, accepted.loc[in_catalogue, "label"].to_numpy(), ctx.params.data.categories,
-        ctx.params.evaluation, ctx.stage_dir("gate") / "champion",
-    )  # fmt: skip
+        model,
+        load_images(ctx, test, model),
+        test["label"].to_numpy(),
+        test["product_id"].tolist(),
+        emb,
+        accepted.loc[in_catalogue, "label"].to_numpy(),
+        ctx.params.data.categories,
+        ctx.params.evaluation,
+        ctx.stage_dir("gate") / "champion",
+    )
     return gate.Candidate(version, result.metrics, result.predictions["correct"].to_numpy())
 
 

@@ -36,9 +36,16 @@ from prometheus_client import (
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # PIL's JPEG plugin also opens phones' MPO files
 IMAGE_TYPES = {
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif",
-    "image/bmp", "image/x-bmp", "image/x-ms-bmp",
-}  # fmt: skip
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/x-bmp",
+    "image/x-ms-bmp",
+}
 SNIFFED_TYPES = {"", "application/octet-stream"}  # no declared type: the bytes decide
 
 
@@ -71,8 +78,10 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
         )
     declared = (content_type or "").split(";")[0].strip().lower()
     if declared not in IMAGE_TYPES | SNIFFED_TYPES:
-        raise BadImage(f"unsupported content type {declared!r}: send an image "
-                       "(JPEG, PNG, WebP, GIF or BMP)", 415)  # fmt: skip
+        raise BadImage(
+            f"unsupported content type {declared!r}: send an image (JPEG, PNG, WebP, GIF or BMP)",
+            415,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -206,8 +215,13 @@ class MicroBatcher:
     and requests arriving while a batch runs form the next batch (adaptive under load).
     """
 
-    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 64,
-                 max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_batch: Callable[[list], list],
+        max_batch_size: int = 64,
+        max_wait_ms: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.run_batch, self.max_batch_size = run_batch, max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
@@ -273,8 +287,15 @@ class RequestLog:
     def path_for(self, when: datetime) -> Path:
         return self.folder / f"requests-{when:%Y%m%d}.jsonl"
 
-    def write(self, endpoint: str, model_version: str, embedding: np.ndarray, category: str,
-              confidence: float, stats: dict[str, float]) -> bool:  # fmt: skip
+    def write(
+        self,
+        endpoint: str,
+        model_version: str,
+        embedding: np.ndarray,
+        category: str,
+        confidence: float,
+        stats: dict[str, float],
+    ) -> bool:
         """Append one record if sampled; True when written."""
         with self._lock:
             if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
@@ -313,24 +334,53 @@ class ServingMetrics:
     def __init__(self) -> None:
         disable_created_metrics()  # no *_created gauges: half the exposition, no information
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("vitrine_requests", "Requests by endpoint and HTTP status",
-                                ["endpoint", "status"], registry=r)  # fmt: skip
-        self.errors = Counter("vitrine_request_errors", "4xx / 5xx answers by endpoint and class",
-                              ["endpoint", "kind"], registry=r)  # fmt: skip
-        self.latency = Histogram("vitrine_request_latency_seconds", "Request latency",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.batch_size = Histogram("vitrine_model_batch_size", "Images per model call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)  # fmt: skip
-        self.cache = Counter("vitrine_cache_lookups", "sha256 cache lookups by result",
-                             ["result"], registry=r)  # fmt: skip
-        self.reloads = Counter("vitrine_reloads", "Champion reload attempts by outcome",
-                               ["outcome"], registry=r)  # fmt: skip
-        self.arm_requests = Counter("vitrine_ab_requests", "A/B requests by arm, version, status",
-                                    ["arm", "version", "status"], registry=r)  # fmt: skip
-        self.arm_latency = Histogram("vitrine_ab_latency_seconds", "A/B latency by arm",
-                                     ["arm"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.model_info = Gauge("vitrine_model_info", "1 for the model version being served",
-                                ["version"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "vitrine_requests",
+            "Requests by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "vitrine_request_errors",
+            "4xx / 5xx answers by endpoint and class",
+            ["endpoint", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "vitrine_request_latency_seconds",
+            "Request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vitrine_model_batch_size",
+            "Images per model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.cache = Counter(
+            "vitrine_cache_lookups", "sha256 cache lookups by result", ["result"], registry=r
+        )
+        self.reloads = Counter(
+            "vitrine_reloads", "Champion reload attempts by outcome", ["outcome"], registry=r
+        )
+        self.arm_requests = Counter(
+            "vitrine_ab_requests",
+            "A/B requests by arm, version, status",
+            ["arm", "version", "status"],
+            registry=r,
+        )
+        self.arm_latency = Histogram(
+            "vitrine_ab_latency_seconds",
+            "A/B latency by arm",
+            ["arm"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "vitrine_model_info", "1 for the model version being served", ["version"], registry=r
+        )
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -351,8 +401,20 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
 
-ENDPOINTS = ("/", "/classify", "/tags", "/search", "/search_text", "/recommend", "/embed",
-             "/explain", "/healthz", "/readyz", "/metrics", "/admin/reload")  # fmt: skip
+ENDPOINTS = (
+    "/",
+    "/classify",
+    "/tags",
+    "/search",
+    "/search_text",
+    "/recommend",
+    "/embed",
+    "/explain",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/admin/reload",
+)
 
 
 def endpoint_label(path: str) -> str:

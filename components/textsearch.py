@@ -30,51 +30,196 @@ TEXT_DIM = 384
 PROJECTION_FILE = "text_projection.npz"  # saved beside the catalogue index of a model version
 
 TRAIN_PHRASES: dict[str, list[str]] = {
-    "T-shirt/top": ["t-shirt", "tee", "t shirt", "top", "short sleeve top", "crew neck tee",
-                    "graphic tee", "tank top", "cotton t-shirt", "basic tee", "v-neck t-shirt",
-                    "sleeveless top"],
-    "Trouser": ["trousers", "pants", "jeans", "slacks", "chinos", "leggings", "denim jeans",
-                "straight leg pants", "joggers", "wide leg trousers"],
-    "Pullover": ["pullover", "sweater", "jumper", "knitwear", "knit sweater", "crew neck sweater",
-                 "wool jumper", "sweatshirt", "hoodie", "long sleeve knit top"],
-    "Dress": ["dress", "summer dress", "maxi dress", "midi dress", "sundress", "evening gown",
-              "cocktail dress", "shift dress", "wrap dress", "party dress"],
-    "Coat": ["coat", "jacket", "winter coat", "parka", "trench coat", "overcoat",
-             "puffer jacket", "raincoat", "blazer", "zip-up jacket"],
-    "Sandal": ["sandals", "flip flops", "strappy sandals", "slides", "summer sandals",
-               "open toe shoes", "heeled sandals", "beach sandals", "gladiator sandals",
-               "espadrilles"],
-    "Shirt": ["shirt", "button-down shirt", "button up shirt", "dress shirt", "flannel shirt",
-              "blouse", "oxford shirt", "collared shirt", "long sleeve shirt", "denim shirt",
-              "checked shirt"],
-    "Sneaker": ["sneakers", "trainers", "running shoes", "sports shoes", "athletic shoes",
-                "tennis shoes", "canvas sneakers", "low top sneakers", "gym shoes", "kicks"],
-    "Bag": ["bag", "handbag", "purse", "tote bag", "backpack", "shoulder bag", "clutch",
-            "crossbody bag", "satchel", "leather bag"],
-    "Ankle boot": ["ankle boots", "boots", "short boots", "leather booties", "chelsea boots",
-                   "heeled boots", "booties", "suede ankle boots", "combat boots", "winter boots"],
-}  # fmt: skip
+    "T-shirt/top": [
+        "t-shirt",
+        "tee",
+        "t shirt",
+        "top",
+        "short sleeve top",
+        "crew neck tee",
+        "graphic tee",
+        "tank top",
+        "cotton t-shirt",
+        "basic tee",
+        "v-neck t-shirt",
+        "sleeveless top",
+    ],
+    "Trouser": [
+        "trousers",
+        "pants",
+        "jeans",
+        "slacks",
+        "chinos",
+        "leggings",
+        "denim jeans",
+        "straight leg pants",
+        "joggers",
+        "wide leg trousers",
+    ],
+    "Pullover": [
+        "pullover",
+        "sweater",
+        "jumper",
+        "knitwear",
+        "knit sweater",
+        "crew neck sweater",
+        "wool jumper",
+        "sweatshirt",
+        "hoodie",
+        "long sleeve knit top",
+    ],
+    "Dress": [
+        "dress",
+        "summer dress",
+        "maxi dress",
+        "midi dress",
+        "sundress",
+        "evening gown",
+        "cocktail dress",
+        "shift dress",
+        "wrap dress",
+        "party dress",
+    ],
+    "Coat": [
+        "coat",
+        "jacket",
+        "winter coat",
+        "parka",
+        "trench coat",
+        "overcoat",
+        "puffer jacket",
+        "raincoat",
+        "blazer",
+        "zip-up jacket",
+    ],
+    "Sandal": [
+        "sandals",
+        "flip flops",
+        "strappy sandals",
+        "slides",
+        "summer sandals",
+        "open toe shoes",
+        "heeled sandals",
+        "beach sandals",
+        "gladiator sandals",
+        "espadrilles",
+    ],
+    "Shirt": [
+        "shirt",
+        "button-down shirt",
+        "button up shirt",
+        "dress shirt",
+        "flannel shirt",
+        "blouse",
+        "oxford shirt",
+        "collared shirt",
+        "long sleeve shirt",
+        "denim shirt",
+        "checked shirt",
+    ],
+    "Sneaker": [
+        "sneakers",
+        "trainers",
+        "running shoes",
+        "sports shoes",
+        "athletic shoes",
+        "tennis shoes",
+        "canvas sneakers",
+        "low top sneakers",
+        "gym shoes",
+        "kicks",
+    ],
+    "Bag": [
+        "bag",
+        "handbag",
+        "purse",
+        "tote bag",
+        "backpack",
+        "shoulder bag",
+        "clutch",
+        "crossbody bag",
+        "satchel",
+        "leather bag",
+    ],
+    "Ankle boot": [
+        "ankle boots",
+        "boots",
+        "short boots",
+        "leather booties",
+        "chelsea boots",
+        "heeled boots",
+        "booties",
+        "suede ankle boots",
+        "combat boots",
+        "winter boots",
+    ],
+}
 HELDOUT_PHRASES: dict[str, list[str]] = {
-    "T-shirt/top": ["plain white tee", "casual tshirt", "short-sleeved cotton top",
-                    "summer tee shirt", "printed t-shirt"],
-    "Trouser": ["skinny jeans", "formal pants for work", "sweatpants", "cargo trousers",
-                "pair of blue jeans"],
-    "Pullover": ["chunky knit", "turtleneck sweater", "hooded sweatshirt",
-                 "warm woollen jumper", "fleece pullover"],
-    "Dress": ["little black dress", "floral dress", "long gown for a wedding", "mini dress",
-              "sleeveless dress"],
+    "T-shirt/top": [
+        "plain white tee",
+        "casual tshirt",
+        "short-sleeved cotton top",
+        "summer tee shirt",
+        "printed t-shirt",
+    ],
+    "Trouser": [
+        "skinny jeans",
+        "formal pants for work",
+        "sweatpants",
+        "cargo trousers",
+        "pair of blue jeans",
+    ],
+    "Pullover": [
+        "chunky knit",
+        "turtleneck sweater",
+        "hooded sweatshirt",
+        "warm woollen jumper",
+        "fleece pullover",
+    ],
+    "Dress": [
+        "little black dress",
+        "floral dress",
+        "long gown for a wedding",
+        "mini dress",
+        "sleeveless dress",
+    ],
     "Coat": ["warm outerwear", "wool coat", "down jacket", "bomber jacket", "anorak"],
-    "Sandal": ["pool sliders", "platform sandals", "open-toed heels", "toe post flip-flop",
-               "walking sandals"],
-    "Shirt": ["plaid flannel", "formal white shirt", "women's blouse",
-              "shirt with collar and buttons", "linen shirt"],
-    "Sneaker": ["jogging shoes", "white sneakers", "basketball shoes", "casual trainers",
-                "skate shoes"],
-    "Bag": ["school rucksack", "shopping tote", "evening clutch purse", "messenger bag",
-            "something to carry my laptop"],
-    "Ankle boot": ["brown leather boot", "lace-up boots", "block heel booties", "cowboy boots",
-                   "low boots"],
-}  # fmt: skip
+    "Sandal": [
+        "pool sliders",
+        "platform sandals",
+        "open-toed heels",
+        "toe post flip-flop",
+        "walking sandals",
+    ],
+    "Shirt": [
+        "plaid flannel",
+        "formal white shirt",
+        "women's blouse",
+        "shirt with collar and buttons",
+        "linen shirt",
+    ],
+    "Sneaker": [
+        "jogging shoes",
+        "white sneakers",
+        "basketball shoes",
+        "casual trainers",
+        "skate shoes",
+    ],
+    "Bag": [
+        "school rucksack",
+        "shopping tote",
+        "evening clutch purse",
+        "messenger bag",
+        "something to carry my laptop",
+    ],
+    "Ankle boot": [
+        "brown leather boot",
+        "lace-up boots",
+        "block heel booties",
+        "cowboy boots",
+        "low boots",
+    ],
+}
 SYNONYMS = TRAIN_PHRASES  # the phrasings the projection is trained on
 
 
@@ -140,8 +285,9 @@ class TextBank:
     product_title: np.ndarray  # N: each product's title text id, -1 without one
 
 
-def build_text_bank(categories: list[str], titles: list[str], max_titles: int,
-                    seed: int) -> tuple[TextBank, np.ndarray]:  # fmt: skip
+def build_text_bank(
+    categories: list[str], titles: list[str], max_titles: int, seed: int
+) -> tuple[TextBank, np.ndarray]:
     """Distinct training texts (phrases, then up to max_titles titles) and product category ids."""
     names = list(dict.fromkeys(categories))
     cat_ids = np.array([names.index(c) for c in categories], dtype=np.int64)
@@ -152,8 +298,11 @@ def build_text_bank(categories: list[str], titles: list[str], max_titles: int,
         text_cat += [i] * len(phrases)
     n_phrases = len(texts)
     known = set(texts)
-    extra = {t.strip(): c for t, c in zip(titles, categories, strict=True)
-             if t and t.strip() and t.strip().lower() not in known}  # fmt: skip
+    extra = {
+        t.strip(): c
+        for t, c in zip(titles, categories, strict=True)
+        if t and t.strip() and t.strip().lower() not in known
+    }
     chosen = sorted(extra)
     if len(chosen) > max_titles:
         rng = np.random.default_rng(seed)
@@ -170,8 +319,9 @@ def build_text_bank(categories: list[str], titles: list[str], max_titles: int,
 def fit_ridge(x: np.ndarray, bank: TextBank, cat_ids: np.ndarray, alpha: float) -> TextProjection:
     """Least squares onto each product's target: mean phrase embedding of its category (+ title)."""
     phrase = ~bank.is_title
-    means = np.stack([bank.embeddings[phrase & (bank.category == c)].mean(0)
-                      for c in range(cat_ids.max() + 1)])  # fmt: skip
+    means = np.stack(
+        [bank.embeddings[phrase & (bank.category == c)].mean(0) for c in range(cat_ids.max() + 1)]
+    )
     target = _normalise(means)[cat_ids]
     has_title = bank.product_title >= 0
     target[has_title] += bank.embeddings[bank.product_title[has_title]]
@@ -181,9 +331,17 @@ def fit_ridge(x: np.ndarray, bank: TextBank, cat_ids: np.ndarray, alpha: float) 
     return TextProjection(solution[:-1].astype(np.float32), solution[-1].astype(np.float32))
 
 
-def fit_contrastive(x: np.ndarray, bank: TextBank, cat_ids: np.ndarray, *, seed: int,
-                    epochs: int, batch_size: int, lr: float,
-                    temperature: float) -> TextProjection:  # fmt: skip
+def fit_contrastive(
+    x: np.ndarray,
+    bank: TextBank,
+    cat_ids: np.ndarray,
+    *,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    temperature: float,
+) -> TextProjection:
     """InfoNCE image → text over the bank: multi-positive, same-category titles ignored."""
     gen = torch.Generator().manual_seed(seed)
     xt, texts = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(bank.embeddings)
@@ -242,8 +400,16 @@ def train_text_projection(
         bank, cat_ids = build_text_bank(list(categories), titles, max_titles, seed)
         if objective == "ridge":
             return fit_ridge(x, bank, cat_ids, ridge_alpha)
-        return fit_contrastive(x, bank, cat_ids, seed=seed, epochs=epochs,
-                               batch_size=batch_size, lr=lr, temperature=temperature)  # fmt: skip
+        return fit_contrastive(
+            x,
+            bank,
+            cat_ids,
+            seed=seed,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            temperature=temperature,
+        )
     finally:
         torch.set_num_threads(previous)
 
@@ -262,8 +428,9 @@ def search_text(query: str, projected: np.ndarray, k: int) -> tuple[np.ndarray, 
     return rank_products(encode_texts([query])[0], projected, k)
 
 
-def evaluate_text_search(projection: TextProjection, image_embeddings: np.ndarray,
-                         categories: list[str], k: int = 10) -> dict:  # fmt: skip
+def evaluate_text_search(
+    projection: TextProjection, image_embeddings: np.ndarray, categories: list[str], k: int = 10
+) -> dict:
     """Precision@k on HELDOUT_PHRASES: share of each phrase's top k in the phrase's category.
 
     Only categories present in `categories` are queried. Returns {"precision_at_<k>": mean

@@ -215,8 +215,9 @@ def evaluate_split(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> 
     return loss, float((probs.argmax(1) == labels).mean())
 
 
-def build_optimisation(model: nn.Module, params: TrainParams, steps: int,
-                       weights: np.ndarray | None) -> Optimisation:  # fmt: skip
+def build_optimisation(
+    model: nn.Module, params: TrainParams, steps: int, weights: np.ndarray | None
+) -> Optimisation:
     """AdamW + OneCycleLR over epochs·steps + (weighted, label-smoothed) cross-entropy."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=params.lr, weight_decay=params.weight_decay
@@ -229,12 +230,20 @@ def build_optimisation(model: nn.Module, params: TrainParams, steps: int,
     return optimizer, scheduler, criterion
 
 
-def restore_run(state: dict | None, model: nn.Module, opt: Optimisation,
-                generator: torch.Generator) -> dict:  # fmt: skip
+def restore_run(
+    state: dict | None, model: nn.Module, opt: Optimisation, generator: torch.Generator
+) -> dict:
     """Load a matching checkpoint into model/optimizer/scheduler/RNGs; return the run record."""
     if state is None:
-        return {"epoch": -1, "best_state": None, "best_accuracy": -1.0, "best_epoch": -1,
-                "bad_epochs": 0, "stopped_early": False, "history": []}  # fmt: skip
+        return {
+            "epoch": -1,
+            "best_state": None,
+            "best_accuracy": -1.0,
+            "best_epoch": -1,
+            "bad_epochs": 0,
+            "stopped_early": False,
+            "history": [],
+        }
     model.load_state_dict(state["model"])
     opt[0].load_state_dict(state["optimizer"])
     opt[1].load_state_dict(state["scheduler"])
@@ -243,9 +252,17 @@ def restore_run(state: dict | None, model: nn.Module, opt: Optimisation,
     return state["run"]
 
 
-def fit_epoch(model: nn.Module, epoch: int, train: tuple[np.ndarray, torch.Tensor],
-              val: tuple[np.ndarray, np.ndarray], params: TrainParams, steps: int,
-              opt: Optimisation, generator: torch.Generator, progress: bool) -> dict:  # fmt: skip
+def fit_epoch(
+    model: nn.Module,
+    epoch: int,
+    train: tuple[np.ndarray, torch.Tensor],
+    val: tuple[np.ndarray, np.ndarray],
+    params: TrainParams,
+    steps: int,
+    opt: Optimisation,
+    generator: torch.Generator,
+    progress: bool,
+) -> dict:
     """Train one epoch (at its progressive size), validate at full size, and return the
     epoch's history record."""
     t0 = time.perf_counter()
@@ -255,18 +272,30 @@ def fit_epoch(model: nn.Module, epoch: int, train: tuple[np.ndarray, torch.Tenso
         train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar, size)
         val_loss, val_acc = evaluate_split(model, *val)
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
-    return {"epoch": epoch, "size": size, "train_loss": train_loss, "val_loss": val_loss,
-            "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
-            "lr": opt[1].get_last_lr()[0]}  # fmt: skip
+    return {
+        "epoch": epoch,
+        "size": size,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "seconds": time.perf_counter() - t0,
+        "lr": opt[1].get_last_lr()[0],
+    }
 
 
-def snapshot_run(fingerprint: str, model: nn.Module, opt: Optimisation,
-                 generator: torch.Generator, run: dict) -> dict:  # fmt: skip
+def snapshot_run(
+    fingerprint: str, model: nn.Module, opt: Optimisation, generator: torch.Generator, run: dict
+) -> dict:
     """Everything a resume needs to continue bit-for-bit."""
-    return {"fingerprint": fingerprint, "model": model.state_dict(),
-            "optimizer": opt[0].state_dict(), "scheduler": opt[1].state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "run": run}  # fmt: skip
+    return {
+        "fingerprint": fingerprint,
+        "model": model.state_dict(),
+        "optimizer": opt[0].state_dict(),
+        "scheduler": opt[1].state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "run": run,
+    }
 
 
 def train_model(
@@ -286,13 +315,21 @@ def train_model(
     metrics); an exception from it interrupts the run like a crash would.
     """
     with torch_threads(count_threads()):
-        return _train_model(images, labels, params, num_classes, checkpoint_dir, progress,
-                            pretrained, on_epoch_end)  # fmt: skip
+        return _train_model(
+            images, labels, params, num_classes, checkpoint_dir, progress, pretrained, on_epoch_end
+        )
 
 
-def _train_model(images: np.ndarray, labels: np.ndarray, params: TrainParams, num_classes: int,
-                 checkpoint_dir: Path, progress: bool, pretrained: bool,
-                 on_epoch_end: Callable[[dict], None] | None) -> TrainResult:  # fmt: skip
+def _train_model(
+    images: np.ndarray,
+    labels: np.ndarray,
+    params: TrainParams,
+    num_classes: int,
+    checkpoint_dir: Path,
+    progress: bool,
+    pretrained: bool,
+    on_epoch_end: Callable[[dict], None] | None,
+) -> TrainResult:
     started = time.perf_counter()
     labels, checkpoint_dir = np.asarray(labels, dtype=np.int64), Path(checkpoint_dir)
     fingerprint = fingerprint_run(images, labels, params, num_classes, pretrained)
@@ -316,8 +353,17 @@ def _train_model(images: np.ndarray, labels: np.ndarray, params: TrainParams, nu
     for epoch in range(run["epoch"] + 1, params.epochs):
         if run["stopped_early"]:
             break
-        record = fit_epoch(model, epoch, (x_train, y_train), (images[val_idx], labels[val_idx]),
-                           params, steps, opt, generator, progress)  # fmt: skip
+        record = fit_epoch(
+            model,
+            epoch,
+            (x_train, y_train),
+            (images[val_idx], labels[val_idx]),
+            params,
+            steps,
+            opt,
+            generator,
+            progress,
+        )
         final_phase = record["size"] == params.image_size
         update_run(run, record, model, params.patience, params.epochs - 1, final_phase)
         save_checkpoint(snapshot_run(fingerprint, model, opt, generator, run), checkpoint_dir)
@@ -338,8 +384,14 @@ def _train_model(images: np.ndarray, labels: np.ndarray, params: TrainParams, nu
     )
 
 
-def update_run(run: dict, record: dict, model: nn.Module, patience: int, last_epoch: int,
-               final_phase: bool = True) -> None:  # fmt: skip
+def update_run(
+    run: dict,
+    record: dict,
+    model: nn.Module,
+    patience: int,
+    last_epoch: int,
+    final_phase: bool = True,
+) -> None:
     """Append the epoch record; keep the best weights; decide early stopping (which counts
     only epochs of the final, full-size phase of progressive resizing)."""
     run["epoch"] = record["epoch"]

@@ -75,8 +75,9 @@ def to_tensor(batch: np.ndarray) -> torch.Tensor:
     return ((x - MEAN) / SCALE).contiguous(memory_format=torch.channels_last)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2,
-            cutout: int = 0) -> torch.Tensor:  # fmt: skip
+def augment(
+    x: torch.Tensor, generator: torch.Generator, max_shift: int = 2, cutout: int = 0
+) -> torch.Tensor:
     """Training-only: a random horizontal flip and a random shift of up to max_shift pixels,
     drawn per image, then (cutout > 0) a cutout×cutout square blacked out at a random centre
     per image (DeVries & Taylor 2017; clipped at the border); the result is channels-last

@@ -49,8 +49,11 @@ def in_flight(runs: Iterable[RunInfo], now: datetime, stale_hours: float = 24.0)
     Tomorrow's nightly run, scheduled in advance, is not in flight; nor is a run still
     "Running" after `stale_hours` (its worker died: nothing will ever finish it)."""
     stale = now - timedelta(hours=stale_hours)
-    return [run for run in runs if (run.state_type in IN_FLIGHT and not _stale(run, stale))
-            or _due(run, now)]  # fmt: skip
+    return [
+        run
+        for run in runs
+        if (run.state_type in IN_FLIGHT and not _stale(run, stale)) or _due(run, now)
+    ]
 
 
 def _stale(run: RunInfo, cutoff: datetime) -> bool:
@@ -72,9 +75,13 @@ def last_drift_trigger(runs: Iterable[RunInfo]) -> RunInfo | None:
 
 
 def decide_retrain(
-    drifted: bool | None, runs: list[RunInfo], now: datetime,
-    enabled: bool = True, cooldown_hours: float = 12.0, stale_hours: float = 24.0,
-) -> Decision:  # fmt: skip
+    drifted: bool | None,
+    runs: list[RunInfo],
+    now: datetime,
+    enabled: bool = True,
+    cooldown_hours: float = 12.0,
+    stale_hours: float = 24.0,
+) -> Decision:
     """Whether this monitor run starts a retrain, and why (logged and returned by the flow)."""
     if drifted is None:
         return Decision(False, "no drift verdict (see the drift headline): no retrain")
@@ -89,6 +96,9 @@ def decide_retrain(
     last = last_drift_trigger(runs)
     if last is not None and now - last.created < timedelta(hours=cooldown_hours):
         age = (now - last.created).total_seconds() / 3600
-        return Decision(False, f"drift, but {last.name} was triggered by drift {age:.1f} h ago "
-                               f"(cooldown {cooldown_hours:g} h)")  # fmt: skip
+        return Decision(
+            False,
+            f"drift, but {last.name} was triggered by drift {age:.1f} h ago "
+            f"(cooldown {cooldown_hours:g} h)",
+        )
     return Decision(True, "drift: retrain triggered")

@@ -27,10 +27,21 @@ from components.config import ValidationParams
 
 # The order of precedence: a quarantined row's primary `reason` is the first that applies.
 REASONS = (
-    "missing_file", "empty_file", "not_an_image", "truncated", "missing_product_id",
-    "duplicate_product_id", "unknown_label", "invalid_split", "sha256_mismatch",
-    "too_small", "too_large", "blank", "exact_duplicate", "near_duplicate",
-)  # fmt: skip
+    "missing_file",
+    "empty_file",
+    "not_an_image",
+    "truncated",
+    "missing_product_id",
+    "duplicate_product_id",
+    "unknown_label",
+    "invalid_split",
+    "sha256_mismatch",
+    "too_small",
+    "too_large",
+    "blank",
+    "exact_duplicate",
+    "near_duplicate",
+)
 DHASH_SIZE = 8  # 8 → a 64-bit difference hash on the 9×8 grayscale resize
 PARALLEL_MIN_ROWS = 4000
 DOCS_SITE = "vitrine_validation"
@@ -96,8 +107,12 @@ def probe_images(paths: list[str], hash_size: int = DHASH_SIZE) -> list[ImagePro
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        return [probe_image(Path(p), hash_size) if p else ImageProbe("missing_file",
-                detail="no image path in the manifest") for p in paths]  # fmt: skip
+        return [
+            probe_image(Path(p), hash_size)
+            if p
+            else ImageProbe("missing_file", detail="no image path in the manifest")
+            for p in paths
+        ]
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
@@ -154,8 +169,11 @@ def run_suite(manifest: pd.DataFrame, expectations: list, docs_dir: Path | None)
     result = definition.run(batch_parameters={"dataframe": manifest}, result_format="COMPLETE")
     if docs_dir is not None:
         backend = {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}
-        site = {"class_name": "SiteBuilder", "store_backend": backend,
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}  # fmt: skip
+        site = {
+            "class_name": "SiteBuilder",
+            "store_backend": backend,
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
         context.add_data_docs_site(DOCS_SITE, site)
         context.build_data_docs(site_names=[DOCS_SITE])
     return list(result.results)
@@ -170,8 +188,10 @@ def _expectation_name(res) -> str:
 def _suite_reasons(manifest: pd.DataFrame, results: list) -> list[dict[str, str]]:
     """Per row position: {reason: detail} from the failed expectations' unexpected indexes."""
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
-    if any(r.expectation_config.type == "expect_table_columns_to_match_set" and not r.success
-           for r in results):  # fmt: skip
+    if any(
+        r.expectation_config.type == "expect_table_columns_to_match_set" and not r.success
+        for r in results
+    ):
         raise SchemaError(f"manifest is missing column(s): {', '.join(missing)}")
     found: list[dict[str, str]] = [{} for _ in range(len(manifest))]
     for res in results:
@@ -202,8 +222,9 @@ def _reason_for(kind: str, column: str, value, kwargs: dict) -> str:
     }[(kind, column)]
 
 
-def _image_reasons(manifest: pd.DataFrame, probes: list[ImageProbe], found: list[dict],
-                   params: ValidationParams) -> None:  # fmt: skip
+def _image_reasons(
+    manifest: pd.DataFrame, probes: list[ImageProbe], found: list[dict], params: ValidationParams
+) -> None:
     """Add per-file reasons (missing/empty/not an image/truncated, sha256, blank) to `found`."""
     expected = manifest["sha256"].to_numpy()
     for r, probe in enumerate(probes):
@@ -216,8 +237,9 @@ def _image_reasons(manifest: pd.DataFrame, probes: list[ImageProbe], found: list
             found[r]["blank"] = f"pixel std {probe.std:.2f} <= {params.blank_std_max}"
 
 
-def find_near_duplicates(hashes: list[int], order: list[int], max_distance: int,
-                         bits: int) -> dict[int, int]:  # fmt: skip
+def find_near_duplicates(
+    hashes: list[int], order: list[int], max_distance: int, bits: int
+) -> dict[int, int]:
     """{position: kept position within max_distance} visiting `order`; the first seen is kept.
 
     Multi-index hashing: split the hash into max_distance+1 chunks; two hashes within the
@@ -234,10 +256,14 @@ def find_near_duplicates(hashes: list[int], order: list[int], max_distance: int,
         h = hashes[pos]
         keys = [(h >> lo) & ((1 << w) - 1) for lo, w in spans]
         match = next(
-            (other for c, key in enumerate(keys) for other in buckets[c].get(key, ())
-             if (h ^ hashes[other]).bit_count() <= max_distance),
+            (
+                other
+                for c, key in enumerate(keys)
+                for other in buckets[c].get(key, ())
+                if (h ^ hashes[other]).bit_count() <= max_distance
+            ),
             None,
-        )  # fmt: skip
+        )
         if match is not None:
             duplicates[pos] = match
             continue
@@ -246,8 +272,13 @@ def find_near_duplicates(hashes: list[int], order: list[int], max_distance: int,
     return duplicates
 
 
-def _duplicate_reasons(manifest: pd.DataFrame, probes: list[ImageProbe], found: list[dict],
-                       params: ValidationParams, hash_size: int) -> None:  # fmt: skip
+def _duplicate_reasons(
+    manifest: pd.DataFrame,
+    probes: list[ImageProbe],
+    found: list[dict],
+    params: ValidationParams,
+    hash_size: int,
+) -> None:
     """Among rows clean so far, keep the first image (test split first) of each (near-)copy."""
     clean = [r for r in range(len(manifest)) if not found[r]]
     is_test = (manifest["split"] == "test").to_numpy()
@@ -280,8 +311,13 @@ def _split_rows(manifest: pd.DataFrame, found: list[dict[str, str]]):
     return accepted, quarantine
 
 
-def _build_report(accepted: pd.DataFrame, quarantine: pd.DataFrame, results: list,
-                  params: ValidationParams, hash_size: int) -> dict:  # fmt: skip
+def _build_report(
+    accepted: pd.DataFrame,
+    quarantine: pd.DataFrame,
+    results: list,
+    params: ValidationParams,
+    hash_size: int,
+) -> dict:
     ingested = len(accepted) + len(quarantine)
     max_distance = params.near_duplicate_max_distance
     all_reasons = Counter(r for rs in quarantine["reasons"] for r in rs.split(";"))
@@ -305,9 +341,15 @@ def _build_report(accepted: pd.DataFrame, quarantine: pd.DataFrame, results: lis
     }
 
 
-def validate_catalogue(manifest: pd.DataFrame, catalogue_dir: Path, categories: list[str],
-                       params: ValidationParams, docs_dir: Path | None = None, *,
-                       hash_size: int | None = None) -> ValidationResult:  # fmt: skip
+def validate_catalogue(
+    manifest: pd.DataFrame,
+    catalogue_dir: Path,
+    categories: list[str],
+    params: ValidationParams,
+    docs_dir: Path | None = None,
+    *,
+    hash_size: int | None = None,
+) -> ValidationResult:
     """GE suite on the manifest + one pass of image checks; split rows into accepted/quarantine."""
     hash_size = hash_size or params.near_duplicate_hash_size
     frame = manifest.reset_index(drop=True)

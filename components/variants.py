@@ -51,20 +51,30 @@ def load_frozen_split(ctx: RunContext, model: VitrineNet, n_calibration: int) ->
         rng.choice(train_rows, size=min(n_calibration, len(train_rows)), replace=False)
     )
     return FrozenSplit(
-        images=everything[~in_catalogue], labels=test["label"].to_numpy(),
-        ids=test["product_id"].tolist(), catalogue_emb=emb[in_catalogue],
+        images=everything[~in_catalogue],
+        labels=test["label"].to_numpy(),
+        ids=test["product_id"].tolist(),
+        catalogue_emb=emb[in_catalogue],
         catalogue_labels=accepted.loc[in_catalogue, "label"].to_numpy(),
         calibration=everything[picked],
-    )  # fmt: skip
+    )
 
 
-def measure_variant(ctx: RunContext, candidate: compress.OnnxModel, split: FrozenSplit,
-                    out_dir: Path) -> dict[str, float]:  # fmt: skip
+def measure_variant(
+    ctx: RunContext, candidate: compress.OnnxModel, split: FrozenSplit, out_dir: Path
+) -> dict[str, float]:
     """The loop's own evaluation (classification, retrieval, latency) of one variant."""
     result = evaluation.evaluate_model(
-        candidate, split.images, split.labels, split.ids, split.catalogue_emb,
-        split.catalogue_labels, ctx.params.data.categories, ctx.params.evaluation, out_dir,
-    )  # fmt: skip
+        candidate,
+        split.images,
+        split.labels,
+        split.ids,
+        split.catalogue_emb,
+        split.catalogue_labels,
+        ctx.params.data.categories,
+        ctx.params.evaluation,
+        out_dir,
+    )
     return result.metrics
 
 
@@ -76,8 +86,14 @@ def wanted_variants(ctx: RunContext) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def judge_variant(ctx: RunContext, model: VitrineNet, variant: str, split: FrozenSplit,
-                  folder: Path, fp32: dict[str, float]) -> dict:  # fmt: skip
+def judge_variant(
+    ctx: RunContext,
+    model: VitrineNet,
+    variant: str,
+    split: FrozenSplit,
+    folder: Path,
+    fp32: dict[str, float],
+) -> dict:
     """Build, measure and gate one variant; a failure to build it is a refusal, not a crash."""
     try:
         path = compress.build_variant(model, variant, folder, split.calibration)

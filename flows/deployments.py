@@ -33,7 +33,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
-)  # fmt: skip
+)
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
@@ -86,8 +86,9 @@ def ensure_work_pool(name: str) -> None:
             client.read_work_pool(name)
         except ObjectNotFound:
             template = ProcessWorker.get_default_base_job_template()
-            client.create_work_pool(WorkPoolCreate(name=name, type="process",
-                                                   base_job_template=template))  # fmt: skip
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type="process", base_job_template=template)
+            )
 
 
 def _specs(params: Params) -> list[tuple[Any, Any, dict, dict, str]]:
@@ -99,14 +100,29 @@ def _specs(params: Params) -> list[tuple[Any, Any, dict, dict, str]]:
     sched = params.schedules
     nightly = {"cause": f"schedule: retrain/{DEPLOYMENT} ({sched.retrain.cron})"}
     return [
-        (retrain, sched.retrain, {"refresh_data": True}, nightly,
-         "retrain on the current catalogue (re-ingested if its source changed); gated, "
-         "registered as challenger; waits for approval once a champion exists"),
-        (monitor, sched.monitor, {}, {},
-         "drift of the request log vs the champion's reference; drift starts a retrain run"),
-        (promote, sched.promote, {}, {},
-         "champion <- an approved, gate-passed challenger (approvals made in the MLflow UI)"),
-    ]  # fmt: skip
+        (
+            retrain,
+            sched.retrain,
+            {"refresh_data": True},
+            nightly,
+            "retrain on the current catalogue (re-ingested if its source changed); gated, "
+            "registered as challenger; waits for approval once a champion exists",
+        ),
+        (
+            monitor,
+            sched.monitor,
+            {},
+            {},
+            "drift of the request log vs the champion's reference; drift starts a retrain run",
+        ),
+        (
+            promote,
+            sched.promote,
+            {},
+            {},
+            "champion <- an approved, gate-passed challenger (approvals made in the MLflow UI)",
+        ),
+    ]
 
 
 def build_deployments(params: Params) -> list:
@@ -116,12 +132,21 @@ def build_deployments(params: Params) -> list:
     for flow, setting, parameters, schedule_parameters, description in _specs(params):
         # one run at a time: retrains share the checkpoint folder, so a second one queues;
         # a monitor or promote run still busy when the next is due makes that one cancelled
-        strategy = (ConcurrencyLimitStrategy.ENQUEUE if flow.name == "retrain"
-                    else ConcurrencyLimitStrategy.CANCEL_NEW)  # fmt: skip
+        strategy = (
+            ConcurrencyLimitStrategy.ENQUEUE
+            if flow.name == "retrain"
+            else ConcurrencyLimitStrategy.CANCEL_NEW
+        )
         deployment = flow.to_deployment(
             name=DEPLOYMENT,
-            schedules=[Cron(setting.cron, timezone=sched.timezone, active=setting.active,
-                            parameters=schedule_parameters)],
+            schedules=[
+                Cron(
+                    setting.cron,
+                    timezone=sched.timezone,
+                    active=setting.active,
+                    parameters=schedule_parameters,
+                )
+            ],
             parameters=parameters,
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
             tags=["vitrine"],
@@ -129,7 +154,7 @@ def build_deployments(params: Params) -> list:
             work_pool_name=sched.work_pool,
             job_variables={"working_dir": str(PROJECT_ROOT)},
             entrypoint_type=EntrypointType.MODULE_PATH,
-        )  # fmt: skip
+        )
         # pull step `set_working_directory` to the project: without one, Prefect copies the
         # worker's cwd (the whole project, .venv included) into a temporary folder per run
         deployment.storage = LocalStorage(str(PROJECT_ROOT))
@@ -154,8 +179,9 @@ def _next_runs(client, deployment_id, schedule, n: int = 3) -> tuple[list[dateti
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"])),
             expected_start_time=FlowRunFilterExpectedStartTime(after_=datetime.now(UTC)),
         ),
-        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=n,
-    )  # fmt: skip
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        limit=n,
+    )
     zone = ZoneInfo(schedule.timezone or "UTC")  # shown in the schedule's own time zone
     if runs:
         return [r.expected_start_time.astimezone(zone) for r in runs], "scheduled"
@@ -175,15 +201,26 @@ def list_deployments() -> list[dict]:
             except ObjectNotFound:
                 rows.append({"name": f"{name}/{DEPLOYMENT}", "exists": False})
                 continue
-            row = {"name": f"{name}/{DEPLOYMENT}", "exists": True, "paused": dep.paused,
-                   "work_pool": dep.work_pool_name, "schedules": [], "next_runs": [],
-                   "concurrency_limit": dep.global_concurrency_limit.limit
-                   if dep.global_concurrency_limit else None}  # fmt: skip
+            row = {
+                "name": f"{name}/{DEPLOYMENT}",
+                "exists": True,
+                "paused": dep.paused,
+                "work_pool": dep.work_pool_name,
+                "schedules": [],
+                "next_runs": [],
+                "concurrency_limit": dep.global_concurrency_limit.limit
+                if dep.global_concurrency_limit
+                else None,
+            }
             for item in dep.schedules:
                 sched = item.schedule
-                row["schedules"].append({"cron": getattr(sched, "cron", None),
-                                         "timezone": getattr(sched, "timezone", None),
-                                         "active": item.active})  # fmt: skip
+                row["schedules"].append(
+                    {
+                        "cron": getattr(sched, "cron", None),
+                        "timezone": getattr(sched, "timezone", None),
+                        "active": item.active,
+                    }
+                )
                 if item.active and not dep.paused and getattr(sched, "cron", None):
                     times, origin = _next_runs(client, dep.id, sched)
                     row["next_runs"] += [t.isoformat() for t in times]
@@ -200,14 +237,21 @@ def read_retrain_runs(limit: int = 50) -> list[RunInfo]:
     found = {}
     with get_client(sync_client=True) as client:
         for flow_run_filter in (FlowRunFilter(state=state), FlowRunFilter(tags=drift_tagged)):
-            for run in client.read_flow_runs(flow_filter=flows, flow_run_filter=flow_run_filter,
-                                             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                                             limit=limit):  # fmt: skip
+            for run in client.read_flow_runs(
+                flow_filter=flows,
+                flow_run_filter=flow_run_filter,
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=limit,
+            ):
                 found[run.id] = RunInfo(
-                    name=run.name, state_type=run.state_type.value if run.state_type else "",
-                    state_name=run.state_name or "", expected_start=run.expected_start_time,
-                    created=run.created, tags=tuple(run.tags), started=run.start_time,
-                )  # fmt: skip
+                    name=run.name,
+                    state_type=run.state_type.value if run.state_type else "",
+                    state_name=run.state_name or "",
+                    expected_start=run.expected_start_time,
+                    created=run.created,
+                    tags=tuple(run.tags),
+                    started=run.start_time,
+                )
     return list(found.values())
 
 
@@ -217,10 +261,13 @@ def trigger_retrain(cause: str, params_path: str | None = None) -> dict:
     name = f"retrain/{DEPLOYMENT}"
     try:
         run = run_deployment(
-            name, parameters={"cause": cause, "refresh_data": True, "params_path": params_path},
-            timeout=0, tags=[DRIFT_TAG, "vitrine"], as_subflow=False,
+            name,
+            parameters={"cause": cause, "refresh_data": True, "params_path": params_path},
+            timeout=0,
+            tags=[DRIFT_TAG, "vitrine"],
+            as_subflow=False,
             flow_run_name=f"drift-{datetime.now(UTC):%Y%m%d-%H%M%S}",
-        )  # fmt: skip
+        )
     except ObjectNotFound as exc:
         raise RuntimeError(
             f"drift, but no deployment {name} on the Prefect server: run `vitrine deploy`"

@@ -29,8 +29,12 @@ def check_drift(paths: StatePaths, params: Params, since: datetime | None) -> di
 
     result = run_drift(paths, params, since=since)
     report = result.report_html or result.report_json
-    return {"drifted": result.drifted, "exit_code": result.exit_code,
-            "headline": result.headline, "report": str(report) if report else None}  # fmt: skip
+    return {
+        "drifted": result.drifted,
+        "exit_code": result.exit_code,
+        "headline": result.headline,
+        "report": str(report) if report else None,
+    }
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -59,9 +63,13 @@ def monitor(since_hours: float | None = None, params_path: str | None = None) ->
     settings = params.schedules.monitor
     runs = read_retrain_runs() if drift["drifted"] else []
     decision = decide_retrain(
-        drift["drifted"], runs, datetime.now(UTC), settings.retrain_on_drift,
-        settings.retrain_cooldown_hours, settings.retrain_stale_hours,
-    )  # fmt: skip
+        drift["drifted"],
+        runs,
+        datetime.now(UTC),
+        settings.retrain_on_drift,
+        settings.retrain_cooldown_hours,
+        settings.retrain_stale_hours,
+    )
     logger.info(decision.reason)
     retrain_run = None
     if decision.trigger:

@@ -89,5 +89,13 @@ def retrain(
     registered = register(ctx, cause)
     verdict = gate(ctx)
     promoted = bootstrap_promotion(ctx, verdict)
-    return summarize_run(report, label_summary, train_summary, metrics, registered, verdict,
-                         promoted, work=str(Path(ctx.work)))  # fmt: skip
+    return summarize_run(
+        report,
+        label_summary,
+        train_summary,
+        metrics,
+        registered,
+        verdict,
+        promoted,
+        work=str(Path(ctx.work)),
+    )

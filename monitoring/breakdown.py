@@ -22,8 +22,9 @@ def _spread(emb: np.ndarray, centre: np.ndarray) -> float:
     return float(np.sqrt(((emb - centre) ** 2).sum(axis=1).mean())) or 1e-9
 
 
-def category_breakdown(ref_rows: pd.DataFrame, ref_emb: np.ndarray, cur_rows: pd.DataFrame,
-                       cur_emb: np.ndarray) -> pd.DataFrame:  # fmt: skip
+def category_breakdown(
+    ref_rows: pd.DataFrame, ref_emb: np.ndarray, cur_rows: pd.DataFrame, cur_emb: np.ndarray
+) -> pd.DataFrame:
     """One row per predicted category: shares, mean confidence and brightness on both sides,
     and the embedding shift (distance between the category's centroids over the reference
     spread), sorted most drifted first."""
@@ -37,20 +38,26 @@ def category_breakdown(ref_rows: pd.DataFrame, ref_emb: np.ndarray, cur_rows: pd
             shift = float(
                 np.linalg.norm(cur_emb[c].mean(axis=0) - centre) / _spread(ref_emb[r], centre)
             )
-        rows.append({
-            "category": cat, "reference_n": int(r.sum()), "current_n": int(c.sum()),
-            "reference_share": r.mean(), "current_share": c.mean(),
-            "share_change": c.mean() - r.mean(),
-            "reference_confidence": _mean(ref_rows.loc[r, "confidence"]),
-            "current_confidence": _mean(cur_rows.loc[c, "confidence"]),
-            "reference_brightness": _mean(ref_rows.loc[r, "brightness"]),
-            "current_brightness": _mean(cur_rows.loc[c, "brightness"]),
-            "embedding_shift": shift,
-        })  # fmt: skip
+        rows.append(
+            {
+                "category": cat,
+                "reference_n": int(r.sum()),
+                "current_n": int(c.sum()),
+                "reference_share": r.mean(),
+                "current_share": c.mean(),
+                "share_change": c.mean() - r.mean(),
+                "reference_confidence": _mean(ref_rows.loc[r, "confidence"]),
+                "current_confidence": _mean(cur_rows.loc[c, "confidence"]),
+                "reference_brightness": _mean(ref_rows.loc[r, "brightness"]),
+                "current_brightness": _mean(cur_rows.loc[c, "brightness"]),
+                "embedding_shift": shift,
+            }
+        )
     table = pd.DataFrame(rows)
     table["abs_share_change"] = table["share_change"].abs()
-    table = table.sort_values(["embedding_shift", "abs_share_change"], ascending=False,
-                              na_position="last")  # fmt: skip
+    table = table.sort_values(
+        ["embedding_shift", "abs_share_change"], ascending=False, na_position="last"
+    )
     return table.drop(columns="abs_share_change").reset_index(drop=True)
 
 
@@ -58,8 +65,14 @@ def _mean(values: pd.Series) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def drifted_requests(slice_name: str, ref_rows: pd.DataFrame, ref_emb: np.ndarray,
-                     cur_rows: pd.DataFrame, cur_emb: np.ndarray, k: int) -> np.ndarray:  # fmt: skip
+def drifted_requests(
+    slice_name: str,
+    ref_rows: pd.DataFrame,
+    ref_emb: np.ndarray,
+    cur_rows: pd.DataFrame,
+    cur_emb: np.ndarray,
+    k: int,
+) -> np.ndarray:
     """Positions of the slice's k requests farthest from the slice's reference centroid."""
     c = np.flatnonzero((cur_rows["category"] == slice_name).to_numpy())
     r = (ref_rows["category"] == slice_name).to_numpy()
@@ -70,8 +83,9 @@ def drifted_requests(slice_name: str, ref_rows: pd.DataFrame, ref_emb: np.ndarra
     return c[np.argsort(-distance)[:k]]
 
 
-def nearest_products(query: np.ndarray, index_emb: np.ndarray, products: pd.DataFrame,
-                     catalogue_dir: Path) -> list[dict]:  # fmt: skip
+def nearest_products(
+    query: np.ndarray, index_emb: np.ndarray, products: pd.DataFrame, catalogue_dir: Path
+) -> list[dict]:
     """For each query embedding, the most similar catalogue product (cosine) as a thumbnail."""
     if not len(query):
         return []
@@ -84,11 +98,14 @@ def nearest_products(query: np.ndarray, index_emb: np.ndarray, products: pd.Data
             continue
         seen.add(int(j))
         product = products.iloc[int(j)]
-        out.append({
-            "product_id": str(product["product_id"]), "category": str(product["category"]),
-            "similarity": round(float(q[row] @ e[j]), 4),
-            "image": _thumbnail(Path(catalogue_dir) / str(product["path"])),
-        })  # fmt: skip
+        out.append(
+            {
+                "product_id": str(product["product_id"]),
+                "category": str(product["category"]),
+                "similarity": round(float(q[row] @ e[j]), 4),
+                "image": _thumbnail(Path(catalogue_dir) / str(product["path"])),
+            }
+        )
     return out
 
 

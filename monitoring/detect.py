@@ -31,8 +31,12 @@ from components.config import MonitoringParams
 EMBEDDINGS = "embedding"
 NUMERIC = ("confidence", "brightness", "contrast", "width", "height", "aspect")
 P_VALUE_METHODS = {"ks", "chisquare", "z", "cramer_von_mises", "anderson", "mannw", "t_test"}
-METHODS = {"mmd": MMDDriftMethod, "model": ModelDriftMethod, "distance": DistanceDriftMethod,
-           "ratio": RatioDriftMethod}  # fmt: skip
+METHODS = {
+    "mmd": MMDDriftMethod,
+    "model": ModelDriftMethod,
+    "distance": DistanceDriftMethod,
+    "ratio": RatioDriftMethod,
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,12 @@ def category_shares(categories: pd.Series) -> dict[str, float]:
     return {str(k): float(v) for k, v in categories.value_counts(normalize=True).items()}
 
 
-def decide(signals: list[Signal], n_current: int, min_samples: int,
-           shares: tuple[dict[str, float], dict[str, float]] | None = None) -> Verdict:  # fmt: skip
+def decide(
+    signals: list[Signal],
+    n_current: int,
+    min_samples: int,
+    shares: tuple[dict[str, float], dict[str, float]] | None = None,
+) -> Verdict:
     """The verdict: drift when any signal drifted; no verdict below `min_samples` requests.
 
     The headline lists the drifted signals, embeddings first, then by how far past their
@@ -90,14 +98,19 @@ def decide(signals: list[Signal], n_current: int, min_samples: int,
     (`shares` = (current, reference) shares per predicted category).
     """
     if n_current < min_samples:
-        return Verdict(None, 2, f"NO VERDICT: too few samples: {n_current} requests of the "
-                                f"champion in the window, need at least {min_samples}")  # fmt: skip
+        return Verdict(
+            None,
+            2,
+            f"NO VERDICT: too few samples: {n_current} requests of the "
+            f"champion in the window, need at least {min_samples}",
+        )
     drifted = [s for s in signals if s.drifted]
     if not drifted:
         return Verdict(False, 0, "no drift", signals)
     drifted.sort(key=lambda s: (s.name != "embeddings", -s.severity))
-    parts = [_describe_category(s, shares) if s.name == "category" else s.describe()
-             for s in drifted]  # fmt: skip
+    parts = [
+        _describe_category(s, shares) if s.name == "category" else s.describe() for s in drifted
+    ]
     return Verdict(True, 1, "DRIFT: " + ", ".join(parts), signals)
 
 
@@ -105,11 +118,15 @@ def _describe_category(signal: Signal, shares: tuple[dict, dict] | None) -> str:
     if not shares:
         return signal.describe()
     current, reference = shares
-    moved = max(set(current) | set(reference),
-                key=lambda c: abs(current.get(c, 0.0) - reference.get(c, 0.0)))  # fmt: skip
+    moved = max(
+        set(current) | set(reference),
+        key=lambda c: abs(current.get(c, 0.0) - reference.get(c, 0.0)),
+    )
     test = signal.describe().removeprefix(f"{signal.name} ")
-    return (f"prediction share of {moved!r} {current.get(moved, 0.0):.2f} vs "
-            f"{reference.get(moved, 0.0):.2f} {test}")  # fmt: skip
+    return (
+        f"prediction share of {moved!r} {current.get(moved, 0.0):.2f} vs "
+        f"{reference.get(moved, 0.0):.2f} {test}"
+    )
 
 
 def to_frame(rows: pd.DataFrame, emb: np.ndarray) -> pd.DataFrame:
@@ -143,15 +160,21 @@ def build_report(settings: MonitoringParams, n_dims: int, embeddings: bool) -> t
     metrics: list = []
     if embeddings:
         threshold = settings.embeddings.threshold
-        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDINGS, tests=[lte(threshold)],
-                                       drift_method=embedding_method(settings)))  # fmt: skip
+        metrics.append(
+            EmbeddingsDrift(
+                embeddings_name=EMBEDDINGS,
+                tests=[lte(threshold)],
+                drift_method=embedding_method(settings),
+            )
+        )
     for name, column in settings.columns.items():
         metrics.append(ValueDrift(column=name, method=column.method, threshold=column.threshold))
     return Report(metrics, include_tests=True), definition
 
 
-def compute_signals(reference: pd.DataFrame, current: pd.DataFrame, settings: MonitoringParams,
-                    render: bool = True) -> tuple[list[Signal], object | None]:  # fmt: skip
+def compute_signals(
+    reference: pd.DataFrame, current: pd.DataFrame, settings: MonitoringParams, render: bool = True
+) -> tuple[list[Signal], object | None]:
     """Signals of `current` vs `reference` (frames from `to_frame`) and the Evidently snapshot.
 
     render=True (vitrine drift): one Report with EmbeddingsDrift + ValueDrift, whose snapshot

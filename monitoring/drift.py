@@ -62,8 +62,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"--since {text!r}: give a duration like 30m, 1h, 2d or an ISO time "
-                         "like 2026-11-22T07:00") from None  # fmt: skip
+        raise ValueError(
+            f"--since {text!r}: give a duration like 30m, 1h, 2d or an ISO time "
+            "like 2026-11-22T07:00"
+        ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
@@ -107,8 +109,9 @@ def open_registry(paths: StatePaths, params: Params) -> Registry:
     )
 
 
-def load_reference(registry: Registry, version: str, paths: StatePaths,
-                   params: Params) -> tuple[pd.DataFrame, np.ndarray, str]:  # fmt: skip
+def load_reference(
+    registry: Registry, version: str, paths: StatePaths, params: Params
+) -> tuple[pd.DataFrame, np.ndarray, str]:
     """The version's registered reference (cached under <state>/references/), or, for a version
     registered before references existed, one rebuilt with its model from the catalogue's test
     split by the same code as registration (said so in the report)."""
@@ -146,8 +149,9 @@ def rebuild_reference(registry: Registry, version: str, params: Params, out: Pat
     rows.to_parquet(out, index=False)
 
 
-def seeded_sample(rows: pd.DataFrame, emb: np.ndarray, n: int,
-                  seed: int) -> tuple[pd.DataFrame, np.ndarray]:  # fmt: skip
+def seeded_sample(
+    rows: pd.DataFrame, emb: np.ndarray, n: int, seed: int
+) -> tuple[pd.DataFrame, np.ndarray]:
     """At most n rows, the same ones for the same seed (reproducible reports and benchmark)."""
     if len(rows) <= n:
         return rows.reset_index(drop=True), emb
@@ -175,19 +179,32 @@ def run_drift(paths: StatePaths, params: Params, since: datetime | None = None) 
             return _result(verdict, report.publish(paths, registry, version, window, verdict))
         ref_rows, ref_emb, note = load_reference(registry, version, paths, params)
         if ref_emb.shape[1] != window.emb.shape[1]:
-            raise DriftError(f"version {version}'s reference has {ref_emb.shape[1]}-d embeddings "
-                             f"but its requests {window.emb.shape[1]}-d")  # fmt: skip
+            raise DriftError(
+                f"version {version}'s reference has {ref_emb.shape[1]}-d embeddings "
+                f"but its requests {window.emb.shape[1]}-d"
+            )
         ref_rows, ref_emb = seeded_sample(ref_rows, ref_emb, settings.reference_rows, settings.seed)
-        cur_rows, cur_emb = seeded_sample(window.rows, window.emb, settings.max_current_rows,
-                                          settings.seed)  # fmt: skip
+        cur_rows, cur_emb = seeded_sample(
+            window.rows, window.emb, settings.max_current_rows, settings.seed
+        )
         signals, snapshot = detect.compute_signals(
             detect.to_frame(ref_rows, ref_emb), detect.to_frame(cur_rows, cur_emb), settings
         )
-        shares = (detect.category_shares(cur_rows["category"]),
-                  detect.category_shares(ref_rows["category"]))  # fmt: skip
+        shares = (
+            detect.category_shares(cur_rows["category"]),
+            detect.category_shares(ref_rows["category"]),
+        )
         verdict = detect.decide(signals, len(window.rows), settings.min_samples, shares)
-        compared = report.Compared(ref_rows, ref_emb, cur_rows, cur_emb, note, snapshot,
-                                   settings.sample_images, catalogue_dir(params))  # fmt: skip
+        compared = report.Compared(
+            ref_rows,
+            ref_emb,
+            cur_rows,
+            cur_emb,
+            note,
+            snapshot,
+            settings.sample_images,
+            catalogue_dir(params),
+        )
         published = report.publish(paths, registry, version, window, verdict, compared)
         return _result(verdict, published)
     except (DriftError, RegistryUnavailable, CatalogueError, OSError) as error:
@@ -196,5 +213,6 @@ def run_drift(paths: StatePaths, params: Params, since: datetime | None = None) 
 
 def _result(verdict: detect.Verdict, published: tuple[Path, Path, dict]) -> DriftResult:
     html, json_path, details = published
-    return DriftResult(verdict.drifted, verdict.exit_code, verdict.headline, html, json_path,
-                       details)  # fmt: skip
+    return DriftResult(
+        verdict.drifted, verdict.exit_code, verdict.headline, html, json_path, details
+    )

@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from monitoring.detect import Verdict
     from monitoring.drift import Window
 
-SAMPLES_NOTE = ("The request log keeps no images: shown are the catalogue products nearest (in "
-                "the champion's own index) to the requests of this slice farthest from the "
-                "reference.")  # fmt: skip
+SAMPLES_NOTE = (
+    "The request log keeps no images: shown are the catalogue products nearest (in "
+    "the champion's own index) to the requests of this slice farthest from the "
+    "reference."
+)
 
 
 @dataclass
@@ -57,22 +59,35 @@ def new_folder(root: Path, now: datetime) -> Path:
     raise OSError(f"cannot create a report folder under {root}")
 
 
-def publish(paths: StatePaths, registry: Registry, version: str, window: Window,
-            verdict: Verdict, compared: Compared | None = None) -> tuple[Path, Path, dict]:  # fmt: skip
+def publish(
+    paths: StatePaths,
+    registry: Registry,
+    version: str,
+    window: Window,
+    verdict: Verdict,
+    compared: Compared | None = None,
+) -> tuple[Path, Path, dict]:
     """Write the report folder and the index, log the folder to MLflow; (html, json, details)."""
     now = datetime.now(UTC)
     folder = new_folder(paths.reports, now)
     details = {
-        "created_at": now.isoformat(), "model_version": version,
-        "verdict": {"drifted": verdict.drifted, "exit_code": verdict.exit_code,
-                    "headline": verdict.headline},
-        "window": {"since": window.since.isoformat(), "until": window.until.isoformat(),
-                   "requests": len(window.rows),
-                   "excluded_other_versions": dict(sorted(window.other_versions.items())),
-                   "excluded_total": sum(window.other_versions.values()),
-                   "malformed_lines": window.malformed},
+        "created_at": now.isoformat(),
+        "model_version": version,
+        "verdict": {
+            "drifted": verdict.drifted,
+            "exit_code": verdict.exit_code,
+            "headline": verdict.headline,
+        },
+        "window": {
+            "since": window.since.isoformat(),
+            "until": window.until.isoformat(),
+            "requests": len(window.rows),
+            "excluded_other_versions": dict(sorted(window.other_versions.items())),
+            "excluded_total": sum(window.other_versions.values()),
+            "malformed_lines": window.malformed,
+        },
         "signals": [s.__dict__ for s in sorted(verdict.signals, key=_signal_order)],
-    }  # fmt: skip
+    }
     samples: list[dict] = []
     if compared is not None:
         samples = _compare_details(details, compared, registry, version)
@@ -83,10 +98,17 @@ def publish(paths: StatePaths, registry: Registry, version: str, window: Window,
     write_index(paths.reports)
     try:
         details["mlflow_run_id"] = registry.log_report_run(
-            "vitrine-monitoring", f"drift-{folder.name}", folder, _metrics(verdict, window),
-            {"model_version": version, "verdict": verdict.headline[:500],
-             "drifted": str(verdict.drifted).lower(), "report": str(folder)},
-        )  # fmt: skip
+            "vitrine-monitoring",
+            f"drift-{folder.name}",
+            folder,
+            _metrics(verdict, window),
+            {
+                "model_version": version,
+                "verdict": verdict.headline[:500],
+                "drifted": str(verdict.drifted).lower(),
+                "report": str(folder),
+            },
+        )
     except RegistryUnavailable as error:  # the report stands on disk; say it was not logged
         details["mlflow_error"] = str(error)
     (folder / "report.json").write_text(json.dumps(details, indent=2, default=str))
@@ -117,14 +139,17 @@ def _compare_details(details: dict, c: Compared, registry: Registry, version: st
     details["most_drifted_slice"] = slice_name
     samples: list[dict] = []
     if slice_name is not None and c.sample_images:
-        picks = breakdown.drifted_requests(slice_name, c.ref_rows, c.ref_emb, c.cur_rows,
-                                           c.cur_emb, c.sample_images)  # fmt: skip
+        picks = breakdown.drifted_requests(
+            slice_name, c.ref_rows, c.ref_emb, c.cur_rows, c.cur_emb, c.sample_images
+        )
         with tempfile.TemporaryDirectory() as tmp:
             index = registry.download_artifacts(version, "index", Path(tmp))
             samples = breakdown.nearest_products(
-                c.cur_emb[picks], np.load(index / "embeddings.npy"),
-                pd.read_parquet(index / "products.parquet"), c.catalogue,
-            )  # fmt: skip
+                c.cur_emb[picks],
+                np.load(index / "embeddings.npy"),
+                pd.read_parquet(index / "products.parquet"),
+                c.catalogue,
+            )
     details["samples"] = [{k: v for k, v in s.items() if k != "image"} for s in samples]
     details["samples_note"] = SAMPLES_NOTE
     details["evidently"] = {"html": "evidently.html", "json": "evidently.json"}
@@ -175,31 +200,51 @@ def render_page(d: dict, samples: list[dict]) -> str:
         + f"; {w['malformed_lines']} unreadable log lines.</p>",
     ]
     if d.get("signals"):
-        parts += ["<h2>Signals (Evidently)</h2>",
-                  _table(d["signals"], ["name", "method", "score", "threshold", "drifted"])]  # fmt: skip
+        parts += [
+            "<h2>Signals (Evidently)</h2>",
+            _table(d["signals"], ["name", "method", "score", "threshold", "drifted"]),
+        ]
     if "reference" in d:
         ref = d["reference"]
-        parts.append(f"<p>Reference: {ref['rows_compared']} rows; {html.escape(ref['note'])}. "
-                     "Full Evidently report (distributions, embedding picture): "
-                     "<a href='evidently.html'>evidently.html</a>.</p>")  # fmt: skip
+        parts.append(
+            f"<p>Reference: {ref['rows_compared']} rows; {html.escape(ref['note'])}. "
+            "Full Evidently report (distributions, embedding picture): "
+            "<a href='evidently.html'>evidently.html</a>.</p>"
+        )
     if d.get("categories"):
-        cols = ["category", "reference_share", "current_share", "share_change",
-                "reference_confidence", "current_confidence", "reference_brightness",
-                "current_brightness", "embedding_shift", "current_n"]  # fmt: skip
-        parts += ["<h2>Per predicted category (most drifted first)</h2>",
-                  _table(d["categories"], cols)]  # fmt: skip
+        cols = [
+            "category",
+            "reference_share",
+            "current_share",
+            "share_change",
+            "reference_confidence",
+            "current_confidence",
+            "reference_brightness",
+            "current_brightness",
+            "embedding_shift",
+            "current_n",
+        ]
+        parts += [
+            "<h2>Per predicted category (most drifted first)</h2>",
+            _table(d["categories"], cols),
+        ]
     if samples:
         figs = "".join(
             f"<figure><img src='{s['image']}' width=84 height=84><figcaption>"
             f"{html.escape(s['product_id'])}<br>{html.escape(s['category'])} "
             f"({s['similarity']:.2f})</figcaption></figure>"
-            for s in samples if s["image"]
-        )  # fmt: skip
-        parts += [f"<h2>Most drifted slice: {html.escape(str(d['most_drifted_slice']))}</h2>",
-                  f"<p>{html.escape(d['samples_note'])}</p>{figs}"]  # fmt: skip
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vitrine drift "
-            f"{html.escape(d['created_at'])}</title><style>{STYLE}</style></head><body>"
-            f"<p><a href='../index.html'>all reports</a></p>{''.join(parts)}</body></html>")  # fmt: skip
+            for s in samples
+            if s["image"]
+        )
+        parts += [
+            f"<h2>Most drifted slice: {html.escape(str(d['most_drifted_slice']))}</h2>",
+            f"<p>{html.escape(d['samples_note'])}</p>{figs}",
+        ]
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vitrine drift "
+        f"{html.escape(d['created_at'])}</title><style>{STYLE}</style></head><body>"
+        f"<p><a href='../index.html'>all reports</a></p>{''.join(parts)}</body></html>"
+    )
 
 
 def write_index(root: Path) -> Path:
@@ -217,11 +262,13 @@ def write_index(root: Path) -> Path:
         f"{d.get('window', {}).get('requests', '')}</td><td class='{_cls(d['verdict']['drifted'])}'>"
         f"{html.escape(d['verdict']['headline'])}</td></tr>"
         for name, d in entries
-    )  # fmt: skip
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>vitrine drift reports"
-            f"</title><style>{STYLE}</style></head><body><h1>Drift reports</h1><table><tr><th>"
-            f"report</th><th>version</th><th>requests</th><th>verdict</th></tr>{rows}</table>"
-            "</body></html>")  # fmt: skip
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vitrine drift reports"
+        f"</title><style>{STYLE}</style></head><body><h1>Drift reports</h1><table><tr><th>"
+        f"report</th><th>version</th><th>requests</th><th>verdict</th></tr>{rows}</table>"
+        "</body></html>"
+    )
     root.mkdir(parents=True, exist_ok=True)
     (root / "index.html").write_text(page)
     return root / "index.html"

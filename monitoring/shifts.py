@@ -83,8 +83,9 @@ def open_images(catalogue_dir: Path, rel_paths: list[str]) -> list[Image.Image]:
     return images
 
 
-def shifted_images(shift: str, sources: list[Image.Image], unknown: list[Image.Image],
-                   rng: np.random.Generator) -> list[Image.Image]:  # fmt: skip
+def shifted_images(
+    shift: str, sources: list[Image.Image], unknown: list[Image.Image], rng: np.random.Generator
+) -> list[Image.Image]:
     """One request image per source: shifted, or (new-category) an unknown-category image for
     a NEW_CATEGORY_SHARE of them, drawn from `unknown` without repeats while it lasts."""
     if shift not in SHIFTS:

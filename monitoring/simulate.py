@@ -31,8 +31,13 @@ def check_service(client: httpx.Client, url: str) -> str:
     return str(response.json().get("model_version"))
 
 
-def send_requests(url: str, payloads: list[bytes], endpoint: str = "/classify",
-                  concurrency: int = 8, timeout: float = 60.0) -> dict:  # fmt: skip
+def send_requests(
+    url: str,
+    payloads: list[bytes],
+    endpoint: str = "/classify",
+    concurrency: int = 8,
+    timeout: float = 60.0,
+) -> dict:
     """POST each payload as the multipart field `image`; counts by HTTP status."""
     statuses: Counter[str] = Counter()
     versions: Counter[str] = Counter()
@@ -56,6 +61,13 @@ def send_requests(url: str, payloads: list[bytes], endpoint: str = "/classify",
             list(pool.map(post, payloads))
         seconds = time.perf_counter() - started
     ok = statuses.get("200", 0)
-    return {"url": url, "endpoint": endpoint, "sent": len(payloads), "ok": ok,
-            "errors": len(payloads) - ok, "statuses": dict(statuses),
-            "model_versions": dict(versions) or {served: 0}, "seconds": round(seconds, 2)}  # fmt: skip
+    return {
+        "url": url,
+        "endpoint": endpoint,
+        "sent": len(payloads),
+        "ok": ok,
+        "errors": len(payloads) - ok,
+        "statuses": dict(statuses),
+        "model_versions": dict(versions) or {served: 0},
+        "seconds": round(seconds, 2),
+    }

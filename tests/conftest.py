@@ -48,8 +48,18 @@ def write_params(path: Path, params: dict) -> Path:
     return path
 
 
-CATEGORIES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+CATEGORIES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 BAD_ROWS = {  # product_id -> the reason validation must give it
     "bad-missing": "missing_file",
     "bad-empty": "empty_file",
@@ -62,8 +72,9 @@ BAD_ROWS = {  # product_id -> the reason validation must give it
 }
 
 
-def write_csv_catalogue(folder: Path, fmnist: dict, n_train: int, n_test: int,
-                        with_bad_rows: bool = False) -> Path:  # fmt: skip
+def write_csv_catalogue(
+    folder: Path, fmnist: dict, n_train: int, n_test: int, with_bad_rows: bool = False
+) -> Path:
     """A shop-style catalogue (CSV + PNG files) from real Fashion-MNIST images."""
     from PIL import Image
 

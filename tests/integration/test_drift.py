@@ -97,8 +97,12 @@ def test_other_versions_are_excluded_and_counted_and_too_few_is_exit_2(served, t
     record = json.loads(log.read_text().splitlines()[-1])
     with log.open("a") as out:
         for _ in range(3):
-            out.write(json.dumps({**record, "timestamp": datetime.now(UTC).isoformat(),
-                                  "model_version": "999"}) + "\n")  # fmt: skip
+            out.write(
+                json.dumps(
+                    {**record, "timestamp": datetime.now(UTC).isoformat(), "model_version": "999"}
+                )
+                + "\n"
+            )
     judged = vitrine(env, "drift", "--since", since, "--json", str(tmp_path / "few.json"))
     assert judged.exit_code == 2
     assert judged.stdout.startswith("NO VERDICT: too few samples: 0 requests")

@@ -143,8 +143,11 @@ def test_cli_refuses_csv_without_required_columns(world, tmp_path):
     env = {**os.environ, "VITRINE_HOME": str(tmp_path / "state")}
     done = subprocess.run(
         [sys.executable, "-m", "components.cli", "ingest", "--source", str(bad)],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     assert "product_id" in done.stderr and "label" in done.stderr and "image" in done.stderr
     assert not (tmp_path / "state" / "mlflow.db").exists()
@@ -164,9 +167,12 @@ def test_killed_training_leaves_registry_and_resumes(world):
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "components.cli", "run", "--epochs", "6"],
-            cwd=PROJECT_ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+            env=dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     deadline = time.time() + 300
     while not (checkpoints / "last.pt").exists() and time.time() < deadline:
         tail = log.read_text()[-3000:]
@@ -183,8 +189,11 @@ def test_killed_training_leaves_registry_and_resumes(world):
 def test_cli_status_json_names_champion_and_challenger(world):
     done = subprocess.run(
         [sys.executable, "-m", "components.cli", "status", "--json"],
-        cwd=PROJECT_ROOT, env=dict(os.environ), capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=PROJECT_ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert set(status) >= {"champion", "challenger", "previous_champion", "data_version"}

@@ -52,15 +52,26 @@ def world(tmp_path_factory, fmnist, api):
     repo.mkdir()
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     csv = write_csv_catalogue(root / "shop", fmnist, n_train=800, n_test=300)
-    schedules = {"work_pool": "vitrine-test", "timezone": "UTC",
-                 **{name: {"cron": cron} for name, cron in CRONS.items()}}  # fmt: skip
+    schedules = {
+        "work_pool": "vitrine-test",
+        "timezone": "UTC",
+        **{name: {"cron": cron} for name, cron in CRONS.items()},
+    }
     params = shrunk_params(
-        repo / "data" / "catalogue", data={"source": str(csv)}, text_search={"enabled": False},
-        registry={"variants": []}, schedules=schedules,
+        repo / "data" / "catalogue",
+        data={"source": str(csv)},
+        text_search={"enabled": False},
+        registry={"variants": []},
+        schedules=schedules,
         gate={"max_latency_ms": 1e4},  # a shared 2-core box: latency is not under test here
-        monitoring={"min_samples": 100, "reference_rows": 300, "max_current_rows": 300,
-                    "tsne_points": 50, "sample_images": 2},
-    )  # fmt: skip
+        monitoring={
+            "min_samples": 100,
+            "reference_rows": 300,
+            "max_current_rows": 300,
+            "tsne_points": 50,
+            "sample_images": 2,
+        },
+    )
     params["train"]["epochs"] = 8  # enough for the bootstrap floors on 800 images
     params_path = write_params(root / "params.yaml", params)
     env = {"VITRINE_HOME": str(root / "state"), "VITRINE_PARAMS": str(params_path)}
@@ -125,8 +136,14 @@ def test_deploy_with_the_server_down_names_the_command_that_starts_it(tmp_path):
 
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": url, "VITRINE_HOME": str(tmp_path / "state")}
-    done = subprocess.run([sys.executable, "-m", "components.cli", "deploy"], cwd=PROJECT_ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "components.cli", "deploy"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "vitrine ui" in done.stderr and url in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -198,16 +215,29 @@ def test_monitor_while_the_retrain_runs_starts_no_second(world):
     from flows.monitor import monitor
 
     run = world["drift_run"]
-    slower = shrunk_params(world["ctx"].catalogue_dir, **{k: world["params"][k] for k in (
-        "data", "text_search", "registry", "schedules", "monitoring", "gate")})  # fmt: skip
+    slower = shrunk_params(
+        world["ctx"].catalogue_dir,
+        **{
+            k: world["params"][k]
+            for k in ("data", "text_search", "registry", "schedules", "monitoring", "gate")
+        },
+    )
     slower["train"].update(epochs=2)  # another fingerprint: a fresh run, not a resume of v1's
-    env = {**os.environ, "PREFECT_API_URL": world["api"],
-           "VITRINE_PARAMS": str(write_params(world["root"] / "slower.yaml", slower))}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": world["api"],
+        "VITRINE_PARAMS": str(write_params(world["root"] / "slower.yaml", slower)),
+    }
     log = world["root"] / "retrain-run.log"
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
     with log.open("w") as out:
-        proc = subprocess.Popen([prefect, "flow-run", "execute", str(run.id)], cwd=PROJECT_ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [prefect, "flow-run", "execute", str(run.id)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 240
         while state_of(run.id) != "RUNNING":

@@ -51,8 +51,9 @@ def load_champion():
     paths, params = state_paths(), load_params()
     if not paths.mlflow_db.exists():
         return None
-    registry = Registry(paths.tracking_uri, paths.artifacts, params.registry.model_name,
-                        paths.audit_log)  # fmt: skip
+    registry = Registry(
+        paths.tracking_uri, paths.artifacts, params.registry.model_name, paths.audit_log
+    )
     version = registry.alias_version("champion")
     return registry.load_model(version).eval() if version else None
 
@@ -65,9 +66,13 @@ def model(fmnist, tmp_path_factory):
     params = TrainParams(**shrunk_params(Path("unused"))["train"])
     images, labels = fmnist["train"]
     result = train_model(
-        images[:N_TRAIN, ..., None], labels[:N_TRAIN], params, num_classes=len(CATEGORIES),
-        checkpoint_dir=tmp_path_factory.mktemp("checkpoints"), progress=False,
-    )  # fmt: skip
+        images[:N_TRAIN, ..., None],
+        labels[:N_TRAIN],
+        params,
+        num_classes=len(CATEGORIES),
+        checkpoint_dir=tmp_path_factory.mktemp("checkpoints"),
+        progress=False,
+    )
     return result.model
 
 
@@ -92,10 +97,12 @@ def brighten(images: np.ndarray, factor: float) -> np.ndarray:
 
 
 def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
-    return np.stack([
-        np.asarray(Image.fromarray(i).rotate(degrees, Image.Resampling.BILINEAR, fillcolor=0))
-        for i in images
-    ])  # fmt: skip
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(i).rotate(degrees, Image.Resampling.BILINEAR, fillcolor=0))
+            for i in images
+        ]
+    )
 
 
 PERTURBATIONS = {

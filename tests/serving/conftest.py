@@ -42,14 +42,21 @@ class Champion:
 def build_champion(root: Path, fmnist: dict, n_train: int = 400, n_test: int = 100) -> Champion:
     """Ingest a small real CSV catalogue, train a tiny CNN, register it with its index, promote."""
     csv = write_csv_catalogue(root / "shop", fmnist, n_train=n_train, n_test=n_test)
-    params = shrunk_params(root / "catalogue", data={"source": str(csv)},
-                           train={"epochs": 2, "max_batches_per_epoch": 20},
-                           labels={"folds": 2})  # fmt: skip
+    params = shrunk_params(
+        root / "catalogue",
+        data={"source": str(csv)},
+        train={"epochs": 2, "max_batches_per_epoch": 20},
+        labels={"folds": 2},
+    )
     params_path = write_params(root / "params.yaml", params)
     paths = state_paths(root / "state")
     ctx = RunContext(load_params(params_path), paths, work=root / "run", repo=root)
-    catalogue.ingest_catalogue(str(csv), ctx.catalogue_dir, ctx.params.data.categories,
-                               fashion_mnist_dir=ctx.params.data.fashion_mnist_dir)  # fmt: skip
+    catalogue.ingest_catalogue(
+        str(csv),
+        ctx.catalogue_dir,
+        ctx.params.data.categories,
+        fashion_mnist_dir=ctx.params.data.fashion_mnist_dir,
+    )
     run_validation(ctx)
     run_label_cleaning(ctx)
     run_training(ctx)
@@ -93,10 +100,21 @@ def start_server(env: dict[str, str], log: Path, timeout: float = 90.0) -> Serve
     full_env = {**os.environ, **env, "BENTOML_HOME": str(log.parent / "bentoml")}
     out = log.open("w")
     proc = subprocess.Popen(
-        [str(Path(PROJECT_ROOT / ".venv/bin/bentoml")), "serve", "bentos.service:Vitrine",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(PROJECT_ROOT / ".venv/bin/bentoml")),
+            "serve",
+            "bentos.service:Vitrine",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=PROJECT_ROOT,
+        env=full_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -135,8 +153,12 @@ def champion(tmp_path_factory, fmnist) -> Champion:
 
 @pytest.fixture(scope="session")
 def server(champion, tmp_path_factory):
-    env = {**champion.env, "VITRINE_ADMIN_TOKEN": ADMIN_TOKEN, "VITRINE_POLL_SECONDS": str(POLL_SECONDS),
-           "VITRINE_SAMPLE_RATE": "1.0"}  # fmt: skip
+    env = {
+        **champion.env,
+        "VITRINE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "VITRINE_POLL_SECONDS": str(POLL_SECONDS),
+        "VITRINE_SAMPLE_RATE": "1.0",
+    }
     running = start_server(env, tmp_path_factory.mktemp("server") / "serve.log")
     yield running
     stop_server(running.proc)

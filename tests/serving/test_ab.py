@@ -55,23 +55,31 @@ def classify(url: str, data: bytes, client: str | None = None) -> httpx.Response
     return httpx.post(f"{url}/classify", files=files, headers=headers, timeout=30)
 
 
-def test_shadow_returns_the_champion_and_records_both_arms(champion, challenger, photos,
-                                                           tmp_path_factory):  # fmt: skip
+def test_shadow_returns_the_champion_and_records_both_arms(
+    champion, challenger, photos, tmp_path_factory
+):
     env = {**champion.env, "VITRINE_AB_MODE": "shadow", "VITRINE_POLL_SECONDS": "0"}
     server = start_server(env, tmp_path_factory.mktemp("shadow") / "serve.log")
     try:
         ready = httpx.get(f"{server.url}/readyz").json()
-        assert ready["ab"] == {"mode": "shadow", "challenger_version": challenger,
-                               "challenger_error": None}  # fmt: skip
+        assert ready["ab"] == {
+            "mode": "shadow",
+            "challenger_version": challenger,
+            "challenger_error": None,
+        }
         answers = [classify(server.url, data) for data in photos[:20]]
         assert {a.status_code for a in answers} == {200}
         assert {a.json()["model_version"] for a in answers} == {champion.version}
-        bad = httpx.post(f"{server.url}/classify", content=b"not an image",
-                         headers={"content-type": "image/png"})  # fmt: skip
+        bad = httpx.post(
+            f"{server.url}/classify", content=b"not an image", headers={"content-type": "image/png"}
+        )
         assert bad.status_code == 415
         metrics = httpx.get(f"{server.url}/metrics").text
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(metrics) for s in family.samples}  # fmt: skip
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics)
+            for s in family.samples
+        }
         key = (("arm", "challenger"), ("status", "200"), ("version", challenger))
         assert samples[("vitrine_ab_requests_total", key)] == 20
         assert samples[("vitrine_ab_latency_seconds_count", (("arm", "champion"),))] == 21
@@ -86,8 +94,12 @@ def test_shadow_returns_the_champion_and_records_both_arms(champion, challenger,
 
 
 def test_route_is_sticky_per_client(champion, challenger, photos, tmp_path_factory):
-    env = {**champion.env, "VITRINE_AB_MODE": "route", "VITRINE_AB_SHARE": "0.5",
-           "VITRINE_POLL_SECONDS": "0"}  # fmt: skip
+    env = {
+        **champion.env,
+        "VITRINE_AB_MODE": "route",
+        "VITRINE_AB_SHARE": "0.5",
+        "VITRINE_POLL_SECONDS": "0",
+    }
     server = start_server(env, tmp_path_factory.mktemp("route") / "serve.log")
     try:
         seen: dict[str, set[str]] = {}
@@ -108,8 +120,11 @@ def test_route_is_sticky_per_client(champion, challenger, photos, tmp_path_facto
 def test_ab_report_and_the_promotion_that_waits_for_it(champion, challenger):
     done = subprocess.run(
         [sys.executable, "-m", "components.cli", "ab", "report", "--json"],
-        cwd=PROJECT_ROOT, env={**os.environ, **champion.env}, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **champion.env},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     arm = report["arms"][f"challenger:v{challenger}"]

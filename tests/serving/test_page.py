@@ -24,9 +24,16 @@ def browser():
     assert binary and driver_path, "install Debian's chromium and chromium-driver (make browser)"
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-                "--no-first-run", "--disable-extensions", "--window-size=1280,2000"):  # fmt: skip
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--no-first-run",
+        "--disable-extensions",
+        "--window-size=1280,2000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     yield driver

@@ -158,8 +158,13 @@ def test_search_text_ranks_products_by_a_text_query(server, champion):
     footwear = httpx.post(url, json={"query": "boots", "k": 6, "group": "footwear"}).json()
     assert len(footwear["results"]) == 6
     assert {r["group"] for r in footwear["results"]} == {"footwear"}
-    for bad, status in (({"query": ""}, 422), ({"query": "   "}, 400), ({"query": "x", "k": 0}, 422),
-                        ({"query": "x", "category": "Hats"}, 400), ({"k": 3}, 422)):  # fmt: skip
+    for bad, status in (
+        ({"query": ""}, 422),
+        ({"query": "   "}, 400),
+        ({"query": "x", "k": 0}, 422),
+        ({"query": "x", "category": "Hats"}, 400),
+        ({"k": 3}, 422),
+    ):
         response = httpx.post(url, json=bad, timeout=30)
         assert response.status_code == status, (bad, response.text)
         assert response.json()["error"]
@@ -299,8 +304,16 @@ def test_request_log_holds_sampled_records_without_images(server, champion):
         "/search",
         "/embed",
     }
-    assert {"timestamp", "embedding", "category", "confidence", "width", "height", "brightness",
-            "contrast"} <= set(record)  # fmt: skip
+    assert {
+        "timestamp",
+        "embedding",
+        "category",
+        "confidence",
+        "width",
+        "height",
+        "brightness",
+        "contrast",
+    } <= set(record)
     assert (record["width"], record["height"]) == (28, 28)
     assert not any(isinstance(v, str) and len(v) > 200 for v in record.values())  # no raw bytes
 

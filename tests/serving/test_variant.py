@@ -78,8 +78,12 @@ def test_service_serves_the_accepted_int8_variant_and_falls_back_when_refused(
 ):
     registry = champion.registry
     registry.promote(versions["accepted"])
-    env = {**champion.env, "VITRINE_VARIANT": "int8", "VITRINE_ADMIN_TOKEN": ADMIN_TOKEN,
-           "VITRINE_POLL_SECONDS": "0"}  # fmt: skip
+    env = {
+        **champion.env,
+        "VITRINE_VARIANT": "int8",
+        "VITRINE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "VITRINE_POLL_SECONDS": "0",
+    }
     server = start_server(env, tmp_path / "serve.log")
     try:
         ready = httpx.get(f"{server.url}/readyz").json()

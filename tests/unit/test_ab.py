@@ -24,12 +24,29 @@ def test_assignment_is_sticky_and_matches_the_share():
     assert set(moved) == {"champion"}
 
 
-def _events(arm: str, version: str, n: int, errors: int = 0, latency: float = 10.0,
-            agrees: bool | None = None) -> list[dict]:  # fmt: skip
+def _events(
+    arm: str,
+    version: str,
+    n: int,
+    errors: int = 0,
+    latency: float = 10.0,
+    agrees: bool | None = None,
+) -> list[dict]:
     now = datetime.now(UTC).isoformat()
-    return [{"timestamp": now, "arm": arm, "model_version": version, "endpoint": "/search",
-             "status": 500 if i < errors else 200, "latency_ms": latency, "mode": "route",
-             "confidence": 0.8, "agrees": agrees} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "timestamp": now,
+            "arm": arm,
+            "model_version": version,
+            "endpoint": "/search",
+            "status": 500 if i < errors else 200,
+            "latency_ms": latency,
+            "mode": "route",
+            "confidence": 0.8,
+            "agrees": agrees,
+        }
+        for i in range(n)
+    ]
 
 
 def test_report_summarises_each_arm():

@@ -75,9 +75,16 @@ def test_a_variant_runs_through_the_loop_evaluation(model, images, variants, fmn
     results = {}
     for name, candidate in [("fp32", model), ("onnx", compress.load_variant(variants, "onnx"))]:
         results[name] = evaluation.evaluate_model(
-            candidate, images, labels, ids, cat_emb, fmnist["train"][1][:300], CATEGORIES,
-            params, tmp_path / name,
-        ).metrics  # fmt: skip
+            candidate,
+            images,
+            labels,
+            ids,
+            cat_emb,
+            fmnist["train"][1][:300],
+            CATEGORIES,
+            params,
+            tmp_path / name,
+        ).metrics
     for metric in ("accuracy", "macro_f1"):
         assert results["onnx"][metric] == pytest.approx(results["fp32"][metric], abs=1e-9)
     for metric in ("recall_at_1", "recall_at_5"):  # an untrained model's near-tied neighbours

@@ -25,35 +25,71 @@ def sig(name: str, method: str, score: float, threshold: float, drifted: bool) -
 @pytest.mark.parametrize(
     ("signals", "n", "drifted", "code", "headline"),
     [
-        ([sig("embeddings", "mmd", 0.001, 0.01, False),
-          sig("brightness", "ks", 0.4, 0.001, False)], 500, False, 0, "no drift"),
-        ([sig("embeddings", "mmd", 0.031, 0.015, True),
-          sig("brightness", "ks", 0.4, 0.001, False)], 500, True, 1,
-         "DRIFT: embeddings (mmd 0.031 > 0.015)"),
-        ([sig("brightness", "ks", 1e-9, 0.001, True),
-          sig("embeddings", "mmd", 0.031, 0.015, True),
-          sig("contrast", "ks", 1e-30, 0.001, True)], 500, True, 1,
-         "DRIFT: embeddings (mmd 0.031 > 0.015), contrast (ks p 1e-30 < 0.001), "
-         "brightness (ks p 1e-09 < 0.001)"),
-        ([sig("embeddings", "mmd", 0.5, 0.01, True)], 199, None, 2,
-         "NO VERDICT: too few samples: 199 requests of the champion in the window, "
-         "need at least 200"),
-        ([sig("confidence", "wasserstein", 0.3, 0.1, True)], 200, True, 1,
-         "DRIFT: confidence (wasserstein 0.3 > 0.1)"),
+        (
+            [
+                sig("embeddings", "mmd", 0.001, 0.01, False),
+                sig("brightness", "ks", 0.4, 0.001, False),
+            ],
+            500,
+            False,
+            0,
+            "no drift",
+        ),
+        (
+            [
+                sig("embeddings", "mmd", 0.031, 0.015, True),
+                sig("brightness", "ks", 0.4, 0.001, False),
+            ],
+            500,
+            True,
+            1,
+            "DRIFT: embeddings (mmd 0.031 > 0.015)",
+        ),
+        (
+            [
+                sig("brightness", "ks", 1e-9, 0.001, True),
+                sig("embeddings", "mmd", 0.031, 0.015, True),
+                sig("contrast", "ks", 1e-30, 0.001, True),
+            ],
+            500,
+            True,
+            1,
+            "DRIFT: embeddings (mmd 0.031 > 0.015), contrast (ks p 1e-30 < 0.001), "
+            "brightness (ks p 1e-09 < 0.001)",
+        ),
+        (
+            [sig("embeddings", "mmd", 0.5, 0.01, True)],
+            199,
+            None,
+            2,
+            "NO VERDICT: too few samples: 199 requests of the champion in the window, "
+            "need at least 200",
+        ),
+        (
+            [sig("confidence", "wasserstein", 0.3, 0.1, True)],
+            200,
+            True,
+            1,
+            "DRIFT: confidence (wasserstein 0.3 > 0.1)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_decide_table(signals, n, drifted, code, headline):
     verdict = decide(signals, n, 200)
     assert (verdict.drifted, verdict.exit_code, verdict.headline) == (drifted, code, headline)
 
 
 def test_category_drift_is_told_as_the_prediction_share_that_moved_most():
-    signals = [sig("embeddings", "mmd", 0.031, 0.015, True),
-               sig("category", "chisquare", 1e-9, 0.001, True)]  # fmt: skip
+    signals = [
+        sig("embeddings", "mmd", 0.031, 0.015, True),
+        sig("category", "chisquare", 1e-9, 0.001, True),
+    ]
     shares = ({"Bag": 0.31, "Coat": 0.09, "Dress": 0.6}, {"Bag": 0.10, "Coat": 0.2, "Dress": 0.7})
     verdict = decide(signals, 1000, 200, shares)
-    assert verdict.headline == ("DRIFT: embeddings (mmd 0.031 > 0.015), prediction share of "
-                                "'Bag' 0.31 vs 0.10 (chisquare p 1e-09 < 0.001)")  # fmt: skip
+    assert verdict.headline == (
+        "DRIFT: embeddings (mmd 0.031 > 0.015), prediction share of "
+        "'Bag' 0.31 vs 0.10 (chisquare p 1e-09 < 0.001)"
+    )
 
 
 def write_log(folder, version: str, n: int, when: datetime | None = None, dim: int = 4) -> None:
@@ -107,10 +143,14 @@ def test_read_window_keeps_only_the_time_window(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1h", NOW - timedelta(hours=1)), ("30m", NOW - timedelta(minutes=30)),
-     ("2d", NOW - timedelta(days=2)), ("2026-11-22T07:00", datetime(2026, 11, 22, 7, tzinfo=UTC)),
-     ("2026-11-22T07:00:00+01:00", datetime(2026, 11, 22, 6, tzinfo=UTC))],
-)  # fmt: skip
+    [
+        ("1h", NOW - timedelta(hours=1)),
+        ("30m", NOW - timedelta(minutes=30)),
+        ("2d", NOW - timedelta(days=2)),
+        ("2026-11-22T07:00", datetime(2026, 11, 22, 7, tzinfo=UTC)),
+        ("2026-11-22T07:00:00+01:00", datetime(2026, 11, 22, 6, tzinfo=UTC)),
+    ],
+)
 def test_parse_since(text, expected):
     assert drift.parse_since(text, NOW) == expected
 
@@ -134,11 +174,17 @@ def pooled(images: np.ndarray) -> np.ndarray:
 
 def frames(images: np.ndarray, labels: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
     grey = images.astype(float) / 255.0
-    rows = pd.DataFrame({
-        "category": [f"c{int(y)}" for y in labels], "confidence": grey.max(axis=(1, 2)),
-        "brightness": grey.mean(axis=(1, 2)), "contrast": grey.std(axis=(1, 2)),
-        "width": 28, "height": 28, "aspect": 1.0,
-    })  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            "category": [f"c{int(y)}" for y in labels],
+            "confidence": grey.max(axis=(1, 2)),
+            "brightness": grey.mean(axis=(1, 2)),
+            "contrast": grey.std(axis=(1, 2)),
+            "width": 28,
+            "height": 28,
+            "aspect": 1.0,
+        }
+    )
     return rows, pooled(images)
 
 
@@ -190,9 +236,16 @@ def test_index_lists_reports_newest_first_with_their_verdicts(tmp_path):
         ("c", "2026-11-22T08:00:00+00:00", "NO VERDICT: too few samples", None),
     ]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "report.json").write_text(json.dumps({
-            "created_at": created, "model_version": "3", "window": {"requests": 5},
-            "verdict": {"headline": headline, "drifted": drifted, "exit_code": 0}}))  # fmt: skip
+        (tmp_path / name / "report.json").write_text(
+            json.dumps(
+                {
+                    "created_at": created,
+                    "model_version": "3",
+                    "window": {"requests": 5},
+                    "verdict": {"headline": headline, "drifted": drifted, "exit_code": 0},
+                }
+            )
+        )
     page = report.write_index(tmp_path).read_text()
     assert page.index("DRIFT: brightness") < page.index("NO VERDICT") < page.index("no drift")
     assert "b/report.html" in page

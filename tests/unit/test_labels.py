@@ -34,8 +34,9 @@ def inject_flips(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarra
 
 
 def manifest_of(labels: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"product_id": [f"fm-{i:05d}" for i in range(len(labels))],
-                         "label": labels})  # fmt: skip
+    return pd.DataFrame(
+        {"product_id": [f"fm-{i:05d}" for i in range(len(labels))], "label": labels}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,18 +134,22 @@ def test_out_of_fold_probs_deterministic_and_keep_rare_classes(fmnist_slice) -> 
 
 @pytest.fixture()
 def small_manifest() -> tuple[pd.DataFrame, pd.DataFrame]:
-    manifest = pd.DataFrame({
-        "product_id": ["a", "b", "c", "d", "e"],
-        "label": [0, 1, 1, 2, 0],
-        "category": ["zero", "one", "one", "two", "zero"],
-    })  # fmt: skip
-    issues = pd.DataFrame({
-        "product_id": ["c", "e"],
-        "given_label": [1, 0],
-        "suggested_label": [2, 1],
-        "suggested_confidence": [0.95, 0.6],
-        "label_quality": [0.01, 0.2],
-    })  # fmt: skip
+    manifest = pd.DataFrame(
+        {
+            "product_id": ["a", "b", "c", "d", "e"],
+            "label": [0, 1, 1, 2, 0],
+            "category": ["zero", "one", "one", "two", "zero"],
+        }
+    )
+    issues = pd.DataFrame(
+        {
+            "product_id": ["c", "e"],
+            "given_label": [1, 0],
+            "suggested_label": [2, 1],
+            "suggested_confidence": [0.95, 0.6],
+            "label_quality": [0.01, 0.2],
+        }
+    )
     return manifest, issues
 
 
@@ -152,8 +157,13 @@ def test_policy_drop(small_manifest) -> None:
     manifest, issues = small_manifest
     out, summary = apply_label_policy(manifest, issues, LabelParams(policy="drop"))
     assert out["product_id"].tolist() == ["a", "b", "d"]
-    assert summary == {"policy": "drop", "flagged": 2, "dropped": 2, "relabelled": 0,
-                       "per_class": {0: 1, 1: 1}}  # fmt: skip
+    assert summary == {
+        "policy": "drop",
+        "flagged": 2,
+        "dropped": 2,
+        "relabelled": 0,
+        "per_class": {0: 1, 1: 1},
+    }
     assert manifest["product_id"].tolist() == ["a", "b", "c", "d", "e"]  # input untouched
 
 

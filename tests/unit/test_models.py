@@ -55,8 +55,13 @@ def test_cnn_stages_follow_widths_and_depths() -> None:
     model = build_model(params, num_classes=10).eval()
     convs = [m for m in model.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [
-        (1, 8), (8, 12), (12, 12), (12, 24), (24, 24), (24, 24),
-    ]  # fmt: skip
+        (1, 8),
+        (8, 12),
+        (12, 12),
+        (12, 24),
+        (24, 24),
+        (24, 24),
+    ]
     pools = [m for m in model.trunk if isinstance(m, torch.nn.MaxPool2d)]
     assert len(pools) == 2 and model.classifier.in_features == 24
     check_outputs(model, grayscale_batch(), 10, 16)

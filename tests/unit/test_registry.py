@@ -42,9 +42,11 @@ def register_version(registry: Registry, tmp: Path, accuracy: float, data_versio
         registry.log_metrics({"accuracy": accuracy, "recall_at_1": accuracy - 0.05})
         registry.log_dict({"classes": ["a", "b"]}, "labels.json")
         return registry.log_and_register_model(
-            torch.nn.Linear(4, 2), np.zeros((2, 4), np.float32), {"index": index},
+            torch.nn.Linear(4, 2),
+            np.zeros((2, 4), np.float32),
+            {"index": index},
             {"data_version": data_version},
-        )  # fmt: skip
+        )
 
 
 @pytest.fixture(scope="module")

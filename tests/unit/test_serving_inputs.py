@@ -210,8 +210,18 @@ def test_request_log_writes_sampled_records_without_images(tmp_path):
     records = read_request_log(tmp_path / "all")
     assert len(records) == 5
     record = records[0]
-    assert set(record) == {"timestamp", "model_version", "endpoint", "category", "confidence",
-                           "width", "height", "brightness", "contrast", "embedding"}  # fmt: skip
+    assert set(record) == {
+        "timestamp",
+        "model_version",
+        "endpoint",
+        "category",
+        "confidence",
+        "width",
+        "height",
+        "brightness",
+        "contrast",
+        "embedding",
+    }
     assert record["model_version"] == "3" and record["endpoint"] == "/search"
     assert np.allclose(record["embedding"], emb, atol=1e-6)
     sampled = RequestLog(tmp_path / "some", 0.3, seed=0)

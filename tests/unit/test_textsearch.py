@@ -36,8 +36,14 @@ def embedded(fmnist, tmp_path_factory) -> dict:
     )
     x_train, y_train = fmnist["train"][0][:N_TRAIN, :, :, None], fmnist["train"][1][:N_TRAIN]
     x_test, y_test = fmnist["test"][0][:N_TEST, :, :, None], fmnist["test"][1][:N_TEST]
-    result = train_model(x_train, y_train, TrainParams(**params), len(CATEGORIES),
-                         tmp_path_factory.mktemp("ckpt"), progress=False)  # fmt: skip
+    result = train_model(
+        x_train,
+        y_train,
+        TrainParams(**params),
+        len(CATEGORIES),
+        tmp_path_factory.mktemp("ckpt"),
+        progress=False,
+    )
     names = np.array(CATEGORIES, dtype=object)
     return {
         "train": predict_batches(result.model, x_train)[1],

@@ -51,8 +51,14 @@ def test_training_beats_chance(fmnist, tmp_path: Path) -> None:
     result = train_model(images, labels, SMALL, 10, tmp_path, progress=False)
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert set(result.history[0]) == {
-        "epoch", "size", "train_loss", "val_loss", "val_accuracy", "seconds", "lr",
-    }  # fmt: skip
+        "epoch",
+        "size",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "seconds",
+        "lr",
+    }
     best = max(h["val_accuracy"] for h in result.history)
     assert best > 0.6  # chance is 0.1
     assert result.history[result.best_epoch]["val_accuracy"] == best
@@ -71,16 +77,30 @@ def test_training_threads_apply_inside_the_run_only(fmnist, tmp_path: Path, monk
     try:
         images, labels = fmnist
         params = SMALL.model_copy(update={"epochs": 1, "max_batches_per_epoch": 2})
-        train_model(images, labels, params, 10, tmp_path, progress=False,
-                    on_epoch_end=lambda _: during.append(torch.get_num_threads()))  # fmt: skip
+        train_model(
+            images,
+            labels,
+            params,
+            10,
+            tmp_path,
+            progress=False,
+            on_epoch_end=lambda _: during.append(torch.get_num_threads()),
+        )
         assert during == [2] and torch.get_num_threads() == 1
 
         def crash(_: dict) -> None:
             raise RuntimeError("boom")
 
         with pytest.raises(RuntimeError, match="boom"):  # restored after a crash too
-            train_model(images, labels, params.model_copy(update={"seed": 1}), 10,
-                        tmp_path / "crash", progress=False, on_epoch_end=crash)  # fmt: skip
+            train_model(
+                images,
+                labels,
+                params.model_copy(update={"seed": 1}),
+                10,
+                tmp_path / "crash",
+                progress=False,
+                on_epoch_end=crash,
+            )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -91,8 +111,9 @@ def test_same_seed_same_weights_other_seed_other_weights(fmnist, tmp_path: Path)
     quick = TINY.model_copy(update={"epochs": 1, "max_batches_per_epoch": 3})
     a = train_model(images, labels, quick, 10, tmp_path / "a", progress=False)
     b = train_model(images, labels, quick, 10, tmp_path / "b", progress=False)
-    c = train_model(images, labels, quick.model_copy(update={"seed": 1}), 10,
-                    tmp_path / "c", progress=False)  # fmt: skip
+    c = train_model(
+        images, labels, quick.model_copy(update={"seed": 1}), 10, tmp_path / "c", progress=False
+    )
     assert same_weights(a.model, b.model) and a.history[0]["val_loss"] == b.history[0]["val_loss"]
     assert not same_weights(a.model, c.model)
     assert not np.array_equal(a.val_indices, c.val_indices)
@@ -132,8 +153,9 @@ def test_imbalanced_training_uses_class_weights(fmnist, tmp_path: Path) -> None:
 
 def test_early_stopping_keeps_best_epoch(fmnist, tmp_path: Path) -> None:
     images, labels = fmnist
-    stalled = TINY.model_copy(update={"epochs": 6, "patience": 1, "lr": 1e-9,
-                                      "max_batches_per_epoch": 1})  # fmt: skip
+    stalled = TINY.model_copy(
+        update={"epochs": 6, "patience": 1, "lr": 1e-9, "max_batches_per_epoch": 1}
+    )
     result = train_model(images[:600], labels[:600], stalled, 10, tmp_path, progress=False)
     assert result.stopped_early and len(result.history) < 6
     accuracies = [h["val_accuracy"] for h in result.history]
@@ -172,9 +194,15 @@ def test_progressive_resizing_feeds_small_batches_first_and_validates_at_full_si
 
 
 def test_early_stopping_waits_for_the_full_size_phase(fmnist, tmp_path: Path) -> None:
-    stalled = TINY.model_copy(update={"epochs": 6, "patience": 1, "lr": 1e-9,
-                                      "max_batches_per_epoch": 1,
-                                      "progressive_sizes": [16, 20]})  # fmt: skip
+    stalled = TINY.model_copy(
+        update={
+            "epochs": 6,
+            "patience": 1,
+            "lr": 1e-9,
+            "max_batches_per_epoch": 1,
+            "progressive_sizes": [16, 20],
+        }
+    )
     result = train_model(fmnist[0][:600], fmnist[1][:600], stalled, 10, tmp_path, progress=False)
     # without progressive resizing this run stops after epoch 1 (the test above)
     assert result.stopped_early
@@ -224,8 +252,9 @@ train_model(images[:600, ..., None], labels[:600].astype(np.int64), params, 10,
 
 def kill_after_first_checkpoint(ckpt: Path, timeout: float = 120.0) -> None:
     """Run train_model in a child process and SIGKILL it as soon as last.pt appears."""
-    code = CHILD.format(repo=str(REPO), data=str(FASHION_MNIST), params=TINY.model_dump_json(),
-                        ckpt=str(ckpt))  # fmt: skip
+    code = CHILD.format(
+        repo=str(REPO), data=str(FASHION_MNIST), params=TINY.model_dump_json(), ckpt=str(ckpt)
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     while not (ckpt / CHECKPOINT).exists():
@@ -282,8 +311,13 @@ def test_augment_shifts_and_flips_each_image_on_its_own():
     padded = F.pad(torch.cat([x, x.flip(3)], 1), (2,) * 4, value=-MEAN / SCALE)
     shifts = []
     for i in range(len(x)):
-        found = [(dy, dx) for dy in range(5) for dx in range(5) for flip in range(2)
-                 if torch.equal(out[i, 0], padded[i, flip, dy : dy + 28, dx : dx + 28])]  # fmt: skip
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            for flip in range(2)
+            if torch.equal(out[i, 0], padded[i, flip, dy : dy + 28, dx : dx + 28])
+        ]
         assert found, f"image {i} is not a shifted / flipped copy of its input"
         shifts.append(found[0])
     assert len(set(shifts)) > 5  # drawn per image, not one shift for the batch
@@ -303,8 +337,10 @@ def test_cutout_blacks_out_one_square_per_image():
         assert hole.sum() == len(rows) * len(cols)  # one solid rectangle
         assert rows.diff().eq(1).all() and cols.diff().eq(1).all()
     assert (black.sum((1, 2)) == 64).float().mean() > 0.3  # most squares lie inside
-    centres = {(int(h.nonzero()[:, 0].float().mean()), int(h.nonzero()[:, 1].float().mean()))
-               for h in black}  # fmt: skip
+    centres = {
+        (int(h.nonzero()[:, 0].float().mean()), int(h.nonzero()[:, 1].float().mean()))
+        for h in black
+    }
     assert len(centres) > 20  # drawn per image
     off = augment(x, torch.Generator().manual_seed(0), max_shift=0)
     assert not torch.any(off == -MEAN / SCALE)

@@ -29,8 +29,14 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CATEGORIES = FASHION_MNIST_CATEGORIES
 
 
-def _row(product_id: str, rel: str, blob: bytes | None, label: int = 0, split: str = "train",
-         size: tuple[int, int] = (28, 28)) -> dict:  # fmt: skip
+def _row(
+    product_id: str,
+    rel: str,
+    blob: bytes | None,
+    label: int = 0,
+    split: str = "train",
+    size: tuple[int, int] = (28, 28),
+) -> dict:
     digest = hashlib.sha256(blob).hexdigest() if blob is not None else ""
     values = (product_id, rel, label, "x", "x", digest, size[0], size[1], split, "test")
     return dict(zip(MANIFEST_COLUMNS, values, strict=True))
@@ -143,7 +149,9 @@ def test_report_carries_the_ge_suite_results(result):
     report = json.loads(json.dumps(result.report))
     suite = report["suite"]
     assert suite["expect_column_values_to_be_between(label)"] == {
-        "success": False, "unexpected_count": 1}  # fmt: skip
+        "success": False,
+        "unexpected_count": 1,
+    }
     assert suite["expect_column_values_to_be_in_set(split)"]["unexpected_count"] == 1
     assert suite["expect_table_columns_to_match_set"]["success"] is True
     assert suite["expect_column_values_to_be_unique(product_id)"]["unexpected_count"] == 2
@@ -154,16 +162,22 @@ def test_report_carries_the_ge_suite_results(result):
 def test_exact_duplicate_keeps_the_test_split_copy(tmp_path, fmnist_images):
     blob = _write(tmp_path, "a.png", png_bytes(fmnist_images[5]))
     _write(tmp_path, "b.png", blob)
-    manifest = pd.DataFrame([_row("train-copy", "a.png", blob, split="train"),
-                             _row("test-copy", "b.png", blob, split="test")])  # fmt: skip
+    manifest = pd.DataFrame(
+        [
+            _row("train-copy", "a.png", blob, split="train"),
+            _row("test-copy", "b.png", blob, split="test"),
+        ]
+    )
     out = validate_catalogue(manifest, tmp_path, CATEGORIES, ValidationParams())
     assert list(out.accepted["product_id"]) == ["test-copy"]
     assert list(out.quarantine["reason"]) == ["exact_duplicate"]
 
 
 def test_near_duplicate_distance_is_configurable(tmp_path, fmnist_images):
-    rows = [_row(f"p{i}", f"{i}.png", _write(tmp_path, f"{i}.png", png_bytes(im)))
-            for i, im in enumerate(fmnist_images[:30])]  # fmt: skip
+    rows = [
+        _row(f"p{i}", f"{i}.png", _write(tmp_path, f"{i}.png", png_bytes(im)))
+        for i, im in enumerate(fmnist_images[:30])
+    ]
     manifest = pd.DataFrame(rows)
     coarse = validate_catalogue(manifest, tmp_path, CATEGORIES, ValidationParams(), hash_size=8)
     loose = validate_catalogue(
@@ -211,8 +225,9 @@ def test_difference_hash_is_64_bits_and_tracks_gradients():
 def test_missing_manifest_column_is_a_schema_error(tmp_path, catalogue):
     _, manifest = catalogue
     with pytest.raises(SchemaError, match="sha256"):
-        validate_catalogue(manifest.drop(columns=["sha256"]), tmp_path, CATEGORIES,
-                           ValidationParams())  # fmt: skip
+        validate_catalogue(
+            manifest.drop(columns=["sha256"]), tmp_path, CATEGORIES, ValidationParams()
+        )
 
 
 def test_check_quarantine_share_raises_only_above_the_threshold(result):
