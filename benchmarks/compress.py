@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from components import compress, evaluation
-from components.config import PROJECT_ROOT, configure_environment, load_params, state_paths
-from components.registry import Registry
-from components.training import predict_batches
-from components.transforms import load_uint8
+from components.config import configure_environment, load_params, state_paths
+from components.model import compress, evaluation
+from components.model.training import predict_batches
+from components.model.transforms import load_uint8
+from components.release.registry import Registry, open_registry
 
 BASELINE = "fp32"
 
@@ -162,15 +162,12 @@ def main() -> None:
     paths = state_paths()
     configure_environment(paths)
     params = load_params()
-    registry = Registry(
-        paths.tracking_uri, paths.artifacts, params.registry.model_name, paths.audit_log
-    )
+    registry = open_registry(paths, params)
     version = args.version or registry.alias_version("champion")
     if version is None:
         raise SystemExit(f"no champion in {paths.home}: run `make run` or pass --version")
     model = registry.load_model(version).eval()
-    catalogue = Path(params.data.catalogue_dir)
-    catalogue = catalogue if catalogue.is_absolute() else PROJECT_ROOT / catalogue
+    catalogue = params.data.catalogue_path()
     with tempfile.TemporaryDirectory(prefix="vitrine-bench-compress-") as tmp:
         split = load_split(registry, version, model, catalogue, Path(tmp) / "index")
         rng = np.random.default_rng(params.train.seed)

@@ -3,7 +3,7 @@
 For each shift (monitoring/shifts.py) and for unshifted traffic, `--windows` windows of
 `--window-size` requests are built from held-out test images and pushed through the same code
 path as the service's request log (decode_upload → transforms.image_to_uint8 → the champion →
-softmax → compute_image_stats → RequestLog.write), read back with monitoring.drift.read_window
+softmax → compute_image_stats → RequestLog.write), read back with monitoring.window.read_window
 and judged by monitoring.detect.compute_signals + decide, with params.yaml's thresholds: the
 detector `vitrine drift` runs, minus only EmbeddingsDrift's t-SNE picture.
 
@@ -30,15 +30,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.config import configure_environment, load_params, state_paths  # noqa: E402
-from components.serving import (  # noqa: E402
-    RequestLog,
-    UploadLimits,
-    compute_image_stats,
-    decode_upload,
-)
-from components.training import predict_batches  # noqa: E402
-from components.transforms import image_to_uint8  # noqa: E402
+from components.model.training import predict_batches  # noqa: E402
+from components.model.transforms import image_to_uint8  # noqa: E402
+from components.serving.logs import RequestLog
+from components.serving.uploads import UploadLimits, compute_image_stats, decode_upload
 from monitoring import detect, drift, shifts  # noqa: E402
+from monitoring.window import read_window  # noqa: E402
 
 BASELINE_SIGNALS = {"category", "confidence"}  # a predictions-only monitor
 
@@ -67,7 +64,7 @@ def log_window(images: list, model, version: str, categories: list[str], folder:
 
 def judge(folder: Path, version: str, ref_frame, ref_shares: dict, settings) -> tuple:
     """(verdict, baseline verdict) for the logged window, as `vitrine drift` reads it."""
-    window = drift.read_window(folder, version, *_forever())
+    window = read_window(folder, version, *_forever())
     rows, emb = drift.seeded_sample(
         window.rows, window.emb, settings.max_current_rows, settings.seed
     )
@@ -97,7 +94,7 @@ def load_setup(part: str) -> dict:
     ref_rows, ref_emb = drift.seeded_sample(
         ref_rows, ref_emb, settings.reference_rows, settings.seed
     )
-    catalogue = drift.catalogue_dir(params)
+    catalogue = params.data.catalogue_path()
     test = shifts.held_out_products(catalogue)
     test = test[~test["product_id"].isin(set(ref_rows["product_id"]))]
     test = test[[half(p) == part for p in test["product_id"]]]

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from components import catalogue, training
 from components.config import TrainParams, load_params
+from components.data import catalogue
+from components.model import training
 
 
 def imbalanced_subset(

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from components.search import CatalogueIndex
+from components.retrieval.index import CatalogueIndex
 
 CATEGORIES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
 CATEGORIES += ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

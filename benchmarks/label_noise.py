@@ -9,7 +9,7 @@ components.training.train_model with params.yaml's `train` section (--epochs ove
 epoch count). The cleaning stage is also scored at finding the injected flips (precision,
 recall, F1 of its flagged rows).
 
-Noise (components/noise.py): symmetric = --rate of all training rows move to a uniformly random
+Noise (components/data/noise.py): symmetric = --rate of all training rows move to a uniformly random
 other class; asymmetric = in each class of the pairs Shirt↔T-shirt/top, Pullover↔Coat,
 Sneaker↔Ankle boot, --rate of the class's rows take the partner's label (the standard
 per-class definition: the same 20% per-class rate as the symmetric case, concentrated where
@@ -50,8 +50,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import catalogue, labels, noise, training
 from components.config import Params, TrainParams, load_params
+from components.data import catalogue, labels, noise
+from components.model import training
 
 NOISE_TYPES = ("symmetric", "asymmetric")
 GOAL_RATIO, GOAL_F1 = 0.98, 0.8

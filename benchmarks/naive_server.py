@@ -22,20 +22,15 @@ from fastapi import FastAPI, File, Form, UploadFile
 from PIL import Image
 
 from components.config import configure_environment, load_params, state_paths
-from components.registry import Registry
-from components.transforms import image_to_uint8, to_tensor
+from components.model.transforms import image_to_uint8, to_tensor
+from components.release.registry import open_registry
 
 
 def build_app() -> FastAPI:
     paths = state_paths()
     configure_environment(paths)
     params = load_params()
-    registry = Registry(
-        tracking_uri=paths.tracking_uri,
-        artifact_root=paths.artifacts,
-        model_name=params.registry.model_name,
-        audit_log=paths.audit_log,
-    )
+    registry = open_registry(paths, params)
     version = registry.alias_version("champion")
     model = registry.load_model(version).eval()
     with tempfile.TemporaryDirectory() as tmp:

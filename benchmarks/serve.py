@@ -156,8 +156,7 @@ def run_side(name: str, command: list[str], port: int, photos: list[bytes], args
 
 def load_photos(n: int) -> list[bytes]:
     params = load_params()
-    catalogue = Path(params.data.catalogue_dir)
-    catalogue = catalogue if catalogue.is_absolute() else ROOT / catalogue
+    catalogue = params.data.catalogue_path(ROOT)
     manifest = pd.read_parquet(catalogue / "manifest.parquet")
     rows = manifest.sort_values(["split", "product_id"], ascending=[True, True])  # test first
     if len(rows) < n:

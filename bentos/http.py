@@ -16,13 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from components.serving import (
-    IMAGE_TYPES,
-    SNIFFED_TYPES,
-    BadImage,
-    endpoint_label,
-    in_call_thread,
-)
+from components.serving.metrics import endpoint_label
+from components.serving.runtime import in_call_thread
+from components.serving.uploads import IMAGE_TYPES, SNIFFED_TYPES, BadImage
 
 log = logging.getLogger("vitrine.service")
 app = FastAPI(title="vitrine", summary="Visual search over the catalogue, from the champion model")
@@ -60,7 +56,7 @@ async def read_upload(request: Request) -> tuple[bytes, str | None, dict[str, st
 
 async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run fn in a worker thread; bad input becomes an ApiError with a 4xx status."""
-    from components.search import UnknownProduct
+    from components.retrieval.index import UnknownProduct
 
     try:
         return await run_in_threadpool(in_call_thread, fn, *args, **kwargs)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from components.serving import settle_heap
+from components.serving.runtime import settle_heap
 
 log = logging.getLogger("vitrine.service")
 
@@ -61,18 +61,13 @@ class ModelLoader:
 
     def _open_registry(self) -> Any:
         if self._registry is None:
-            from components.registry import Registry
+            from components.release.registry import open_registry
 
-            self._registry = Registry(
-                tracking_uri=self.paths.tracking_uri,
-                artifact_root=self.paths.artifacts,
-                model_name=self.params.registry.model_name,
-                audit_log=self.paths.audit_log,
-            )
+            self._registry = open_registry(self.paths, self.params)
         return self._registry
 
     def load_bundle(self, registry: Any, version: str) -> Bundle:
-        from components.search import CatalogueIndex
+        from components.retrieval.index import CatalogueIndex
 
         start = time.perf_counter()
         model = registry.load_model(version).eval()
@@ -81,7 +76,7 @@ class ModelLoader:
             index_dir = registry.download_artifacts(version, "index", Path(tmp))
             index = CatalogueIndex.load(index_dir)
             if (index_dir / "text_projection.npz").exists():
-                from components import textsearch
+                from components.retrieval import text as textsearch
 
                 projection = textsearch.TextProjection.load(index_dir / "text_projection.npz")
                 text = projection.project(index.embeddings)
@@ -91,7 +86,7 @@ class ModelLoader:
         with_dim = getattr(model, "embedding_dim", index.dim)
         if with_dim != index.dim:
             raise ValueError(f"model embeds in {with_dim} dims but its index holds {index.dim}")
-        from components.compress import load_served_model
+        from components.model.compress import load_served_model
 
         served, variant, note = load_served_model(registry, version, model, self.variant)
         loaded_at = datetime.now(UTC).isoformat()

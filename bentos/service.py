@@ -8,11 +8,11 @@ once, requests arriving meanwhile form the next batch) instead of a `batchable` 
 because BentoML batches only calls that reach such an API over HTTP or from another service
 process, which would split the model from its index. Repeated photos hit an LRU cache keyed by
 (version, sha256). With serving.ab.mode = route | shadow the challenger is loaded beside the
-champion (see components/ab.py).
+champion (see components/serving/ab.py).
 
 Routes: POST /classify /tags /search /embed (image as multipart field `image`, or a raw body),
 POST /search_text /recommend (JSON), GET /products/{id}[/image], GET / (the page),
-POST /explain (Grad-CAM heatmap and region, components/explain.py),
+POST /explain (Grad-CAM heatmap and region, components/model/explain.py),
 POST /admin/reload (token). bentos/http.py holds the app, errors and the probes middleware.
 """
 
@@ -35,16 +35,14 @@ from starlette.concurrency import run_in_threadpool
 
 from bentos.http import ApiError, ProbesAndLimits, app, guarded, read_upload
 from bentos.loader import Bundle, ModelLoader
-from components.serving import (
-    LRUCache,
-    MicroBatcher,
-    RequestLog,
-    ServingMetrics,
+from components.serving.logs import RequestLog
+from components.serving.metrics import ServingMetrics
+from components.serving.runtime import LRUCache, MicroBatcher, set_call_threads
+from components.serving.uploads import (
     UploadLimits,
     compute_image_stats,
     decode_upload,
     parse_k,
-    set_call_threads,
     sha256_hex,
 )
 
@@ -80,8 +78,7 @@ class Vitrine:
         configure_environment(self.paths)
         self.params = load_params()
         self.categories = list(self.params.data.categories)
-        catalogue = Path(self.params.data.catalogue_dir)
-        self.catalogue_dir = catalogue if catalogue.is_absolute() else _project_root() / catalogue
+        self.catalogue_dir = self.params.data.catalogue_path()
         serving = self.params.serving  # the env vars below override params.yaml (tests, ops)
         self.limits = UploadLimits(
             max_bytes=int(env_float("VITRINE_MAX_UPLOAD_BYTES", serving.max_upload_bytes)),
@@ -101,7 +98,7 @@ class Vitrine:
         self.request_log = RequestLog(
             requests_dir, env_float("VITRINE_SAMPLE_RATE", serving.sample_rate)
         )
-        from components.ab import ABLog
+        from components.serving.ab import ABLog
 
         self.ab = serving.ab.model_copy(
             update={
@@ -140,7 +137,7 @@ class Vitrine:
         """One model call per bundle present in the batch (two only during a swap)."""
         import torch
 
-        from components.transforms import to_tensor
+        from components.model.transforms import to_tensor
 
         results: list[tuple] = [()] * len(items)
         groups: dict[int, list[int]] = {}
@@ -163,7 +160,7 @@ class Vitrine:
 
     def analyse(self, bundle: Bundle, data: bytes, content_type: str | None) -> dict:
         """Decode, preprocess like training, then (probs, embedding) from cache or the batcher."""
-        from components.transforms import image_to_uint8
+        from components.model.transforms import image_to_uint8
 
         image = decode_upload(data, content_type, self.limits)
         pixels = image_to_uint8(image, bundle.model.image_size, bundle.model.in_channels)
@@ -188,7 +185,7 @@ class Vitrine:
     # ------------------------------------------------------------------ online A/B
     def pick(self, request: Request) -> tuple[Bundle, Bundle | None]:
         """(the bundle that answers, the one shadowing it); notes the arm for the A/B log."""
-        from components.ab import CHALLENGER, assign_arm
+        from components.serving.ab import CHALLENGER, assign_arm
 
         champion, challenger = self.current(), self.challenger
         if challenger is None or self.ab.mode == "off":
@@ -243,7 +240,7 @@ class Vitrine:
         return bundle, result
 
     def record_ab(self, ab: dict, endpoint: str, status: int, seconds: float) -> None:
-        from components.ab import ABEvent
+        from components.serving.ab import ABEvent
 
         self.metrics.observe_arm(ab["arm"], ab["version"], status, seconds)
         self.ab_log.write(
@@ -298,7 +295,7 @@ class Vitrine:
 
     @app.post("/tags")
     async def tags(self, request: Request) -> dict:
-        from components.search import group_of, shade_of
+        from components.retrieval.tags import group_of, shade_of
 
         data, ctype, _ = await read_upload(request)
         bundle, result = await self.infer(request, data, ctype)
@@ -356,7 +353,7 @@ class Vitrine:
 
     @app.post("/search_text")
     async def search_text(self, request: Request, body: TextQuery) -> dict:
-        from components import textsearch
+        from components.retrieval import text as textsearch
 
         bundle, _ = self.pick(request)
         if bundle.text is None:
@@ -390,9 +387,9 @@ class Vitrine:
 
     @app.post("/explain")
     async def explain(self, request: Request) -> Any:
-        """Grad-CAM of the predicted category (components/explain.py): the heatmap over the photo
+        """Grad-CAM of the predicted category (components/model/explain.py): the heatmap over the photo
         as a PNG (base64 in JSON, or the PNG itself with ?format=png) and the driving region."""
-        from components.explain import explain_image, explanation_json
+        from components.model.explain import explain_image, explanation_json
 
         data, ctype, fields = await read_upload(request)
         answer = (fields.get("format") or "json").strip().lower()
@@ -434,7 +431,7 @@ class Vitrine:
 
     @app.get("/products/{product_id}")
     async def product(self, product_id: str) -> dict:
-        from components.search import group_of
+        from components.retrieval.tags import group_of
 
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)

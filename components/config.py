@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 
+# The headline metrics (components/model/evaluation.py computes them): tagged on every
+# registered version and shown by `vitrine status`; the run summary adds SUMMARY_METRICS.
+HEADLINE_METRICS = ("accuracy", "macro_f1", "recall_at_1")
+SUMMARY_METRICS = (*HEADLINE_METRICS, "recall_at_10", "map_at_10", "latency_ms")
+
 FASHION_MNIST_CATEGORIES = [
     "T-shirt/top",
     "Trouser",
@@ -42,6 +47,11 @@ class DataParams(_Strict):
     limit: int | None = Field(None, gt=0)
     seed: int = 0
     categories: list[str] = Field(default_factory=lambda: list(FASHION_MNIST_CATEGORIES))
+
+    def catalogue_path(self, root: Path = PROJECT_ROOT) -> Path:
+        """The catalogue folder: `catalogue_dir` as given when absolute, else under `root`."""
+        path = Path(self.catalogue_dir)
+        return path if path.is_absolute() else root / path
 
 
 class ValidationParams(_Strict):

@@ -1,5 +1,5 @@
-"""The loop's schedules as Prefect deployments on the local Prefect server, and what the
-monitor flow asks of that server (retrain runs in flight, a new retrain run).
+"""The loop's schedules as Prefect deployments on the local Prefect server (what `vitrine deploy`
+registers and `vitrine schedules` lists).
 
 How runs execute: `vitrine deploy` registers three deployments, each named `vitrine`, in the
 `process` work pool `schedules.work_pool`: `retrain` (nightly cron), `monitor` (hourly),
@@ -13,69 +13,34 @@ VITRINE_PARAMS, PREFECT_API_URL). Without a worker, runs wait in the Prefect UI 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
-    FlowFilter,
-    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterExpectedStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
-    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runner.storage import LocalStorage
 from prefect.schedules import Cron
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.types.entrypoint import EntrypointType
 
 from components.config import PROJECT_ROOT, Params
-from components.trigger import DRIFT_TAG, RunInfo
+from flows.monitor import monitor
+from flows.promote import promote
+from flows.retrain import retrain
+from flows.server import DEPLOYMENT
 
-DEPLOYMENT = "vitrine"  # every deployment's name: retrain/vitrine, monitor/vitrine, promote/vitrine
 FLOWS = ("retrain", "monitor", "promote")
-ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
-
-
-class PrefectUnavailable(RuntimeError):
-    """The Prefect server the schedules live on does not answer."""
-
-
-def api_url(params: Params) -> str:
-    return os.environ.get("PREFECT_API_URL") or params.schedules.api_url
-
-
-def check_server(url: str) -> None:
-    """Fail fast with the command that starts the server, instead of Prefect's retries."""
-    try:
-        httpx.get(url.rstrip("/") + "/health", timeout=5).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise PrefectUnavailable(
-            f"no Prefect server answers at {url} ({type(exc).__name__}): start it with "
-            "`vitrine ui` (or `make ui`), or point PREFECT_API_URL at a running one"
-        ) from exc
-
-
-@contextlib.contextmanager
-def prefect_api(url: str) -> Iterator[None]:
-    """Talk to the server at `url`, never to a temporary in-process one."""
-    check_server(url)
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
 
 
 def ensure_work_pool(name: str) -> None:
@@ -93,9 +58,6 @@ def ensure_work_pool(name: str) -> None:
 
 def _specs(params: Params) -> list[tuple[Any, Any, dict, dict, str]]:
     """(flow, schedule settings, deployment parameters, schedule parameters, description)."""
-    from flows.monitor import monitor
-    from flows.promote import promote
-    from flows.retrain import retrain
 
     sched = params.schedules
     nightly = {"cause": f"schedule: retrain/{DEPLOYMENT} ({sched.retrain.cron})"}
@@ -227,49 +189,3 @@ def list_deployments() -> list[dict]:
                     row["next_runs_origin"] = origin
             rows.append(row)
     return rows
-
-
-def read_retrain_runs(limit: int = 50) -> list[RunInfo]:
-    """Retrain runs that may be in flight, plus the newest drift-triggered ones (cooldown)."""
-    flows = FlowFilter(name=FlowFilterName(any_=["retrain"]))
-    state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(ACTIVE_STATES)))
-    drift_tagged = FlowRunFilterTags(all_=[DRIFT_TAG])
-    found = {}
-    with get_client(sync_client=True) as client:
-        for flow_run_filter in (FlowRunFilter(state=state), FlowRunFilter(tags=drift_tagged)):
-            for run in client.read_flow_runs(
-                flow_filter=flows,
-                flow_run_filter=flow_run_filter,
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                limit=limit,
-            ):
-                found[run.id] = RunInfo(
-                    name=run.name,
-                    state_type=run.state_type.value if run.state_type else "",
-                    state_name=run.state_name or "",
-                    expected_start=run.expected_start_time,
-                    created=run.created,
-                    tags=tuple(run.tags),
-                    started=run.start_time,
-                )
-    return list(found.values())
-
-
-def trigger_retrain(cause: str, params_path: str | None = None) -> dict:
-    """A run of the retrain deployment (returns at once; the worker executes it), tagged as
-    drift-triggered; its `cause` parameter becomes the registered version's `cause` tag."""
-    name = f"retrain/{DEPLOYMENT}"
-    try:
-        run = run_deployment(
-            name,
-            parameters={"cause": cause, "refresh_data": True, "params_path": params_path},
-            timeout=0,
-            tags=[DRIFT_TAG, "vitrine"],
-            as_subflow=False,
-            flow_run_name=f"drift-{datetime.now(UTC):%Y%m%d-%H%M%S}",
-        )
-    except ObjectNotFound as exc:
-        raise RuntimeError(
-            f"drift, but no deployment {name} on the Prefect server: run `vitrine deploy`"
-        ) from exc
-    return {"id": str(run.id), "name": run.name, "state": run.state_name}

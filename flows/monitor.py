@@ -2,14 +2,14 @@
 
 The online update: on drift, this flow starts a run of the `retrain` deployment with
 `refresh_data=True`, tagged `trigger:drift` and with `cause` naming the drift headline and the
-report. "Recent data" is the catalogue as its source is now (components/refresh.py): the
+report. "Recent data" is the catalogue as its source is now (components/data/sources.py): the
 request log keeps no images or labels, so the retrain re-ingests the shop's catalogue when it
 changed (new products, relabels, removals; a new DVC data version) and otherwise retrains on the
 current DVC-tracked one. That retrain is an ordinary retrain: validated, gated against the
 champion, registered as challenger with `approval=pending`; it is promoted only by the loop's
 rules (an owner's approval then `promote`; its bootstrap promotion applies only when there is
 no champion at all, and a drift verdict needs a champion). No retrain starts while another is in
-flight or within the cooldown of the last drift-triggered one (components/trigger.py).
+flight or within the cooldown of the last drift-triggered one (components/release/trigger.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import Params, StatePaths, load_params, state_paths
-from components.trigger import RunInfo, decide_retrain
+from components.release.trigger import RunInfo, decide_retrain
+from flows import runs
 
 
 @task(cache_policy=NO_CACHE)
@@ -39,16 +40,12 @@ def check_drift(paths: StatePaths, params: Params, since: datetime | None) -> di
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def read_retrain_runs() -> list[RunInfo]:
-    from flows.deployments import read_retrain_runs as read_runs
-
-    return read_runs()
+    return runs.read_retrain_runs()
 
 
 @task(cache_policy=NO_CACHE)
 def trigger_retrain(cause: str, params_path: str | None) -> dict:
-    from flows.deployments import trigger_retrain as trigger
-
-    return trigger(cause, params_path)
+    return runs.trigger_retrain(cause, params_path)
 
 
 @flow(name="monitor")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components import release
 from components.config import load_params, state_paths
-from components.pipeline import RunContext
+from components.stages import promote as promote_stage
+from components.stages.context import RunContext
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def promote_approved(ctx: RunContext, version: str | None) -> dict | None:
-    return release.run_promotion(ctx, release.open_registry(ctx), version)
+    return promote_stage.run(ctx, version)
 
 
 @flow(name="promote")

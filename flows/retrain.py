@@ -8,57 +8,65 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components import catalogue, pipeline, refresh, release
 from components.config import load_params, state_paths
-from components.pipeline import RunContext
-from components.summary import summarize_run
+from components.data import catalogue
+from components.stages import evaluate as evaluate_stage
+from components.stages import gate as gate_stage
+from components.stages import ingest as ingest_stage
+from components.stages import labels as labels_stage
+from components.stages import promote as promote_stage
+from components.stages import register as register_stage
+from components.stages import train as train_stage
+from components.stages import validate as validate_stage
+from components.stages.context import RunContext
+from components.stages.summary import summarize_run
 
 stage = task(cache_policy=NO_CACHE)  # stages are cheap to re-run and their inputs are files
 
 
 @stage
 def ingest(ctx: RunContext) -> dict:
-    return pipeline.run_ingest(ctx)
+    return ingest_stage.run(ctx)
 
 
 @stage
 def refresh_catalogue(ctx: RunContext) -> dict:
-    return refresh.refresh_catalogue(ctx)
+    return ingest_stage.refresh(ctx)
 
 
 @stage
 def validate(ctx: RunContext) -> dict:
-    return pipeline.run_validation(ctx)
+    return validate_stage.run(ctx)
 
 
 @stage
 def clean_labels(ctx: RunContext) -> dict:
-    return pipeline.run_label_cleaning(ctx)
+    return labels_stage.run(ctx)
 
 
 @stage
 def train(ctx: RunContext) -> dict:
-    return pipeline.run_training(ctx)
+    return train_stage.run(ctx)
 
 
 @stage
 def evaluate(ctx: RunContext) -> dict:
-    return pipeline.run_evaluation(ctx)
+    return evaluate_stage.run(ctx)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def register(ctx: RunContext, cause: str) -> dict:
-    return release.run_registration(ctx, release.open_registry(ctx), cause)
+    return register_stage.run(ctx, cause=cause)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def gate(ctx: RunContext) -> dict:
-    return release.run_gate(ctx, release.open_registry(ctx))
+    return gate_stage.run(ctx)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def bootstrap_promotion(ctx: RunContext, verdict: dict) -> dict | None:
-    return release.run_bootstrap_promotion(ctx, release.open_registry(ctx), verdict)
+    return promote_stage.bootstrap(ctx, verdict)
 
 
 @flow(name="retrain")
@@ -70,7 +78,7 @@ def retrain(
     refresh_data: bool = False,
 ) -> dict:
     """ingest (when no catalogue yet; with refresh_data also when its source changed, see
-    components/refresh.py: scheduled and drift-triggered runs pass it) → validate → clean
+    components/data/sources.py: scheduled and drift-triggered runs pass it) → validate → clean
     labels → train → evaluate → register (challenger, tagged with `cause`) → gate vs
     champion → bootstrap promotion only with no champion at all (else it awaits approval)."""
     params = load_params(params_path)

@@ -1,6 +1,6 @@
 """`vitrine drift`: the champion's request-log window against its reference, as a report.
 
-Reads the champion's version and reference through components.registry.Registry, the sampled
+Reads the champion's version and reference through components.release.registry.Registry, the sampled
 request log (<state>/requests/requests-YYYYMMDD.jsonl) for the window, runs the Evidently
 detector (monitoring/detect.py), writes report.html / report.json (+ Evidently's own HTML and
 JSON) under <state>/reports/<timestamp>/, regenerates reports/index.html and logs the folder
@@ -9,8 +9,6 @@ to MLflow. The Prefect `monitor` flow calls `run_drift` too.
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import reference as ref_io
-from components.catalogue import CatalogueError
-from components.config import PROJECT_ROOT, Params, StatePaths
-from components.registry import Registry, RegistryUnavailable
+from components.config import Params, StatePaths
+from components.data.catalogue import CatalogueError
+from components.model import reference as ref_io
+from components.release.registry import Registry, RegistryUnavailable, open_registry
 from monitoring import detect, report
+from monitoring.window import DriftError, read_window
 
 MONITORING_EXPERIMENT = "vitrine-monitoring"
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass
@@ -38,75 +36,6 @@ class DriftResult:
     report_html: Path | None = None
     report_json: Path | None = None
     details: dict = field(default_factory=dict)
-
-
-class DriftError(RuntimeError):
-    """A drift check that cannot run; the message says why and what to do."""
-
-
-@dataclass
-class Window:
-    rows: pd.DataFrame  # the champion's requests: category, confidence, image statistics
-    emb: np.ndarray
-    since: datetime
-    until: datetime
-    other_versions: dict[str, int]  # requests answered by other versions: excluded, counted
-    malformed: int  # unreadable log lines, counted
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """'90m', '1h', '2d', '1w' before `now`, or an ISO time (UTC when it has no zone)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if match:
-        return now - timedelta(seconds=float(match[1]) * UNITS[match[2]])
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: give a duration like 30m, 1h, 2d or an ISO time "
-            "like 2026-11-22T07:00"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def read_window(folder: Path, version: str, since: datetime, until: datetime) -> Window:
-    """The champion's logged requests in [since, until]; other versions' rows are excluded."""
-    rows, emb, others, malformed = [], [], {}, 0
-    for path in sorted(Path(folder).glob("requests-*.jsonl")):
-        day = path.stem.removeprefix("requests-")
-        if day.isdigit() and not since.strftime("%Y%m%d") <= day <= until.strftime("%Y%m%d"):
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                when = datetime.fromisoformat(record["timestamp"])
-                if not since <= when <= until:
-                    continue
-                if str(record["model_version"]) != version:
-                    others[str(record["model_version"])] = (
-                        others.get(str(record["model_version"]), 0) + 1
-                    )
-                    continue
-                record.setdefault("aspect", record["width"] / record["height"])
-                row = {k: record[k] for k in ("category", *detect.NUMERIC)}
-                vector = np.asarray(record["embedding"], dtype=np.float32)
-            except (ValueError, KeyError, TypeError, ZeroDivisionError):
-                malformed += line.strip() != ""
-                continue
-            rows.append(row)
-            emb.append(vector)
-    frame = pd.DataFrame(rows, columns=["category", *detect.NUMERIC])
-    dims = {len(v) for v in emb}
-    if len(dims) > 1:
-        raise DriftError(f"the log holds embeddings of sizes {sorted(dims)} for version {version}")
-    matrix = np.stack(emb) if emb else np.zeros((0, 0), np.float32)
-    return Window(frame, matrix, since, until, others, malformed)
-
-
-def open_registry(paths: StatePaths, params: Params) -> Registry:
-    return Registry(
-        paths.tracking_uri, paths.artifacts, params.registry.model_name, paths.audit_log
-    )
 
 
 def load_reference(
@@ -134,18 +63,13 @@ def load_reference(
     return rows, emb, note_file.read_text() if note_file.exists() else ""
 
 
-def catalogue_dir(params: Params) -> Path:
-    path = Path(params.data.catalogue_dir)
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
 def rebuild_reference(registry: Registry, version: str, params: Params, out: Path) -> None:
-    from components.catalogue import read_manifest
+    from components.data.catalogue import read_manifest
 
-    manifest = read_manifest(catalogue_dir(params))
+    manifest = read_manifest(params.data.catalogue_path())
     test = manifest[manifest["split"] == "test"].sort_values("product_id")
     model = registry.load_model(version).eval()
-    rows = ref_io.build_reference(model, test, catalogue_dir(params), params.data.categories)
+    rows = ref_io.build_reference(model, test, params.data.catalogue_path(), params.data.categories)
     rows.to_parquet(out, index=False)
 
 
@@ -203,7 +127,7 @@ def run_drift(paths: StatePaths, params: Params, since: datetime | None = None) 
             note,
             snapshot,
             settings.sample_images,
-            catalogue_dir(params),
+            params.data.catalogue_path(),
         )
         published = report.publish(paths, registry, version, window, verdict, compared)
         return _result(verdict, published)

@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 
 from components.config import StatePaths
-from components.registry import Registry, RegistryUnavailable
+from components.release.registry import Registry, RegistryUnavailable
 from monitoring import breakdown
 
 if TYPE_CHECKING:
     from monitoring.detect import Verdict
-    from monitoring.drift import Window
+    from monitoring.window import Window
 
 SAMPLES_NOTE = (
     "The request log keeps no images: shown are the catalogue products nearest (in "

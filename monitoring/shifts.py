@@ -65,7 +65,7 @@ def withheld_category_images() -> tuple[Image.Image, ...]:
 
 def held_out_products(catalogue_dir: Path) -> pd.DataFrame:
     """The catalogue's test split: images the model never trained on."""
-    from components.catalogue import read_manifest
+    from components.data.catalogue import read_manifest
 
     manifest = read_manifest(catalogue_dir)
     test = manifest[manifest["split"] == "test"].sort_values("product_id").reset_index(drop=True)

@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from components.catalogue import load_fashion_mnist  # noqa: E402
 from components.config import DEFAULT_PARAMS  # noqa: E402
+from components.data.catalogue import load_fashion_mnist  # noqa: E402
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.catalogue import ingest_fashion_mnist, load_fashion_mnist
 from components.config import FASHION_MNIST_CATEGORIES, ValidationParams
-from components.validation import check_quarantine_share, validate_catalogue
+from components.data.catalogue import ingest_fashion_mnist, load_fashion_mnist
+from components.data.validation import check_quarantine_share, validate_catalogue
 
 pytestmark = pytest.mark.data
 

@@ -16,9 +16,9 @@ import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
-from components.cli import app
-from components.reference import REFERENCE_ARTIFACT
+from components.model.reference import REFERENCE_ARTIFACT
 from tests.serving.conftest import build_champion, start_server, stop_server
+from vitrine.cli import app
 
 pytestmark = pytest.mark.integration
 N = 250  # requests per simulated window (monitoring.min_samples is 200)

@@ -15,8 +15,9 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from components.config import PROJECT_ROOT, load_params, state_paths
-from components.pipeline import RunContext, run_ingest
-from components.release import open_registry
+from components.release.registry import open_registry
+from components.stages import ingest
+from components.stages.context import RunContext
 from tests.conftest import BAD_ROWS, shrunk_params, write_csv_catalogue, write_params
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def world(tmp_path_factory, fmnist, prefect_api):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ctx = RunContext(load_params(params_path), state_paths(), work=root / "ingest", repo=repo)
-    ingested = run_ingest(ctx)
+    ingested = ingest.run(ctx)
     yield {"root": root, "repo": repo, "ctx": ctx, "ingested": ingested, "params": params}
     for key, value in old.items():
         if value is None:
@@ -69,7 +70,7 @@ def test_retrain_approve_promote_rollback(world):
         assert first["quarantined_by_reason"].get(reason, 0) >= 1, reason
     assert first["gate"]["passed"], first["gate"]["reasons"]
     assert first["promoted"] and first["version"] == "1"
-    registry = open_registry(world["ctx"])
+    registry = open_registry(world["ctx"].paths, world["ctx"].params)
     assert registry.alias_version("champion") == "1"
 
     second = retrain(epochs=3)
@@ -112,7 +113,7 @@ def test_label_issues_and_reports_are_written(world):
 def test_unreachable_tracking_store_leaves_aliases_unchanged(world, monkeypatch):
     from flows.retrain import retrain
 
-    registry = open_registry(world["ctx"])
+    registry = open_registry(world["ctx"].paths, world["ctx"].params)
     champion_before = registry.alias_version("champion")
     monkeypatch.setenv("VITRINE_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -120,7 +121,10 @@ def test_unreachable_tracking_store_leaves_aliases_unchanged(world, monkeypatch)
     with pytest.raises(Exception, match="127.0.0.1:9"):
         retrain(epochs=1)
     monkeypatch.delenv("VITRINE_TRACKING_URI")
-    assert open_registry(world["ctx"]).alias_version("champion") == champion_before
+    assert (
+        open_registry(world["ctx"].paths, world["ctx"].params).alias_version("champion")
+        == champion_before
+    )
 
 
 def test_too_many_quarantined_stops_before_training(world, tmp_path, monkeypatch):
@@ -129,10 +133,13 @@ def test_too_many_quarantined_stops_before_training(world, tmp_path, monkeypatch
     params = dict(world["params"])
     params["validation"] = {**params["validation"], "max_quarantine_share": 0.001}
     monkeypatch.setenv("VITRINE_PARAMS", str(write_params(tmp_path / "p.yaml", params)))
-    versions_before = len(open_registry(world["ctx"]).list_versions())
+    versions_before = len(open_registry(world["ctx"].paths, world["ctx"].params).list_versions())
     with pytest.raises(Exception, match="quarantine"):
         retrain()
-    assert len(open_registry(world["ctx"]).list_versions()) == versions_before
+    assert (
+        len(open_registry(world["ctx"].paths, world["ctx"].params).list_versions())
+        == versions_before
+    )
 
 
 def test_cli_refuses_csv_without_required_columns(world, tmp_path):
@@ -142,7 +149,7 @@ def test_cli_refuses_csv_without_required_columns(world, tmp_path):
     before = manifest.read_bytes()
     env = {**os.environ, "VITRINE_HOME": str(tmp_path / "state")}
     done = subprocess.run(
-        [sys.executable, "-m", "components.cli", "ingest", "--source", str(bad)],
+        [sys.executable, "-m", "vitrine.cli", "ingest", "--source", str(bad)],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
@@ -159,14 +166,14 @@ def test_killed_training_leaves_registry_and_resumes(world):
     from flows.retrain import retrain
 
     state = world["ctx"].paths
-    versions_before = len(open_registry(world["ctx"]).list_versions())
+    versions_before = len(open_registry(world["ctx"].paths, world["ctx"].params).list_versions())
     checkpoints = state.home / "checkpoints"
     for old in checkpoints.glob("*"):
         old.unlink()
     log = world["root"] / "killed-run.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "components.cli", "run", "--epochs", "6"],
+            [sys.executable, "-m", "vitrine.cli", "run", "--epochs", "6"],
             cwd=PROJECT_ROOT,
             env=dict(os.environ),
             stdout=out,
@@ -180,7 +187,10 @@ def test_killed_training_leaves_registry_and_resumes(world):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(open_registry(world["ctx"]).list_versions()) == versions_before
+    assert (
+        len(open_registry(world["ctx"].paths, world["ctx"].params).list_versions())
+        == versions_before
+    )
     summary = retrain(epochs=6)
     assert summary["resumed_from_epoch"] is not None
     assert int(summary["version"]) == versions_before + 1
@@ -188,7 +198,7 @@ def test_killed_training_leaves_registry_and_resumes(world):
 
 def test_cli_status_json_names_champion_and_challenger(world):
     done = subprocess.run(
-        [sys.executable, "-m", "components.cli", "status", "--json"],
+        [sys.executable, "-m", "vitrine.cli", "status", "--json"],
         cwd=PROJECT_ROOT,
         env=dict(os.environ),
         capture_output=True,
@@ -197,7 +207,9 @@ def test_cli_status_json_names_champion_and_challenger(world):
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert set(status) >= {"champion", "challenger", "previous_champion", "data_version"}
-    assert status["champion"]["version"] == open_registry(world["ctx"]).alias_version("champion")
+    assert status["champion"]["version"] == open_registry(
+        world["ctx"].paths, world["ctx"].params
+    ).alias_version("champion")
     assert {"accuracy", "macro_f1", "recall_at_1"} <= set(status["champion"]["metrics"])
     assert status["data_version"].startswith("manifest-")
     challenger = status["challenger"]

@@ -23,12 +23,13 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from components import reference
-from components.catalogue import read_manifest
 from components.config import PROJECT_ROOT, load_params, state_paths
-from components.pipeline import RunContext, run_ingest
-from components.release import open_registry
-from components.serving import RequestLog
+from components.data.catalogue import read_manifest
+from components.model import reference
+from components.release.registry import open_registry
+from components.serving.logs import RequestLog
+from components.stages import ingest
+from components.stages.context import RunContext
 from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,7 @@ def world(tmp_path_factory, fmnist, api):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ctx = RunContext(load_params(params_path), state_paths(), work=root / "ingest", repo=repo)
-    run_ingest(ctx)
+    ingest.run(ctx)
     first = retrain()
     assert first["promoted"] and first["version"] == "1", first["gate"]
     yield {"root": root, "ctx": ctx, "params": params, "api": api}
@@ -96,7 +97,7 @@ def free_port() -> int:
 
 
 def invoke(args: list[str], api: str):
-    from components.cli import app
+    from vitrine.cli import app
 
     result = CliRunner().invoke(app, args, env={"PREFECT_API_URL": api})
     assert result.exit_code == 0, result.output
@@ -116,7 +117,7 @@ def log_requests(ctx: RunContext, shift: str, n: int) -> None:
     by the champion exactly as bentos/service.py describes a request."""
     from monitoring.shifts import apply_shift
 
-    model = open_registry(ctx).load_model("1").eval()
+    model = open_registry(ctx.paths, ctx.params).load_model("1").eval()
     manifest = read_manifest(ctx.catalogue_dir)
     test = manifest[manifest["split"] == "test"].head(n)
     rng = np.random.default_rng(0)
@@ -132,12 +133,12 @@ def log_requests(ctx: RunContext, shift: str, n: int) -> None:
 
 
 def test_deploy_with_the_server_down_names_the_command_that_starts_it(tmp_path):
-    from components.cli import app
+    from vitrine.cli import app
 
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": url, "VITRINE_HOME": str(tmp_path / "state")}
     done = subprocess.run(
-        [sys.executable, "-m", "components.cli", "deploy"],
+        [sys.executable, "-m", "vitrine.cli", "deploy"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
@@ -264,7 +265,7 @@ def state_of(run_id) -> str:
 def test_the_drift_triggered_retrain_waits_for_approval(world):
     from flows.monitor import monitor
 
-    registry = open_registry(world["ctx"])
+    registry = open_registry(world["ctx"].paths, world["ctx"].params)
     status = registry.status()
     assert registry.alias_version("champion") == "1"  # never promoted by itself
     challenger = status["challenger"]
@@ -282,10 +283,10 @@ def test_the_drift_triggered_retrain_waits_for_approval(world):
 
 def test_refresh_reingests_only_when_the_source_changed(world):
     """'Recent data': the DVC-tracked catalogue, re-ingested only when its source changed."""
-    from components.refresh import SOURCES_FILE, refresh_catalogue
+    from components.data.sources import SOURCES_FILE
 
     ctx = world["ctx"]
-    same = refresh_catalogue(ctx)
+    same = ingest.refresh(ctx)
     assert not same["reingested"] and "unchanged" in same["reason"]
     csv = Path(world["params"]["data"]["source"])
     lines = csv.read_text().splitlines()
@@ -293,12 +294,12 @@ def test_refresh_reingests_only_when_the_source_changed(world):
     fields[3] = "Relabelled tee"  # the shop edits a product's title
     lines[1] = ",".join(fields)
     csv.write_text("\n".join(lines) + "\n")
-    changed = refresh_catalogue(ctx)
+    changed = ingest.refresh(ctx)
     assert changed["reingested"] and "changed" in changed["reason"]
     assert changed["data_version"] != same["data_version"]  # a new DVC version of data/
     titles = set(read_manifest(ctx.catalogue_dir)["title"])
     assert "Relabelled tee" in titles
-    assert not refresh_catalogue(ctx)["reingested"]
+    assert not ingest.refresh(ctx)["reingested"]
     (ctx.paths.home / SOURCES_FILE).unlink()  # ingested before sources were recorded
-    adopted = refresh_catalogue(ctx)
+    adopted = ingest.refresh(ctx)
     assert not adopted["reingested"] and (ctx.paths.home / SOURCES_FILE).exists()

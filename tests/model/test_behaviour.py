@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from components.config import TrainParams, state_paths
-from components.training import predict_batches, train_model
+from components.model.training import predict_batches, train_model
 from tests.conftest import CATEGORIES, shrunk_params
 
 pytestmark = pytest.mark.model
@@ -46,14 +46,12 @@ def load_champion():
     if not os.environ.get("VITRINE_HOME"):
         return None
     from components.config import load_params
-    from components.registry import Registry
+    from components.release.registry import open_registry
 
     paths, params = state_paths(), load_params()
     if not paths.mlflow_db.exists():
         return None
-    registry = Registry(
-        paths.tracking_uri, paths.artifacts, params.registry.model_name, paths.audit_log
-    )
+    registry = open_registry(paths, params)
     version = registry.alias_version("champion")
     return registry.load_model(version).eval() if version else None
 

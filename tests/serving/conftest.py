@@ -14,17 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components import catalogue
 from components.config import PROJECT_ROOT, load_params, state_paths
-from components.pipeline import (
-    RunContext,
-    run_evaluation,
-    run_label_cleaning,
-    run_training,
-    run_validation,
-)
-from components.registry import Registry
-from components.release import open_registry, run_registration
+from components.data import catalogue
+from components.release.registry import Registry, open_registry
+from components.stages import evaluate, labels, register, train, validate
+from components.stages.context import RunContext
 from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 
 ADMIN_TOKEN = "test-admin-token"
@@ -57,12 +51,12 @@ def build_champion(root: Path, fmnist: dict, n_train: int = 400, n_test: int = 1
         ctx.params.data.categories,
         fashion_mnist_dir=ctx.params.data.fashion_mnist_dir,
     )
-    run_validation(ctx)
-    run_label_cleaning(ctx)
-    run_training(ctx)
-    run_evaluation(ctx)
-    registry = open_registry(ctx)
-    version = run_registration(ctx, registry, cause="test")["version"]
+    validate.run(ctx)
+    labels.run(ctx)
+    train.run(ctx)
+    evaluate.run(ctx)
+    registry = open_registry(ctx.paths, ctx.params)
+    version = register.run(ctx, registry, cause="test")["version"]
     registry.promote(version, bootstrap_without_approval=True, floors_passed=True)
     env = {"VITRINE_HOME": str(paths.home), "VITRINE_PARAMS": str(params_path)}
     return Champion(ctx, registry, version, env)
@@ -70,7 +64,7 @@ def build_champion(root: Path, fmnist: dict, n_train: int = 400, n_test: int = 1
 
 def register_approved(champion: Champion) -> str:
     """Register the same trained run again as a new version that passed the gate and is approved."""
-    version = run_registration(champion.ctx, champion.registry, cause="test")["version"]
+    version = register.run(champion.ctx, champion.registry, cause="test")["version"]
     champion.registry.record_verdict(version, {"passed": True, "reasons": []})
     champion.registry.approve(version, by="test")
     return version

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.ab import read_ab_log
 from components.config import PROJECT_ROOT
-from components.pipeline import RunContext
-from components.registry import PromotionRefused
-from components.release import run_promotion
+from components.release.registry import PromotionRefused
+from components.serving.ab import read_ab_log
+from components.stages import promote
+from components.stages.context import RunContext
 from tests.serving.conftest import (
     Champion,
     build_champion,
@@ -119,7 +119,7 @@ def test_route_is_sticky_per_client(champion, challenger, photos, tmp_path_facto
 
 def test_ab_report_and_the_promotion_that_waits_for_it(champion, challenger):
     done = subprocess.run(
-        [sys.executable, "-m", "components.cli", "ab", "report", "--json"],
+        [sys.executable, "-m", "vitrine.cli", "ab", "report", "--json"],
         cwd=PROJECT_ROOT,
         env={**os.environ, **champion.env},
         capture_output=True,
@@ -135,10 +135,10 @@ def test_ab_report_and_the_promotion_that_waits_for_it(champion, challenger):
     strict.serving.ab.min_requests = 10_000
     ctx = RunContext(strict, champion.ctx.paths, work=champion.ctx.work, repo=champion.ctx.repo)
     with pytest.raises(PromotionRefused, match="A/B gate: challenger arm has"):
-        run_promotion(ctx, champion.registry, challenger)
+        promote.run(ctx, challenger, champion.registry)
     assert champion.registry.alias_version("champion") == champion.version
     strict.serving.ab.min_requests = 20
     strict.serving.ab.max_p95_latency_ratio = 100.0  # shadowed calls share the CPU
-    record = run_promotion(ctx, champion.registry, challenger)
+    record = promote.run(ctx, challenger, champion.registry)
     assert record["to"] == challenger
     assert champion.registry.alias_version("champion") == challenger

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.search import group_of
-from components.serving import read_request_log
-from components.transforms import image_to_uint8, to_tensor
+from components.model.transforms import image_to_uint8, to_tensor
+from components.retrieval.tags import group_of
+from components.serving.logs import read_request_log
 from tests.serving.conftest import (
     ADMIN_TOKEN,
     POLL_SECONDS,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from components import compress
+from components.model import compress
 from tests.serving.conftest import ADMIN_TOKEN, Champion, build_champion, start_server, stop_server
 
 pytestmark = pytest.mark.serving

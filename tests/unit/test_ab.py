@@ -6,8 +6,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from components.ab import ABEvent, ABLog, ab_verdict, assign_arm, read_ab_log, summarise_arms
 from components.config import ABParams
+from components.serving.ab import (
+    ABEvent,
+    ABLog,
+    ab_verdict,
+    assign_arm,
+    read_ab_log,
+    summarise_arms,
+)
 
 
 def test_assignment_is_sticky_and_matches_the_share():

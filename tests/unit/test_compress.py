@@ -12,11 +12,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from components import compress, evaluation
 from components.config import EvaluationParams, GatePolicy, ServingParams, TrainParams
-from components.gate import check_compression
-from components.models import build_model
-from components.training import predict_batches
+from components.model import compress, evaluation
+from components.model.models import build_model
+from components.model.training import predict_batches
+from components.release.gate import check_compression
 from tests.conftest import CATEGORIES
 
 

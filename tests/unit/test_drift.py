@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from components.config import MonitoringParams, Params, state_paths
-from components.serving import RequestLog
+from components.serving.logs import RequestLog
 from monitoring import detect, drift, report, shifts
 from monitoring.detect import Signal, decide
+from monitoring.window import parse_since, read_window
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -125,20 +126,20 @@ def test_read_window_excludes_other_versions_and_counts_them(tmp_path):
         }
         out.write(json.dumps(old) + "\n")  # a record from before `aspect` was logged
     now = datetime.now(UTC)
-    window = drift.read_window(tmp_path, "3", now - timedelta(hours=1), now)
+    window = read_window(tmp_path, "3", now - timedelta(hours=1), now)
     assert len(window.rows) == 6 and window.emb.shape == (6, 4)
     assert window.other_versions == {"2": 2} and window.malformed == 2
     assert window.rows["aspect"].tolist()[-1] == 2.0
-    later = drift.read_window(tmp_path, "3", now + timedelta(minutes=1), now + timedelta(hours=1))
+    later = read_window(tmp_path, "3", now + timedelta(minutes=1), now + timedelta(hours=1))
     assert len(later.rows) == 0
 
 
 def test_read_window_keeps_only_the_time_window(tmp_path):
     write_log(tmp_path / "old", "1", 3, when=NOW - timedelta(days=2))
     write_log(tmp_path / "old", "1", 0)
-    window = drift.read_window(tmp_path / "old", "1", NOW - timedelta(days=3), NOW)
+    window = read_window(tmp_path / "old", "1", NOW - timedelta(days=3), NOW)
     assert len(window.rows) == 3
-    assert len(drift.read_window(tmp_path / "old", "1", NOW - timedelta(days=1), NOW).rows) == 0
+    assert len(read_window(tmp_path / "old", "1", NOW - timedelta(days=1), NOW).rows) == 0
 
 
 @pytest.mark.parametrize(
@@ -152,12 +153,12 @@ def test_read_window_keeps_only_the_time_window(tmp_path):
     ],
 )
 def test_parse_since(text, expected):
-    assert drift.parse_since(text, NOW) == expected
+    assert parse_since(text, NOW) == expected
 
 
 def test_parse_since_refuses_nonsense():
     with pytest.raises(ValueError, match="duration like 30m"):
-        drift.parse_since("yesterday-ish", NOW)
+        parse_since("yesterday-ish", NOW)
 
 
 def test_no_champion_is_an_error_with_exit_2(tmp_path):

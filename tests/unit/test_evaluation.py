@@ -1,4 +1,4 @@
-"""components/evaluation.py: retrieval by hand, classification metrics, outputs, latency."""
+"""components/model/evaluation.py: retrieval by hand, classification metrics, outputs, latency."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.config import EvaluationParams
-from components.evaluation import (
+from components.model.evaluation import (
     classification_metrics,
     evaluate_model,
     measure_latency,
     retrieval_metrics,
     write_evaluation_outputs,
 )
-from components.transforms import to_tensor
+from components.model.transforms import to_tensor
 
 CATEGORIES = ["zero", "one", "two"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

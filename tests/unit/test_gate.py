@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from components.config import GatePolicy
-from components.gate import (
+from components.release.gate import (
     Candidate,
     Verdict,
     decide,

@@ -1,4 +1,4 @@
-"""components/labels.py on a real Fashion-MNIST slice with injected label flips."""
+"""components/data/labels.py on a real Fashion-MNIST slice with injected label flips."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.catalogue import load_fashion_mnist
 from components.config import LabelParams
-from components.labels import (
+from components.data.catalogue import load_fashion_mnist
+from components.data.labels import (
     ISSUE_COLUMNS,
     apply_label_policy,
     clean_labels,
@@ -18,7 +18,7 @@ from components.labels import (
     find_label_issues,
     out_of_fold_model,
 )
-from components.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
+from components.data.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist missing")

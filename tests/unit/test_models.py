@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from components.config import TrainParams
-from components.models import VitrineNet, build_model
-from components.transforms import to_tensor
+from components.model.models import VitrineNet, build_model
+from components.model.transforms import to_tensor
 
 CNN = TrainParams(backbone="cnn", cnn_widths=[8, 16, 32], embedding_dim=16)
 EFFNET = TrainParams(backbone="efficientnet_lite0", image_size=64, embedding_dim=32)

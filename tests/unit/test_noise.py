@@ -1,11 +1,11 @@
-"""components/noise.py: exact-rate label noise (symmetric, confusable pairs) and flip scoring."""
+"""components/data/noise.py: exact-rate label noise (symmetric, confusable pairs) and flip scoring."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from components.noise import (
+from components.data.noise import (
     FASHION_MNIST_PAIRS,
     inject_pair_noise,
     inject_symmetric_noise,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from components.registry import PromotionRefused, Registry, RegistryUnavailable
+from components.release.registry import PromotionRefused, Registry, RegistryUnavailable
 
 MODEL = "vitrine-product"
 PASS = {"passed": True, "reasons": ["accuracy 0.93 >= floor 0.85"]}

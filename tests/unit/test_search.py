@@ -6,14 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.search import (
-    GROUPS,
-    CatalogueIndex,
-    UnknownFilter,
-    UnknownProduct,
-    group_of,
-    shade_of,
-)
+from components.retrieval.index import CatalogueIndex, UnknownFilter, UnknownProduct
+from components.retrieval.tags import GROUPS, group_of, shade_of
 
 CATS = list(GROUPS)  # the ten Fashion-MNIST categories
 DIM = 16

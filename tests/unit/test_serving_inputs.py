@@ -14,19 +14,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.serving import (
-    BadImage,
-    LRUCache,
-    MicroBatcher,
-    RequestLog,
-    ServingMetrics,
-    UploadLimits,
-    decode_upload,
-    endpoint_label,
-    parse_k,
-    read_request_log,
-)
-from components.transforms import image_to_uint8
+from components.model.transforms import image_to_uint8
+from components.serving.logs import RequestLog, read_request_log
+from components.serving.metrics import ServingMetrics, endpoint_label
+from components.serving.runtime import LRUCache, MicroBatcher
+from components.serving.uploads import BadImage, UploadLimits, decode_upload, parse_k
 
 LIMITS = UploadLimits()
 
@@ -267,7 +259,7 @@ def test_call_threads_reach_faiss_in_every_worker_thread():
     import faiss
     import torch
 
-    from components import serving
+    from components.serving import runtime as serving
 
     before = (serving.CALL_THREADS[0], torch.get_num_threads(), faiss.omp_get_max_threads())
     seen: dict[str, int] = {}
@@ -292,7 +284,7 @@ def test_call_threads_reach_faiss_in_every_worker_thread():
 def test_settle_heap_freezes_what_is_alive():
     import gc
 
-    from components.serving import settle_heap
+    from components.serving.runtime import settle_heap
 
     alive = [{"record": i} for i in range(1000)]
     try:

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-from components import textsearch
 from components.config import DEFAULT_PARAMS, TrainParams
-from components.textsearch import (
+from components.model.training import predict_batches, train_model
+from components.retrieval import text as textsearch
+from components.retrieval.text import (
     HELDOUT_PHRASES,
     TRAIN_PHRASES,
     TextProjection,
@@ -18,7 +19,6 @@ from components.textsearch import (
     search_text,
     train_text_projection,
 )
-from components.training import predict_batches, train_model
 
 CATEGORIES = yaml.safe_load(DEFAULT_PARAMS.read_text())["data"]["categories"]
 N_TRAIN, N_TEST = 2000, 1000

@@ -16,11 +16,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from components import training
-from components.catalogue import load_fashion_mnist
 from components.config import TrainParams
-from components.models import build_model
-from components.training import (
+from components.data.catalogue import load_fashion_mnist
+from components.model import training
+from components.model.models import build_model
+from components.model.training import (
     CHECKPOINT,
     compute_class_weights,
     epoch_size,
@@ -240,9 +240,9 @@ import sys
 sys.path.insert(0, {repo!r})
 import numpy as np
 from pathlib import Path
-from components.catalogue import load_fashion_mnist
+from components.data.catalogue import load_fashion_mnist
 from components.config import TrainParams
-from components.training import train_model
+from components.model.training import train_model
 images, labels = load_fashion_mnist(Path({data!r}))["train"]
 params = TrainParams.model_validate_json({params!r})
 train_model(images[:600, ..., None], labels[:600].astype(np.int64), params, 10,
@@ -303,7 +303,7 @@ def test_other_fingerprint_or_damaged_checkpoint_starts_fresh(fmnist, tmp_path: 
 def test_augment_shifts_and_flips_each_image_on_its_own():
     import torch.nn.functional as F
 
-    from components.transforms import MEAN, SCALE, augment
+    from components.model.transforms import MEAN, SCALE, augment
 
     x = torch.randn(64, 1, 28, 28)
     out = augment(x, torch.Generator().manual_seed(0), max_shift=2)
@@ -324,7 +324,7 @@ def test_augment_shifts_and_flips_each_image_on_its_own():
 
 
 def test_cutout_blacks_out_one_square_per_image():
-    from components.transforms import MEAN, SCALE, augment
+    from components.model.transforms import MEAN, SCALE, augment
 
     x = torch.full((64, 1, 28, 28), 0.5)
     out = augment(x, torch.Generator().manual_seed(0), max_shift=0, cutout=8)

@@ -1,4 +1,4 @@
-"""The rule that decides whether a monitor run starts a retrain (components/trigger.py)."""
+"""The rule that decides whether a monitor run starts a retrain (components/release/trigger.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from components.config import SchedulesParams
-from components.trigger import DRIFT_TAG, RunInfo, decide_retrain, in_flight
+from components.release.trigger import DRIFT_TAG, RunInfo, decide_retrain, in_flight
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.catalogue import MANIFEST_COLUMNS, load_fashion_mnist, png_bytes
 from components.config import FASHION_MNIST_CATEGORIES, ValidationParams
-from components.validation import (
+from components.data.catalogue import MANIFEST_COLUMNS, load_fashion_mnist, png_bytes
+from components.data.validation import (
     REASONS,
     QuarantineTooLarge,
     SchemaError,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-HEADLINE = ("accuracy", "macro_f1", "recall_at_1", "recall_at_10", "map_at_10", "latency_ms")
+from components.config import SUMMARY_METRICS
 
 
 def summarize_run(
@@ -25,7 +25,7 @@ def summarize_run(
         "label_relabelled": label_summary.get("relabelled", 0),
         "version": registered["version"],
         "run_id": registered["run_id"],
-        "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
+        "metrics": {k: metrics[k] for k in SUMMARY_METRICS if k in metrics},
         "train_seconds": train_summary.get("train_seconds"),
         "best_epoch": train_summary.get("best_epoch"),
         "resumed_from_epoch": train_summary.get("resumed_from_epoch"),

@@ -1,6 +1,6 @@
 """Synthetic label noise and flip-detection scoring: how vitrine proves its cleaning stage pays.
 
-The cleaning stage (components/labels.py) cannot be judged on real labels, whose errors are
+The cleaning stage (components/data/labels.py) cannot be judged on real labels, whose errors are
 unknown. Flipping a known set of labels gives a ground truth: the stage's flagged rows are then
 scored against the flips (precision / recall / F1), and a model trained on the cleaned labels
 is compared with one trained on the clean and on the noisy labels (benchmarks/label_noise.py).

@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from torch import nn
 
-from components.models import EfficientNetTrunk
-from components.transforms import canonical_image, image_to_uint8, to_tensor
+from components.model.models import EfficientNetTrunk
+from components.model.transforms import canonical_image, image_to_uint8, to_tensor
 
 MAX_HEATMAP_SIDE = 1024  # the PNG keeps the photo's size up to this many pixels on its long side
 REGION_LEVEL = 0.5  # the region is the blob around the peak where saliency ≥ this × the peak

@@ -234,7 +234,7 @@ def stratified_slice(manifest: pd.DataFrame, limit: int | None, seed: int = 0) -
 
 def load_image_array(catalogue_dir: Path, rel_paths: list[str], size: int) -> np.ndarray:
     """Decode images through the shared preprocessing into uint8 N×size×size×C (C from transforms)."""
-    from components.transforms import load_uint8  # local import: transforms pulls in torch
+    from components.model.transforms import load_uint8  # local import: transforms pulls in torch
 
     arrays = [
         load_uint8(catalogue_dir / p, size)

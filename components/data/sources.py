@@ -3,7 +3,7 @@
 The request log keeps no images and no labels (embeddings, predictions and image statistics
 only), so served requests cannot be trained on. What a retrain can fold in is the shop's
 catalogue as it stands: products added, relabelled or removed in the source (`data.source`: a
-catalogue CSV and its image files, or Debian's Fashion-MNIST files). `refresh_catalogue` re-
+catalogue CSV and its image files, or Debian's Fashion-MNIST files). `stages.ingest.refresh` re-
 ingests the source into the DVC-tracked data/catalogue (a new data version, pushed to the local
 remote) only when its fingerprint differs from the one recorded at the last ingest, so an
 unchanged source costs a few stat() calls and the retrain keeps its data version.
@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from components import catalogue
 from components.config import DataParams, StatePaths
+from components.data import catalogue
 
 SOURCES_FILE = "catalogue-sources.json"  # in the state folder: catalogue dir -> source record
 FASHION_MNIST_FILES = (
@@ -108,20 +108,3 @@ def refresh_reason(
     if recorded["fingerprint"] != fingerprint:
         return source, f"source {source} changed since its ingest at {recorded['recorded_at']}"
     return source, None
-
-
-def refresh_catalogue(ctx) -> dict:
-    """Re-ingest (and DVC-version) the catalogue when its source changed; else keep it.
-
-    `ctx` is a pipeline.RunContext (imported lazily: pipeline records sources at ingest)."""
-    from components.pipeline import data_version, run_ingest
-
-    source, reason = refresh_reason(ctx.params.data, ctx.paths, ctx.catalogue_dir)
-    if reason is None:
-        return {
-            "reingested": False,
-            "reason": f"source {source} unchanged",
-            "data_version": data_version(ctx),
-        }
-    result = run_ingest(ctx, source)
-    return {"reingested": True, "reason": reason, **result}

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
-from components.catalogue import MANIFEST_COLUMNS
 from components.config import ValidationParams
+from components.data.catalogue import MANIFEST_COLUMNS
 
 # The order of precedence: a quarantined row's primary `reason` is the first that applies.
 REASONS = (

@@ -12,7 +12,13 @@ from typing import Annotated
 
 import typer
 
-from components.config import PROJECT_ROOT, configure_environment, load_params, state_paths
+from components.config import (
+    HEADLINE_METRICS,
+    PROJECT_ROOT,
+    configure_environment,
+    load_params,
+    state_paths,
+)
 
 app = typer.Typer(
     help="vitrine: visual search for e-commerce, and the loop that keeps it good.",
@@ -47,7 +53,7 @@ def emit(data: dict | None, json_path: Path | None, as_json: bool = False) -> No
 
 
 def _context(work: Path | None = None):
-    from components.pipeline import RunContext
+    from components.stages.context import RunContext
 
     paths = state_paths()
     return RunContext(load_params(), paths, work=(work or PROJECT_ROOT / "work").resolve())
@@ -61,11 +67,11 @@ def ingest(
     json_path: JsonOpt = None,
 ) -> None:
     """Ingest a catalogue into data/catalogue (images + manifest.parquet), tracked by DVC."""
-    from components.catalogue import CatalogueError
-    from components.pipeline import run_ingest
+    from components.data.catalogue import CatalogueError
+    from components.stages import ingest as ingest_stage
 
     try:
-        result = run_ingest(_context(), source)
+        result = ingest_stage.run(_context(), source)
     except CatalogueError as exc:
         fail(str(exc), 2)
     typer.echo(f"ingested {result['ingested']} products; data version {result['data_version']}")
@@ -81,7 +87,7 @@ def run(
 ) -> None:
     """The whole retrain flow (Prefect): validate → clean labels → train → evaluate →
     register → gate → (first champion only) promote."""
-    from components.summary import format_summary
+    from components.stages.summary import format_summary
     from flows.retrain import retrain
 
     started = time.time()
@@ -95,15 +101,15 @@ def run(
 
 
 def _registry():
-    from components.release import open_registry
+    from components.release.registry import open_registry
 
-    return open_registry(_context())
+    return open_registry(state_paths(), load_params())
 
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Champion and challenger: versions, metrics, gate verdict, approval, data version."""
-    from components.registry import RegistryUnavailable
+    from components.release.registry import RegistryUnavailable
 
     try:
         data = _registry().status()
@@ -120,7 +126,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         metrics = ", ".join(
             f"{k} {v:.4f}"
             for k, v in sorted(info.get("metrics", {}).items())
-            if k in ("accuracy", "macro_f1", "recall_at_1")
+            if k in HEADLINE_METRICS
         )
         typer.echo(f"{role:<11} version {info['version']}: {metrics}")
         if role == "challenger":
@@ -141,7 +147,7 @@ def approve(
     by: Annotated[str, typer.Option("--by", help="Who approves (the model owner).")],
 ) -> None:
     """Approve a gated version (same as tagging approved_by=NAME in the MLflow UI)."""
-    from components.registry import PromotionRefused, RegistryUnavailable
+    from components.release.registry import PromotionRefused, RegistryUnavailable
 
     try:
         _registry().approve(version, by)
@@ -155,12 +161,12 @@ def promote(
     version: Annotated[str | None, typer.Argument(help="Default: newest approved.")] = None,
 ) -> None:
     """Move `champion` to an approved version that passed the gate (audited)."""
-    from components.registry import PromotionRefused, RegistryUnavailable
-    from components.release import open_registry, run_promotion
+    from components.release.registry import PromotionRefused, RegistryUnavailable
+    from components.stages import promote as promote_stage
 
     ctx = _context()
     try:
-        record = run_promotion(ctx, open_registry(ctx), version)
+        record = promote_stage.run(ctx, version)
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
     if record is None:
@@ -177,7 +183,7 @@ def rollback(
     to: Annotated[str | None, typer.Option(help="Default: the previous champion.")] = None,
 ) -> None:
     """Move `champion` back to the previous champion (or --to VERSION), audited."""
-    from components.registry import PromotionRefused, RegistryUnavailable
+    from components.release.registry import PromotionRefused, RegistryUnavailable
 
     try:
         record = _registry().rollback(to)
@@ -214,7 +220,7 @@ def ab_report(
 ) -> None:
     """Per arm: requests, error rate, latency, confidence, agreement on shadowed requests;
     and whether the A/B period satisfies the promotion policy."""
-    from components.ab import ab_verdict, read_ab_log, summarise_arms
+    from components.serving.ab import ab_verdict, read_ab_log, summarise_arms
 
     params, paths = load_params(), state_paths()
     summary = summarise_arms(read_ab_log(paths.home / "requests"))
@@ -314,7 +320,8 @@ def drift(
     verdict (too few samples) or error."""
     from datetime import UTC, datetime
 
-    from monitoring.drift import parse_since, run_drift
+    from monitoring.drift import run_drift
+    from monitoring.window import parse_since
 
     try:
         start = parse_since(since, datetime.now(UTC)) if since else None
@@ -369,9 +376,7 @@ def simulate(
     params = load_params()
     url = url or f"http://{params.serving.host}:{params.serving.port}"
     try:
-        catalogue = Path(params.data.catalogue_dir)
-        catalogue = catalogue if catalogue.is_absolute() else PROJECT_ROOT / catalogue
-        payloads = build_requests(shift, n, catalogue, seed=seed)
+        payloads = build_requests(shift, n, params.data.catalogue_path(), seed=seed)
         result = send_requests(url, payloads, endpoint=endpoint, concurrency=concurrency)
     except (ServiceUnavailable, ValueError, OSError) as exc:
         fail(str(exc), 2)
@@ -395,8 +400,9 @@ def deploy(
     """Create or update the Prefect deployments on the local server (`vitrine ui` starts it):
     retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes;
     crons from params.yaml `schedules`. `vitrine worker` executes their runs."""
-    from flows.deployments import PrefectUnavailable, api_url, apply_deployments, prefect_api
+    from flows.deployments import apply_deployments
     from flows.deployments import list_deployments as read_deployments
+    from flows.server import PrefectUnavailable, api_url, prefect_api
 
     params = load_params()
     try:
@@ -431,7 +437,7 @@ def deploy(
 def worker() -> None:
     """Execute the deployments' runs: a Prefect process worker on the `schedules.work_pool`
     pool (foreground, Ctrl-C stops); each run is a subprocess of this virtualenv."""
-    from flows.deployments import PrefectUnavailable, api_url, check_server
+    from flows.server import PrefectUnavailable, api_url, check_server
 
     params = load_params()
     url = api_url(params)
@@ -456,45 +462,46 @@ def worker() -> None:
 @stage_app.command("validate")
 def stage_validate() -> None:
     """Validate data/catalogue into work/validate."""
-    from components.pipeline import run_validation
+    from components.stages import validate
 
-    emit(run_validation(_context()), None, as_json=True)
+    emit(validate.run(_context()), None, as_json=True)
 
 
 @stage_app.command("labels")
 def stage_labels() -> None:
     """Clean labels into work/labels."""
-    from components.pipeline import run_label_cleaning
+    from components.stages import labels
 
-    emit(run_label_cleaning(_context()), None, as_json=True)
+    emit(labels.run(_context()), None, as_json=True)
 
 
 @stage_app.command("train")
 def stage_train() -> None:
     """Train into work/train."""
-    from components.pipeline import run_training
+    from components.stages import train
 
-    summary = run_training(_context())
+    summary = train.run(_context())
     emit({k: v for k, v in summary.items() if k != "history"}, None, as_json=True)
 
 
 @stage_app.command("evaluate")
 def stage_evaluate() -> None:
     """Evaluate into work/evaluate."""
-    from components.pipeline import run_evaluation
+    from components.stages import evaluate
 
-    emit(run_evaluation(_context()), None, as_json=True)
+    emit(evaluate.run(_context()), None, as_json=True)
 
 
 @stage_app.command("register")
 def stage_register() -> None:
     """Register work/ as a challenger, then gate it."""
-    from components.release import open_registry, run_gate, run_registration
+    from components.release.registry import open_registry
+    from components.stages import gate, register
 
     ctx = _context()
-    registry = open_registry(ctx)
-    registered = run_registration(ctx, registry, cause="dvc-repro")
-    emit({**registered, "gate": run_gate(ctx, registry)}, None, as_json=True)
+    registry = open_registry(ctx.paths, ctx.params)
+    registered = register.run(ctx, registry, cause="dvc-repro")
+    emit({**registered, "gate": gate.run(ctx, registry)}, None, as_json=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from components.gate import find_promotion_refusal, pick_promotion_candidate, read_gate_passed
+from components.config import Params, StatePaths
+from components.release.gate import (
+    find_promotion_refusal,
+    pick_promotion_candidate,
+    read_gate_passed,
+)
 
 EXPERIMENT = "vitrine"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous_champion"
@@ -412,3 +417,14 @@ class Registry:
             "previous_champion": self.alias_version(PREVIOUS),
             "data_version": source["tags"].get("data_version") if source else None,
         }
+
+
+def open_registry(paths: StatePaths, params: Params) -> Registry:
+    """The project's registry: the one place a `Registry` is built from the state paths and
+    params (tracking URI, artifact root, model name, audit log)."""
+    return Registry(
+        tracking_uri=paths.tracking_uri,
+        artifact_root=paths.artifacts,
+        model_name=params.registry.model_name,
+        audit_log=paths.audit_log,
+    )

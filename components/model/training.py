@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from components.config import TrainParams
-from components.models import VitrineNet, build_model
-from components.transforms import augment, to_tensor
+from components.model.models import VitrineNet, build_model
+from components.model.transforms import augment, to_tensor
 
 CHECKPOINT = "last.pt"
 Optimisation = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module]

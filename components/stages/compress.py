@@ -2,7 +2,7 @@
 fp32 weights, measure it on the same frozen test split as the fp32 model, and let the gate
 accept or refuse it (`gate.check_compression`, tolerance `gate.max_compression_loss`).
 
-Kept apart from components/compress.py so the service can load variants without importing
+Kept apart from components/model/compress.py so the service can load variants without importing
 the training pipeline. Only accepted variants end up in the `compressed/` folder that
 registration logs with the model; every verdict (accepted or refused, with the figures)
 becomes a version tag `variant_<name>`, so a refused variant is never served and the reason
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import compress, evaluation, gate
-from components.models import VitrineNet
-from components.pipeline import RunContext, load_images, read_json, write_json
+from components.model import compress, evaluation
+from components.model.models import VitrineNet
+from components.release import gate
+from components.stages.context import RunContext, load_images, read_json, write_json
 
 
 @dataclass
@@ -109,7 +110,7 @@ def judge_variant(
     return {"passed": passed, "reason": reason, "metrics": metrics}
 
 
-def run_compression(ctx: RunContext, model: VitrineNet) -> dict:
+def run(ctx: RunContext, model: VitrineNet) -> dict:
     """{"folder": the accepted variants' folder or None, "verdicts", "tags", "metrics"}."""
     wanted = wanted_variants(ctx)
     out = {"folder": None, "verdicts": {}, "tags": {}, "metrics": {}}

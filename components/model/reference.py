@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components.serving import compute_image_stats
-from components.training import predict_batches
-from components.transforms import image_to_uint8
+from components.model.training import predict_batches
+from components.model.transforms import image_to_uint8
+from components.serving.uploads import compute_image_stats
 
 REFERENCE_ARTIFACT = "reference"  # artifact folder of the registered version
 REFERENCE_FILE = "reference.parquet"

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.models import VitrineNet
-from components.transforms import to_tensor
+from components.model.models import VitrineNet
+from components.model.transforms import to_tensor
 
 VARIANTS = ("fp32", "onnx", "int8")
 COMPRESSED = ("onnx", "int8")

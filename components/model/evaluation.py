@@ -30,8 +30,8 @@ from sklearn.metrics import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from components.config import EvaluationParams  # noqa: E402
-from components.training import predict_batches, torch_threads
-from components.transforms import to_tensor  # noqa: E402
+from components.model.training import predict_batches, torch_threads
+from components.model.transforms import to_tensor  # noqa: E402
 
 QUERY_CHUNK = 1024
 BATCH = 256

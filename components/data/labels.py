@@ -42,8 +42,8 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from components import training
 from components.config import LabelParams, TrainParams
+from components.model import training
 
 HIDDEN = 256
 EPOCHS = 12

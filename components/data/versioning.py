@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from components.config import TELEMETRY_OFF
+
 REMOTE_NAME = "vitrine-local"
 
 
@@ -24,7 +26,7 @@ class DataVersionError(RuntimeError):
 def _dvc(repo: Path, *args: str) -> str:
     exe = Path(sys.executable).with_name("dvc")
     cmd = [str(exe) if exe.exists() else (shutil.which("dvc") or "dvc"), *args]
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, **TELEMETRY_OFF}
     done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise DataVersionError(f"`dvc {' '.join(args)}` failed: {done.stderr.strip()[-800:]}")

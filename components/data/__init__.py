@@ -1,0 +1,2 @@
+"""The data layer: the catalogue (manifest schema, ingest), validation (Great Expectations +
+quarantine), label cleaning (cleanlab), DVC versioning and the catalogue's sources."""

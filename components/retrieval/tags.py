@@ -1,0 +1,54 @@
+"""Tags derived from a category and a photo: the category's group and the product's shade."""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUPS: dict[str, str] = {
+    "T-shirt/top": "tops",
+    "Shirt": "tops",
+    "Pullover": "tops",
+    "Trouser": "bottoms",
+    "Dress": "dresses",
+    "Coat": "outerwear",
+    "Sandal": "footwear",
+    "Sneaker": "footwear",
+    "Ankle boot": "footwear",
+    "Bag": "bags",
+}
+OTHER_GROUP = "other"
+# shade_of: mean foreground luminance (0..1) below DARK_MAX is "dark", above LIGHT_MIN "light".
+DARK_MAX, LIGHT_MIN = 0.35, 0.65
+FOREGROUND_DELTA = 16  # luminance (0-255) a pixel must differ from the border colour by
+
+
+def group_of(category: str) -> str:
+    return GROUPS.get(category, OTHER_GROUP)
+
+
+def shade_of(image: np.ndarray) -> tuple[str, float]:
+    """("dark" | "mid" | "light", mean brightness 0..1) of the product's pixels.
+
+    Luminance is 0.299 R + 0.587 G + 0.114 B (grey images as they are). The foreground is every
+    pixel whose luminance differs from the border colour (median of the outermost pixels) by more
+    than FOREGROUND_DELTA, and is not fully transparent; Fashion-MNIST products are light on black,
+    so the black background must not darken them. With under 1% foreground pixels the whole image
+    is used. Thresholds: brightness < 0.35 dark, > 0.65 light, otherwise mid.
+    """
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    opaque = np.ones(img.shape[:2], dtype=bool)
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            opaque = img[:, :, 3] > 0
+        rgb = img[:, :, :3].astype(np.float64)
+        lum = rgb @ np.array([0.299, 0.587, 0.114])
+    else:
+        lum = img.astype(np.float64)
+    border = np.concatenate([lum[0], lum[-1], lum[:, 0], lum[:, -1]])
+    fg = (np.abs(lum - np.median(border)) > FOREGROUND_DELTA) & opaque
+    pixels = lum[fg] if fg.sum() >= max(1, 0.01 * lum.size) else lum.ravel()
+    brightness = float(pixels.mean() / 255.0)
+    shade = "dark" if brightness < DARK_MAX else "light" if brightness > LIGHT_MIN else "mid"
+    return shade, brightness

@@ -1,0 +1,1 @@
+"""vitrine's command line: the top layer (it may import flows, components and monitoring)."""
