@@ -8,14 +8,8 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 LOCAL_DATASET := $(STATE)/debian$(DATASET_DIR)
 PYTEST_ARGS ?=
 
-# Telemetry of every tool off, always (tests and CI too).
-export DO_NOT_TRACK=true
-export MLFLOW_DISABLE_TELEMETRY=true
-export BENTOML_DO_NOT_TRACK=true
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
-export DVC_NO_ANALYTICS=1
-export GX_ANALYTICS_ENABLED=false
-export HF_HUB_OFFLINE=1
+# Telemetry of every tool is switched off in one place, components/config.py TELEMETRY_OFF,
+# by every entry point (the vitrine CLI, the service, the tests, the benchmarks).
 
 .PHONY: help setup dataset browser run serve test test-unit lint format ui status clean deploy worker
 
@@ -63,14 +57,14 @@ browser:  ## Debian's chromium + chromedriver for the page's browser test (root:
 	       "sudo apt-get install chromium chromium-driver" >&2; exit 1; \
 	fi
 
-test: setup browser  ## every test tier
+test: setup browser lint  ## make lint, then every test tier
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: setup  ## unit tests only
 	$(BIN)/pytest -q -m "not integration and not data and not slow and not serving and not model" $(PYTEST_ARGS)
 
-lint:  ## ruff lint + format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: setup  ## ruff lint + format check + the layer contract (import-linter, pyproject.toml)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
 
 format:  ## ruff fix + format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
