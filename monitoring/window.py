@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.serving.logs import JsonlLog, RequestLog
 from monitoring import detect
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -49,10 +50,7 @@ def parse_since(text: str, now: datetime) -> datetime:
 def read_window(folder: Path, version: str, since: datetime, until: datetime) -> Window:
     """The champion's logged requests in [since, until]; other versions' rows are excluded."""
     rows, emb, others, malformed = [], [], {}, 0
-    for path in sorted(Path(folder).glob("requests-*.jsonl")):
-        day = path.stem.removeprefix("requests-")
-        if day.isdigit() and not since.strftime("%Y%m%d") <= day <= until.strftime("%Y%m%d"):
-            continue
+    for path in JsonlLog(folder, RequestLog.PREFIX).files(since, until):
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)

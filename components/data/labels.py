@@ -44,6 +44,7 @@ from torch import nn
 
 from components.config import LabelParams, TrainParams
 from components.model import training
+from components.threads import limited_threads
 
 HIDDEN = 256
 EPOCHS = 12
@@ -117,7 +118,7 @@ def compute_out_of_fold_probs(
         features = project_pixels(images, params.pca_components)
         # one thread: the tiny MLP's small matmuls gain nothing from more, and on a busy
         # 2-core machine two threads made one fold 15x slower (81 s vs 5.4 s, measured)
-        with training.torch_threads(1):
+        with limited_threads(1):
             for k, (train, test) in enumerate(splits):
                 probs[test] = fit_predict_mlp(
                     features[train], labels[train], features[test], n_classes, seed + k

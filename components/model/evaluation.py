@@ -30,8 +30,9 @@ from sklearn.metrics import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from components.config import EvaluationParams  # noqa: E402
-from components.model.training import predict_batches, torch_threads
+from components.model.training import predict_batches
 from components.model.transforms import to_tensor  # noqa: E402
+from components.threads import limited_threads
 
 QUERY_CHUNK = 1024
 BATCH = 256
@@ -94,7 +95,7 @@ def measure_latency(model: nn.Module, images: np.ndarray, n: int) -> tuple[float
     model.eval()
     sample = images[: max(1, min(n, len(images)))]
     batches = np.resize(sample, (max(5, -(-len(sample) // 32)) * 32, *sample.shape[1:]))
-    with torch_threads(1), torch.inference_mode():
+    with limited_threads(1), torch.inference_mode():
         for _ in range(3):
             model(to_tensor(sample[:1]))
             model(to_tensor(batches[:32]))

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from components.config import TrainParams
 from components.model.models import VitrineNet, build_model
 from components.model.transforms import augment, to_tensor
+from components.threads import limited_threads
 
 CHECKPOINT = "last.pt"
 Optimisation = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module]
@@ -49,18 +50,6 @@ class TrainResult:
 def count_threads() -> int:
     """Torch threads for training: $OMP_NUM_THREADS when set, else every core."""
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with torch's (process-wide) intra-op thread count set to `threads`,
-    restoring the caller's count afterwards, also on an exception."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def compute_class_weights(
@@ -314,7 +303,7 @@ def train_model(
     `on_epoch_end(record)` is called after each epoch's checkpoint is written (e.g. to log
     metrics); an exception from it interrupts the run like a crash would.
     """
-    with torch_threads(count_threads()):
+    with limited_threads(count_threads()):
         return _train_model(
             images, labels, params, num_classes, checkpoint_dir, progress, pretrained, on_epoch_end
         )

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.threads import limited_threads
+
 TEXT_DIM = 384
 PROJECTION_FILE = "text_projection.npz"  # saved beside the catalogue index of a model version
 
@@ -394,9 +396,7 @@ def train_text_projection(
     if objective not in ("ridge", "contrastive"):
         raise ValueError(f"unknown objective {objective!r}: ridge or contrastive")
     titles = [""] * len(x) if titles is None else ["" if t is None else str(t) for t in titles]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with limited_threads(threads):
         bank, cat_ids = build_text_bank(list(categories), titles, max_titles, seed)
         if objective == "ridge":
             return fit_ridge(x, bank, cat_ids, ridge_alpha)
@@ -410,8 +410,6 @@ def train_text_projection(
             lr=lr,
             temperature=temperature,
         )
-    finally:
-        torch.set_num_threads(previous)
 
 
 def rank_products(query_embedding: np.ndarray, projected: np.ndarray, k: int):

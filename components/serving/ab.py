@@ -11,8 +11,6 @@ is running.
 from __future__ import annotations
 
 import hashlib
-import json
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from components.config import ABParams
+from components.serving.logs import JsonlLog
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -46,31 +45,17 @@ class ABEvent:
 
 
 class ABLog:
-    """Append-only JSON lines, one file per UTC day; thread-safe."""
+    """The A/B events: <folder>/ab-YYYYMMDD.jsonl (components/serving/logs.py JsonlLog)."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._lock = threading.Lock()
+        self.log = JsonlLog(folder, "ab")
 
     def write(self, event: ABEvent) -> None:
-        now = datetime.now(UTC)
-        record = {"timestamp": now.isoformat(), **event.__dict__}
-        with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with (self.folder / f"ab-{now:%Y%m%d}.jsonl").open("a") as out:
-                out.write(json.dumps(record) + "\n")
+        self.log.append(dict(event.__dict__))
 
 
 def read_ab_log(folder: Path, since: datetime | None = None) -> list[dict]:
-    events = []
-    for path in sorted(Path(folder).glob("ab-*.jsonl")):
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            if since is None or datetime.fromisoformat(event["timestamp"]) >= since:
-                events.append(event)
-    return events
+    return JsonlLog(folder, "ab").read(since)
 
 
 def summarise_arms(events: list[dict]) -> dict:

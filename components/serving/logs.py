@@ -1,28 +1,72 @@
-"""The sampled request log (JSONL, one file per day) that monitoring compares with the reference."""
+"""The service's JSON-lines logs: one class for the sampled request log (what monitoring
+compares with the reference) and the A/B event log (components/serving/ab.py)."""
 
 from __future__ import annotations
 
 import json
 import random
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 
+class JsonlLog:
+    """Append-only JSON lines, one file per UTC day: <folder>/<prefix>-YYYYMMDD.jsonl.
+    Thread-safe; every record gets a `timestamp` (UTC, ISO 8601) first."""
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder, self.prefix = Path(folder), prefix
+        self._lock = threading.Lock()
+
+    def path_for(self, when: datetime) -> Path:
+        return self.folder / f"{self.prefix}-{when:%Y%m%d}.jsonl"
+
+    def append(self, record: dict) -> None:
+        now = datetime.now(UTC)
+        line = json.dumps({"timestamp": now.isoformat(), **record}) + "\n"
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with self.path_for(now).open("a") as out:
+                out.write(line)
+
+    def files(self, since: datetime | None = None, until: datetime | None = None) -> Iterator[Path]:
+        """The day files that may hold records in [since, until], oldest first."""
+        first = since.strftime("%Y%m%d") if since else ""
+        last = until.strftime("%Y%m%d") if until else "99999999"
+        for path in sorted(self.folder.glob(f"{self.prefix}-*.jsonl")):
+            day = path.stem.removeprefix(f"{self.prefix}-")
+            if not day.isdigit() or first <= day <= last:
+                yield path
+
+    def read(self, since: datetime | None = None) -> list[dict]:
+        """Every record (from `since` on), oldest file first; blank lines are skipped."""
+        records = []
+        for path in self.files(since):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    if since is None or datetime.fromisoformat(record["timestamp"]) >= since:
+                        records.append(record)
+        return records
+
+
 class RequestLog:
-    """Sampled JSON-lines request log: <folder>/requests-YYYYMMDD.jsonl, no raw images."""
+    """The sampled request log: <folder>/requests-YYYYMMDD.jsonl, no raw images."""
+
+    PREFIX = "requests"
 
     def __init__(self, folder: Path, sample_rate: float = 1.0, seed: int | None = None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate must be in 0..1, got {sample_rate}")
-        self.folder, self.sample_rate = Path(folder), sample_rate
+        self.log, self.sample_rate = JsonlLog(folder, self.PREFIX), sample_rate
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
     def path_for(self, when: datetime) -> Path:
-        return self.folder / f"requests-{when:%Y%m%d}.jsonl"
+        return self.log.path_for(when)
 
     def write(
         self,
@@ -37,9 +81,8 @@ class RequestLog:
         with self._lock:
             if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
                 return False
-            now = datetime.now(UTC)
-            record = {
-                "timestamp": now.isoformat(),
+        self.log.append(
+            {
                 "model_version": model_version,
                 "endpoint": endpoint,
                 "category": category,
@@ -47,16 +90,9 @@ class RequestLog:
                 **stats,
                 "embedding": [round(float(v), 6) for v in np.asarray(embedding).ravel()],
             }
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with self.path_for(now).open("a") as out:
-                out.write(json.dumps(record) + "\n")
-            return True
+        )
+        return True
 
 
 def read_request_log(folder: Path) -> list[dict]:
-    return [
-        json.loads(line)
-        for path in sorted(Path(folder).glob("requests-*.jsonl"))
-        for line in path.read_text().splitlines()
-        if line.strip()
-    ]
+    return JsonlLog(folder, RequestLog.PREFIX).read()

@@ -1,5 +1,6 @@
-"""The service's inference runtime: per-thread torch/FAISS thread pins, the heap freeze after a
-load, the sha256 LRU cache and the micro-batcher that groups concurrent model calls."""
+"""The service's inference runtime: per-thread torch/FAISS thread pins (components/threads.py),
+the heap freeze after a load, the sha256 LRU cache and the micro-batcher that groups
+concurrent model calls."""
 
 from __future__ import annotations
 
@@ -7,38 +8,30 @@ import gc
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
 
-_thread_state = threading.local()
+import cachetools
+
+from components.threads import pin_thread, set_threads
+
 CALL_THREADS = [0]  # threads per torch / FAISS call in the service; 0 = leave the defaults
 
 
 def set_call_threads(threads: int) -> None:
     """The service's threads per model / FAISS call (params serving.threads)."""
-    import faiss
-    import torch
-
     CALL_THREADS[0] = threads
-    torch.set_num_threads(threads)  # torch's count is process-wide
-    faiss.omp_set_num_threads(threads)  # OpenMP's is per calling thread: see in_call_thread
+    set_threads(threads)
 
 
 def in_call_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs) in a worker thread, with FAISS's OpenMP thread count set for it.
+    """fn(*args, **kwargs) with this worker thread's OpenMP count pinned to CALL_THREADS.
 
-    OpenMP keeps the count per calling thread: a worker thread that never set it starts a
-    team of every core on its first FAISS search, and that team's idle workers spin at a
-    barrier after each search, taking a core from the event loop (seen: 4.6 s of CPU in one
-    spinning thread while 500 requests were served)."""
-    threads = CALL_THREADS[0]
-    if threads and getattr(_thread_state, "threads", None) != threads:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
-        _thread_state.threads = threads
+    Without the pin, a worker thread starts a team of every core on its first FAISS search,
+    and that team's idle workers spin at a barrier after each search, taking a core from the
+    event loop (seen: 4.6 s of CPU in one spinning thread while 500 requests were served)."""
+    pin_thread(CALL_THREADS[0])
     return fn(*args, **kwargs)
 
 
@@ -54,31 +47,28 @@ def settle_heap() -> None:
 
 
 class LRUCache:
-    """A thread-safe LRU map with hit / miss counts."""
+    """cachetools' LRU behind a lock (the service's worker threads share it), with hit / miss
+    counts; size 0 caches nothing."""
 
     def __init__(self, size: int):
         self.size = size
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._data: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(size, 1))
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get(self, key: Hashable) -> Any | None:
         with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
+            value = self._data.get(key)  # a hit makes the key the most recent
+            if value is None:
+                self.misses += 1
+            else:
                 self.hits += 1
-                return self._data[key]
-            self.misses += 1
-            return None
+            return value
 
     def put(self, key: Hashable, value: Any) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+        if self.size > 0:
+            with self._lock:
+                self._data[key] = value
 
     def __len__(self) -> int:
         return len(self._data)
