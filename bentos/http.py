@@ -4,6 +4,7 @@ A/B events. No model code here; bentos/service.py holds the service class."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import Any
@@ -66,6 +67,16 @@ async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise ApiError(404, str(error.args[0] if error.args else error)) from error
     except ValueError as error:  # bad k, unknown filter, empty history
         raise ApiError(400, str(error)) from error
+
+
+def require_admin(request: Request, token: str) -> None:
+    """403 unless the request carries the admin token (X-Admin-Token or Bearer)."""
+    if not token:
+        raise ApiError(403, "admin endpoint disabled: set VITRINE_ADMIN_TOKEN to enable it")
+    given = request.headers.get("x-admin-token") or request.headers.get("authorization", "")
+    given = given.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(403, "missing or wrong admin token")
 
 
 def _service() -> Any:
@@ -132,7 +143,7 @@ class ProbesAndLimits:
                 label = endpoint_label(scope["path"])
                 service.metrics.observe_request(label, status[0], seconds)
                 if scope["state"].get("ab"):
-                    service.record_ab(scope["state"]["ab"], label, status[0], seconds)
+                    service.ab.record(scope["state"]["ab"], label, status[0], seconds)
 
     async def dispatch(self, scope: dict, receive: Any, send: Any, service: Any) -> None:
         path, method = scope["path"], scope["method"]
@@ -178,5 +189,5 @@ class ProbesAndLimits:
             return JSONResponse(
                 {"status": "ok", "model_version": bundle.version if bundle else None}
             )
-        status, body = service.readiness()
+        status, body = service.loader.readiness()
         return JSONResponse(body, status_code=status)

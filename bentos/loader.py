@@ -50,6 +50,16 @@ class ModelLoader:
         self._stop = threading.Event()
         self._registry = None
 
+    def start(self, poll_seconds: float) -> None:
+        """Load the champion (and challenger), then poll the registry every `poll_seconds`."""
+        self.reload_both()
+        self.start_polling(poll_seconds)
+
+    def reload_both(self) -> dict:
+        outcome = self.reload()
+        self.reload_challenger()
+        return outcome
+
     def start_polling(self, seconds: float) -> None:
         if seconds > 0:
             threading.Thread(
@@ -150,6 +160,30 @@ class ModelLoader:
         except Exception as error:
             self.challenger_error = f"{type(error).__name__}: {str(error)[:500]}"
             log.exception("loading the challenger failed; A/B paused")
+
+    def readiness(self) -> tuple[int, dict]:
+        """GET /readyz: 200 once a champion is loaded, with what is served and the last errors."""
+        bundle, challenger = self.bundle, self.challenger
+        body = {
+            "ready": bundle is not None,
+            "model_version": bundle.version if bundle else None,
+            "index_size": len(bundle.index) if bundle else 0,
+            "index_kind": bundle.index.kind if bundle else None,
+            "loaded_at": bundle.loaded_at if bundle else None,
+            "load_seconds": bundle.load_seconds if bundle else None,
+            "last_reload_error": self.last_error,
+            "last_check_at": self.last_check_at,
+            "text_search": bool(bundle and bundle.text is not None),
+            "variant": bundle.variant if bundle else None,
+            "variant_requested": self.variant,
+            "variant_note": bundle.variant_note if bundle else None,
+            "ab": {
+                "mode": self.ab_mode,
+                "challenger_version": challenger.version if challenger else None,
+                "challenger_error": self.challenger_error,
+            },
+        }
+        return (200 if bundle else 503), body
 
     def _poll(self, seconds: float) -> None:
         while not self._stop.wait(seconds):

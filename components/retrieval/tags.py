@@ -52,3 +52,37 @@ def shade_of(image: np.ndarray) -> tuple[str, float]:
     brightness = float(pixels.mean() / 255.0)
     shade = "dark" if brightness < DARK_MAX else "light" if brightness > LIGHT_MIN else "mid"
     return shade, brightness
+
+
+def tag_answer(
+    category: str,
+    confidence: float,
+    probs: np.ndarray,
+    categories: list[str],
+    pixels: np.ndarray,
+    neighbour_categories: list[str],
+) -> dict:
+    """POST /tags: the photo's category, its group (summed probability of the group's
+    categories), its shade, and the majority category of its nearest catalogue neighbours."""
+    majority = (
+        max(set(neighbour_categories), key=neighbour_categories.count)
+        if neighbour_categories
+        else None
+    )
+    group = group_of(category)
+    group_score = sum(
+        float(p) for c, p in zip(categories, probs, strict=True) if group_of(c) == group
+    )
+    shade, brightness = shade_of(pixels)
+    n = len(neighbour_categories)
+    return {
+        "category": {"value": category, "score": round(confidence, 6)},
+        "group": {"value": group, "score": round(group_score, 6)},
+        "shade": {"value": shade, "score": round(brightness, 4)},
+        "neighbours": {
+            "value": majority,
+            "score": round(neighbour_categories.count(majority) / n, 4) if n else 0.0,
+            "agrees": majority == category,
+            "k": n,
+        },
+    }

@@ -10,10 +10,14 @@ is running.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +60,80 @@ class ABLog:
 
 def read_ab_log(folder: Path, since: datetime | None = None) -> list[dict]:
     return JsonlLog(folder, "ab").read(since)
+
+
+class ABRouter:
+    """Which bundle answers a request (serving.ab.mode), and the A/B event of each answer.
+
+    route: a sticky share of client ids (header X-Client-Id) is answered by the challenger;
+    shadow: the champion answers and the challenger runs on the same photo, unseen, its
+    agreement logged. A request's arm note (`pick`'s third value) is completed by `answer`
+    and recorded by the service's middleware with the response status and latency."""
+
+    def __init__(self, mode: str, share: float, folder: Path, metrics: Any):
+        self.mode, self.share, self.metrics = mode, share, metrics
+        self.log = ABLog(folder)
+
+    def pick(self, champion: Any, challenger: Any, client_id: str | None) -> tuple:
+        """(the bundle that answers, the one shadowing it or None, the arm note or None)."""
+        if challenger is None or self.mode == "off":
+            return champion, None, None
+        if self.mode == "shadow":
+            return (
+                champion,
+                challenger,
+                {"arm": CHAMPION, "version": champion.version, "mode": "shadow"},
+            )
+        arm = assign_arm(client_id, self.share)
+        bundle = challenger if arm == CHALLENGER else champion
+        return bundle, None, {"arm": arm, "version": bundle.version, "mode": "route"}
+
+    async def answer(
+        self, bundle: Any, shadow: Any, note: dict | None, run: Callable[[Any], Awaitable[Any]]
+    ) -> Any:
+        """run(bundle); in shadow mode run(shadow) too, concurrently, logged but never shown."""
+        started = time.perf_counter()
+        other = asyncio.ensure_future(run(shadow)) if shadow is not None else None
+        try:
+            result = await run(bundle)
+        except Exception:
+            if other is not None:
+                other.cancel()
+            raise
+        if note is not None:
+            note["confidence"] = result.confidence
+        if other is not None:
+            status, confidence, agrees = 200, None, None
+            try:
+                shadowed = await other
+                confidence, agrees = shadowed.confidence, shadowed.category == result.category
+            except Exception:
+                status = 500
+            note["agrees"] = agrees
+            seconds = time.perf_counter() - started
+            shadow_note = {"arm": CHALLENGER, "version": shadow.version, "mode": "shadow"}
+            self.record(
+                {**shadow_note, "confidence": confidence, "agrees": agrees},
+                "shadow",
+                status,
+                seconds,
+            )
+        return result
+
+    def record(self, note: dict, endpoint: str, status: int, seconds: float) -> None:
+        self.metrics.observe_arm(note["arm"], note["version"], status, seconds)
+        self.log.write(
+            ABEvent(
+                note["arm"],
+                note["version"],
+                endpoint,
+                status,
+                round(seconds * 1000, 3),
+                note["mode"],
+                note.get("confidence"),
+                note.get("agrees"),
+            )
+        )
 
 
 def summarise_arms(events: list[dict]) -> dict:

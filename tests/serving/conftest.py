@@ -89,7 +89,14 @@ class Server:
     log: Path
 
 
-def start_server(env: dict[str, str], log: Path, timeout: float = 90.0) -> Server:
+def start_server(
+    env: dict[str, str],
+    log: Path,
+    timeout: float = 90.0,
+    target: str = "bentos.service:Vitrine",
+    cwd: Path = PROJECT_ROOT,
+) -> Server:
+    """`bentoml serve TARGET` (the project's service, or a built bento's tag) on a free port."""
     port = free_port()
     full_env = {**os.environ, **env, "BENTOML_HOME": str(log.parent / "bentoml")}
     out = log.open("w")
@@ -97,13 +104,13 @@ def start_server(env: dict[str, str], log: Path, timeout: float = 90.0) -> Serve
         [
             str(Path(PROJECT_ROOT / ".venv/bin/bentoml")),
             "serve",
-            "bentos.service:Vitrine",
+            target,
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
         ],
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         env=full_env,
         stdout=out,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,118 @@
+"""Inference without BentoML: a photo's bytes → (class probabilities, embedding) from the
+bundle's model, through the sha256 LRU cache and one adaptive micro-batcher shared by every
+request (components/serving/runtime.py). bentos/service.py only routes HTTP to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from components.serving.runtime import LRUCache, MicroBatcher
+from components.serving.uploads import UploadLimits, compute_image_stats, decode_upload, sha256_hex
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the model says of one photo, and what the request log keeps of it."""
+
+    pixels: np.ndarray  # the model's input, preprocessed like training
+    probs: np.ndarray
+    embedding: np.ndarray
+    category: str
+    confidence: float
+    stats: dict[str, float]  # size, brightness, contrast: the drift monitor's columns
+
+    def logged(self) -> dict:
+        """The request log's fields (components/serving/logs.py RequestLog.write)."""
+        return {
+            "embedding": self.embedding,
+            "category": self.category,
+            "confidence": self.confidence,
+            "stats": self.stats,
+        }
+
+    def top(self, categories: list[str], n: int = 3) -> list[dict]:
+        return [
+            {"category": categories[i], "probability": round(float(self.probs[i]), 6)}
+            for i in np.argsort(-self.probs)[:n]
+        ]
+
+
+class Predictor:
+    def __init__(
+        self,
+        categories: list[str],
+        limits: UploadLimits,
+        cache_size: int,
+        max_batch_size: int,
+        metrics: Any = None,  # components.serving.metrics.ServingMetrics: batch sizes, cache
+    ):
+        self.categories, self.limits, self.metrics = categories, limits, metrics
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # PIL's decompression-bomb guard
+        self.cache = LRUCache(cache_size)
+        self.text_cache = LRUCache(1024)  # query text -> MiniLM embedding
+        on_batch = metrics.batch_size.observe if metrics else None
+        self.batcher = MicroBatcher(
+            self.predict_batch, max_batch_size=max_batch_size, on_batch=on_batch
+        )
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    @staticmethod
+    def predict_batch(items: list[tuple[Any, np.ndarray]]) -> list[tuple]:
+        """One model call per bundle present in the batch (two only during a swap)."""
+        import torch
+
+        from components.model.transforms import to_tensor
+
+        results: list[tuple] = [()] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (bundle, _) in enumerate(items):
+            groups.setdefault(id(bundle), []).append(i)
+        for rows in groups.values():
+            model = items[rows[0]][0].model
+            with torch.inference_mode():
+                logits, emb = model(to_tensor(np.stack([items[i][1] for i in rows])))
+                probs = torch.softmax(logits.float(), dim=1).numpy()
+            for j, i in enumerate(rows):
+                results[i] = (probs[j], emb[j].float().numpy())
+        return results
+
+    def analyse(self, bundle: Any, data: bytes, content_type: str | None) -> Analysis:
+        """Decode, preprocess like training, then (probs, embedding) from cache or the batcher."""
+        from components.model.transforms import image_to_uint8
+
+        image = decode_upload(data, content_type, self.limits)
+        pixels = image_to_uint8(image, bundle.model.image_size, bundle.model.in_channels)
+        key = (bundle.version, sha256_hex(data))
+        cached = self.cache.get(key)
+        if self.metrics:
+            self.metrics.cache.labels("hit" if cached is not None else "miss").inc()
+        if cached is None:
+            cached = self.batcher.submit((bundle, pixels)).result(timeout=30)
+            self.cache.put(key, cached)
+        probs, embedding = cached
+        best = int(np.argmax(probs))
+        return Analysis(
+            pixels,
+            probs,
+            embedding,
+            self.categories[best],
+            float(probs[best]),
+            compute_image_stats(image, pixels),
+        )
+
+    def encode_text(self, query: str) -> np.ndarray:
+        """The query's MiniLM embedding (components/retrieval/text.py), cached by its text."""
+        from components.retrieval import text as textsearch
+
+        key = query.lower()
+        vector = self.text_cache.get(key)
+        if vector is None:
+            vector = textsearch.encode_texts([query])[0]
+            self.text_cache.put(key, vector)
+        return vector

@@ -1,0 +1,181 @@
+"""The HTTP API's request and response bodies (FastAPI validates and documents them at
+/docs). Every answer names the model version that produced it."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+
+class RecommendRequest(BaseModel):
+    history: list[str] = Field(min_length=1, max_length=1000)
+    k: int = Field(10, ge=1, le=100)
+    diversify: bool = False
+
+
+class TextQuery(BaseModel):
+    query: str = Field(min_length=1, max_length=200)
+    k: int = Field(10, ge=1, le=100)
+    category: str | None = None
+    group: str | None = None
+
+
+def image_url(product_id: str) -> str:
+    return f"/products/{quote(product_id, safe='')}/image"
+
+
+class Hit(BaseModel):
+    product_id: str
+    score: float
+    category: str
+    group: str
+    title: str | None
+    image_url: str
+
+    @classmethod
+    def of(cls, hit: Any) -> Hit:  # a components.retrieval.index.Hit
+        return cls(
+            product_id=hit.product_id,
+            score=round(float(hit.score), 6),
+            category=hit.category,
+            group=hit.group,
+            title=hit.title,
+            image_url=image_url(hit.product_id),
+        )
+
+
+class Filters(BaseModel):
+    category: str | None
+    group: str | None
+
+
+class Versioned(BaseModel):
+    model_version: str
+
+
+class Probability(BaseModel):
+    category: str
+    probability: float
+
+
+class ClassifyResponse(Versioned):
+    category: str
+    confidence: float
+    top: list[Probability]
+
+    @classmethod
+    def of(cls, version: str, r: Any, categories: list[str]) -> ClassifyResponse:
+        top = r.top(categories)
+        return cls(
+            model_version=version, category=r.category, confidence=round(r.confidence, 6), top=top
+        )
+
+
+class Tag(BaseModel):
+    value: str | None
+    score: float
+
+
+class NeighbourTag(Tag):
+    agrees: bool
+    k: int
+
+
+class Tags(BaseModel):
+    category: Tag
+    group: Tag
+    shade: Tag
+    neighbours: NeighbourTag
+
+
+class TagsResponse(Versioned):
+    tags: Tags
+
+
+class QueryPhoto(BaseModel):
+    category: str
+    confidence: float
+
+
+class SearchResponse(Versioned):
+    k: int
+    filters: Filters
+    query: QueryPhoto
+    results: list[Hit]
+
+    @classmethod
+    def of(cls, version: str, k: int, filters: Filters, r: Any, hits: list) -> SearchResponse:
+        query = QueryPhoto(category=r.category, confidence=round(r.confidence, 6))
+        results = [Hit.of(h) for h in hits]
+        return cls(model_version=version, k=k, filters=filters, query=query, results=results)
+
+
+class TextSearchResponse(Versioned):
+    query: str
+    k: int
+    filters: Filters
+    results: list[Hit]
+
+    @classmethod
+    def of(cls, version: str, query: str, k: int, filters: Filters, hits: list):
+        results = [Hit.of(h) for h in hits]
+        return cls(model_version=version, query=query, k=k, filters=filters, results=results)
+
+
+class EmbedResponse(Versioned):
+    dim: int
+    embedding: list[float]
+
+
+class RecommendResponse(Versioned):
+    k: int
+    diversify: bool
+    results: list[Hit]
+
+    @classmethod
+    def of(cls, version: str, body: RecommendRequest, hits: list) -> RecommendResponse:
+        results = [Hit.of(h) for h in hits]
+        return cls(model_version=version, k=body.k, diversify=body.diversify, results=results)
+
+
+class ProductResponse(Versioned):
+    product: dict[str, str | int | float | bool]
+
+    @classmethod
+    def of(cls, version: str, product_id: str, record: dict) -> ProductResponse:
+        """The index's record of the product (scalars only), its group and its image's URL."""
+        from components.retrieval.tags import group_of
+
+        product = {k: v for k, v in record.items() if isinstance(v, str | int | float | bool)}
+        product["group"] = group_of(str(record.get("category", "")))
+        product["image_url"] = image_url(product_id)
+        return cls(model_version=version, product=product)
+
+
+class ExplainResponse(Versioned):
+    """POST /explain as JSON (components/model/explain.py explanation_json)."""
+
+    method: str
+    category: str
+    confidence: float
+    region: dict[str, int]
+    heatmap_png: str  # base64
+    heatmap_size: dict[str, int]
+    saliency: list[list[float]]  # over the model's square input, 0..1
+
+
+def explain_answer(version: str, ex: Any, answer: str) -> ExplainResponse | Response:
+    """The explanation as JSON, or (answer == "png") the heatmap PNG with its region in headers."""
+    from components.model.explain import explanation_json
+
+    if answer == "json":
+        return ExplainResponse(model_version=version, **explanation_json(ex))
+    headers = {
+        "X-Model-Version": version,
+        "X-Category": quote(ex.category),
+        "X-Region": ",".join(str(ex.box[k]) for k in ("x0", "y0", "x1", "y1")),
+    }
+    return Response(ex.png, media_type="image/png", headers=headers)
