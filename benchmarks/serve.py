@@ -1,11 +1,16 @@
-"""Benchmark POST /search of the real service against a naive baseline, in the same run.
+"""Benchmark POST /search of the real service against a naive baseline, in the same run, on
+champions of several catalogue sizes (default 6,000 and 70,000 products).
 
-Starts `bentoml serve bentos.service:Vitrine` on the current champion (the state of `make run`),
-then drives /search from this (separate) process at each --concurrency with --requests real
-catalogue photos per level, every photo distinct (the sha256 cache never helps: these are
-cold-path figures). Then it does the same against benchmarks/naive_server.py (one request →
-one model call, no batching, no cache, exact numpy search) and prints p50/p95/p99 latency,
-throughput and errors for both, and the ratios.
+For each size, benchmarks/champion.py builds (or reuses, under --root) a champion of the default
+architecture whose index holds that many products. The benchmark starts `bentoml serve
+bentos.service:Vitrine` on it, then drives /search from this (separate) process at each
+--concurrency with --requests real catalogue photos per level, every photo distinct (the
+sha256 cache never helps: these are cold-path figures). Then it does the same against
+benchmarks/naive_server.py (one request -> one model call, no batching, no cache, exact numpy
+search) and prints p50/p95/p99 latency, throughput and errors for both, and the ratios. Last,
+where the time of one request goes: decode, preprocess, model, search and logging timed in
+this process with the service's own code on --profile photos (medians), and the rest of the
+service's p50 at concurrency 1 (HTTP, multipart parsing, routing, thread hops: "framework").
 
     python benchmarks/serve.py --requests 1000 --json bench-serve.json
 """
@@ -154,8 +159,8 @@ def run_side(name: str, command: list[str], port: int, photos: list[bytes], args
         stop(proc)
 
 
-def load_photos(n: int) -> list[bytes]:
-    params = load_params()
+def load_photos(n: int, params_path: str) -> list[bytes]:
+    params = load_params(params_path)
     catalogue = params.data.catalogue_path(ROOT)
     manifest = pd.read_parquet(catalogue / "manifest.parquet")
     rows = manifest.sort_values(["split", "product_id"], ascending=[True, True])  # test first
@@ -164,25 +169,66 @@ def load_photos(n: int) -> list[bytes]:
     return [(catalogue / p).read_bytes() for p in rows["path"][:n]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=1000, help="per concurrency level")
-    parser.add_argument(
-        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
+def breakdown(env: dict[str, str], photos: list[bytes], k: int) -> dict[str, float]:
+    """Median ms of each step of one /search, run here with the service's own code."""
+    import tempfile
+
+    from bentos.loader import ModelLoader
+    from bentos.predictor import Predictor
+    from components.model.transforms import image_to_uint8
+    from components.serving.logs import RequestLog
+    from components.serving.metrics import ServingMetrics
+    from components.serving.runtime import set_call_threads
+    from components.serving.uploads import UploadLimits, compute_image_stats, decode_upload
+
+    paths, params = state_paths(env["VITRINE_HOME"]), load_params(env["VITRINE_PARAMS"])
+    set_call_threads(params.serving.threads or os.cpu_count() or 1)
+    loader = ModelLoader(paths, params, ServingMetrics(), "fp32", "off")
+    registry = loader._open_registry()
+    bundle = loader.load_bundle(registry, registry.alias_version("champion"))
+    model, limits = bundle.model, UploadLimits(10 << 20, 36_000_000)
+    steps: dict[str, list[float]] = {
+        s: [] for s in ("decode", "preprocess", "model", "search", "log")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        log = RequestLog(Path(tmp))
+        for data in photos:
+            t0 = time.perf_counter()
+            image = decode_upload(data, "image/png", limits)
+            t1 = time.perf_counter()
+            pixels = image_to_uint8(image, model.image_size, model.in_channels)
+            t2 = time.perf_counter()
+            probs, emb = Predictor.predict_batch([(bundle, pixels)])[0]
+            t3 = time.perf_counter()
+            bundle.index.search(emb, k)
+            t4 = time.perf_counter()
+            log.write(
+                "/search",
+                bundle.version,
+                emb,
+                "x",
+                float(probs.max()),
+                compute_image_stats(image, pixels),
+            )
+            t5 = time.perf_counter()
+            for name, a, b in zip(steps, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), strict=True):
+                steps[name].append((b - a) * 1000)
+    return {name: round(float(np.median(v)), 3) for name, v in steps.items()}
+
+
+def run_size(size: int, args, bin_dir: Path) -> dict:
+    from benchmarks.champion import champion_env
+
+    champion = champion_env(args.root.resolve(), size)
+    photos = load_photos(
+        args.warmup + args.requests * len(args.concurrency), champion["VITRINE_PARAMS"]
     )
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--log-dir", default="/tmp")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    configure_environment(state_paths())
-    photos = load_photos(args.warmup + args.requests * len(args.concurrency))
     env = {
         **os.environ,
+        **champion,
         "VITRINE_POLL_SECONDS": "0",
         "BENTOML_HOME": str(Path(args.log_dir) / "bentoml"),
     }
-    bin_dir = Path(sys.executable).parent
     port = free_port()
     service_cmd = [
         str(bin_dir / "bentoml"),
@@ -193,37 +239,81 @@ def main() -> None:
         "--port",
         str(port),
     ]
-    print(f"vitrine service (bentoml, micro-batching, cache, FAISS) on :{port}")
-    service = run_side("vitrine", service_cmd, port, photos, args, env)
+    print(f"[{size} products] vitrine service (bentoml, micro-batching, cache, FAISS) on :{port}")
+    service = run_side(f"vitrine-{size}", service_cmd, port, photos, args, env)
     port = free_port()
     naive_cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_server.py"), "--port", str(port)]
-    print(f"naive baseline (uvicorn, one call per request, numpy exact search) on :{port}")
-    baseline = run_side("baseline", naive_cmd, port, photos, args, env)
-
+    print(
+        f"[{size} products] naive baseline (uvicorn, one call per request, numpy search) on :{port}"
+    )
+    baseline = run_side(f"baseline-{size}", naive_cmd, port, photos, args, env)
+    steps = breakdown(env, photos[: args.profile], args.k)
     top = str(max(args.concurrency))
     result = {
+        "products": size,
         "concurrency": service,
         "baseline": baseline,
         f"rps_ratio_{top}": round(service[top]["rps"] / baseline[top]["rps"], 2),
         "p50_ratio_1": round(baseline["1"]["p50_ms"] / service["1"]["p50_ms"], 2)
         if "1" in service
         else None,
-        "requests_per_level": args.requests,
-        "cpu_count": os.cpu_count(),
+        "time_of_one_request_ms": steps,
     }
-    print(f"\n{'':<10}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
+    if "1" in service:
+        framework = service["1"]["p50_ms"] - sum(steps.values())
+        steps["framework"] = round(framework, 3)
+    return result
+
+
+def report(result: dict) -> None:
+    size, service, baseline = result["products"], result["concurrency"], result["baseline"]
+    print(
+        f"\n{size} products{'':<3}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}"
+    )
     for name, side in (("vitrine", service), ("baseline", baseline)):
         for c, row in side.items():
             print(
-                f"{name:<10}{c:>5}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
+                f"{name:<17}{c:>5}{row['p50_ms']:>9}{row['p95_ms']:>9}{row['p99_ms']:>9}"
                 f"{row['rps']:>9}{row['errors']:>8}"
             )
+    top = str(max(int(c) for c in service))
     print(
-        f"throughput at concurrency {top}: {result[f'rps_ratio_{top}']}× the baseline; "
-        f"p50 at concurrency 1: {result['p50_ratio_1']}× faster"
+        f"throughput at concurrency {top}: {result[f'rps_ratio_{top}']}x the baseline; "
+        f"p50 at concurrency 1: {result['p50_ratio_1']}x the baseline's speed"
     )
+    steps = result["time_of_one_request_ms"]
+    print("one request (ms, medians): " + ", ".join(f"{k} {v}" for k, v in steps.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[6000, 70000]
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/tmp/vitrine-bench"),
+        help="where the champions are built once and reused",
+    )
+    parser.add_argument("--requests", type=int, default=1000, help="per concurrency level")
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
+    )
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--profile", type=int, default=300, help="photos of the time breakdown")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--log-dir", default="/tmp")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    configure_environment(state_paths())
+    bin_dir = Path(sys.executable).parent
+    results = [run_size(size, args, bin_dir) for size in args.sizes]
+    for result in results:
+        report(result)
+    out = {"sizes": results, "requests_per_level": args.requests, "cpu_count": os.cpu_count()}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

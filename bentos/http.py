@@ -4,9 +4,12 @@ A/B events. No model code here; bentos/service.py holds the service class."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -19,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from components.serving.metrics import endpoint_label
 from components.serving.runtime import in_call_thread
-from components.serving.uploads import IMAGE_TYPES, SNIFFED_TYPES, BadImage
+from components.serving.uploads import IMAGE_TYPES, SNIFFED_TYPES, BadImage, parse_k
 
 log = logging.getLogger("vitrine.service")
 app = FastAPI(title="vitrine", summary="Visual search over the catalogue, from the champion model")
@@ -55,18 +58,44 @@ async def read_upload(request: Request) -> tuple[bytes, str | None, dict[str, st
     )
 
 
-async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run fn in a worker thread; bad input becomes an ApiError with a 4xx status."""
+@contextlib.contextmanager
+def as_api_errors() -> Iterator[None]:
+    """Bad input raised inside the block becomes an ApiError with a 4xx status."""
     from components.retrieval.index import UnknownProduct
 
     try:
-        return await run_in_threadpool(in_call_thread, fn, *args, **kwargs)
+        yield
     except BadImage as error:
         raise ApiError(error.status, str(error)) from error
     except UnknownProduct as error:
         raise ApiError(404, str(error.args[0] if error.args else error)) from error
     except ValueError as error:  # bad k, unknown filter, empty history
         raise ApiError(400, str(error)) from error
+
+
+async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in a worker thread; bad input becomes an ApiError with a 4xx status."""
+    with as_api_errors():
+        return await run_in_threadpool(in_call_thread, fn, *args, **kwargs)
+
+
+def parse_k_or_400(value: Any) -> int:
+    try:
+        return parse_k(value)
+    except ValueError as error:
+        raise ApiError(400, str(error)) from error
+
+
+def catalogue_file(catalogue_dir: Path, record: dict, product_id: str) -> Path:
+    """The product's image file, which must lie inside the catalogue folder; else a 404."""
+    path = (catalogue_dir / str(record.get("path", ""))).resolve()
+    if (
+        not record.get("path")
+        or not path.is_file()
+        or not path.is_relative_to(catalogue_dir.resolve())
+    ):
+        raise ApiError(404, f"no image file for product {product_id}")
+    return path
 
 
 def require_admin(request: Request, token: str) -> None:
@@ -87,7 +116,7 @@ def _service() -> Any:
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    bundle = getattr(_service(), "bundle", None)
+    bundle = getattr(getattr(_service(), "loader", None), "bundle", None)
     return JSONResponse(
         {"error": message, "model_version": bundle.version if bundle else None}, status_code=status
     )
@@ -185,7 +214,7 @@ class ProbesAndLimits:
         if path == "/metrics":
             return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
         if path == "/healthz":
-            bundle = service.bundle
+            bundle = service.loader.bundle
             return JSONResponse(
                 {"status": "ok", "model_version": bundle.version if bundle else None}
             )

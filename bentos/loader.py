@@ -25,7 +25,7 @@ class Bundle:
     """One registered version: its model and the index it built. Never mutated after load."""
 
     version: str
-    model: Any  # components.models.VitrineNet, eval mode
+    model: Any  # components.model.models.VitrineNet, eval mode
     index: Any  # components.search.CatalogueIndex
     loaded_at: str
     load_seconds: float
@@ -33,6 +33,15 @@ class Bundle:
     torch_model: Any = None  # the version's fp32 weights (gradients for /explain)
     variant: str = "fp32"  # what `model` is: fp32, or a compressed variant of the same version
     variant_note: str | None = None  # why a requested variant is not the one served
+
+    def text_space(self) -> np.ndarray:
+        """The products in the text space; a 409 when the version has none."""
+        if self.text is None:
+            from bentos.http import ApiError
+
+            why = "was registered without text search (text_search.enabled was false)"
+            raise ApiError(409, f"model version {self.version} {why}")
+        return self.text
 
 
 class ModelLoader:
@@ -77,10 +86,11 @@ class ModelLoader:
         return self._registry
 
     def load_bundle(self, registry: Any, version: str) -> Bundle:
+        from components.model.models import serving_layout
         from components.retrieval.index import CatalogueIndex
 
         start = time.perf_counter()
-        model = registry.load_model(version).eval()
+        model = serving_layout(registry.load_model(version).eval())
         text = None
         with tempfile.TemporaryDirectory(prefix=f"vitrine-index-v{version}-") as tmp:
             index_dir = registry.download_artifacts(version, "index", Path(tmp))

@@ -116,3 +116,11 @@ class Predictor:
             vector = textsearch.encode_texts([query])[0]
             self.text_cache.put(key, vector)
         return vector
+
+    def explain(self, bundle: Any, data: bytes, content_type: str | None) -> Any:
+        """Grad-CAM of the photo's predicted category (components/model/explain.py), on the
+        version's fp32 weights (a compressed variant has no gradients)."""
+        from components.model.explain import explain_image
+
+        image = decode_upload(data, content_type, self.limits)
+        return explain_image(bundle.torch_model or bundle.model, image, self.categories)

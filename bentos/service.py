@@ -17,7 +17,16 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from bentos import schemas as s
-from bentos.http import ApiError, ProbesAndLimits, app, guarded, read_upload, require_admin
+from bentos.http import (
+    ApiError,
+    ProbesAndLimits,
+    app,
+    catalogue_file,
+    guarded,
+    parse_k_or_400,
+    read_upload,
+    require_admin,
+)
 from bentos.loader import Bundle, ModelLoader
 from bentos.predictor import Analysis, Predictor
 from bentos.settings import ServiceSettings
@@ -25,12 +34,20 @@ from components.serving.ab import ABRouter
 from components.serving.logs import RequestLog
 from components.serving.metrics import ServingMetrics
 from components.serving.runtime import set_call_threads
-from components.serving.uploads import UploadLimits, decode_upload, parse_k
+from components.serving.uploads import UploadLimits
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
-@bentoml.service(name="vitrine", workers=1, traffic={"timeout": 60})
+# BentoML's own request metrics and access log are off: /metrics is vitrine's (bentos/http.py),
+# and they cost ~0.3 ms of the event loop per request (benchmarks/serve.py)
+@bentoml.service(
+    name="vitrine",
+    workers=1,
+    traffic={"timeout": 60},
+    metrics={"enabled": False},
+    logging={"access": {"enabled": False}},
+)
 @bentoml.asgi_app(app, path="/")
 class Vitrine:
     def __init__(self) -> None:
@@ -55,19 +72,15 @@ class Vitrine:
         self.loader = ModelLoader(self.paths, self.params, m, cfg.variant, cfg.ab_mode)
         self.loader.start(cfg.poll_seconds)
 
-    @property
-    def bundle(self) -> Bundle | None:
-        return self.loader.bundle
-
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.loader.stop()
         self.predictor.close()
 
     def current(self) -> Bundle:
-        if self.bundle is None:
+        if (bundle := self.loader.bundle) is None:
             raise ApiError(503, f"no model loaded: {self.loader.last_error}")
-        return self.bundle
+        return bundle
 
     def pick(self, request: Request) -> tuple[Bundle, Bundle | None]:
         client = request.headers.get("x-client-id")
@@ -75,60 +88,66 @@ class Vitrine:
         request.state.ab = note  # the middleware records the A/B event with the status
         return bundle, shadow
 
-    async def infer(self, request: Request, endpoint: str, upload: tuple | None = None):
-        """The upload (read here unless given) → the answering bundle's analysis, logged."""
+    async def infer(self, request: Request, endpoint: str, upload: tuple | None = None, then=None):
+        """The upload (read here unless given) → (bundle, its analysis, then(bundle, analysis)).
+
+        One worker-thread hop per request: the model, `then` (the /search and /tags neighbour
+        search) and the request-log write run together in the same thread call."""
         data, ctype, _ = upload or await read_upload(request)
         bundle, shadow = self.pick(request)
+        extra: list = [None]
+
+        def analyse(b: Bundle) -> Analysis:
+            r = self.predictor.analyse(b, data, ctype)
+            if b is bundle:  # the answer, not the shadow
+                extra[0] = then(b, r) if then else None
+                self.request_log.write(endpoint, b.version, **r.logged())
+            return r
 
         async def run(b: Bundle) -> Analysis:
-            return await guarded(self.predictor.analyse, b, data, ctype)
+            return await guarded(analyse, b)
 
-        result = await self.ab.answer(bundle, shadow, request.state.ab, run)
-        self.request_log.write(endpoint, bundle.version, **result.logged())
-        return bundle, result
+        return bundle, await self.ab.answer(bundle, shadow, request.state.ab, run), extra[0]
 
     @app.post("/classify")
     async def classify(self, request: Request) -> s.ClassifyResponse:
-        bundle, r = await self.infer(request, "/classify")
+        bundle, r, _ = await self.infer(request, "/classify")
         return s.ClassifyResponse.of(bundle.version, r, self.categories)
 
     @app.post("/tags")
     async def tags(self, request: Request) -> s.TagsResponse:
         from components.retrieval.tags import tag_answer
 
-        bundle, r = await self.infer(request, "/tags")
-        near = [hit.category for hit in await guarded(bundle.index.search, r.embedding, 10)]
+        neighbours = lambda b, r: b.index.search(r.embedding, 10)  # noqa: E731
+        bundle, r, hits = await self.infer(request, "/tags", then=neighbours)
+        near = [hit.category for hit in hits]
         tags = tag_answer(r.category, r.confidence, r.probs, self.categories, r.pixels, near)
         return s.TagsResponse(model_version=bundle.version, tags=tags)
 
     @app.post("/search")
     async def search(self, request: Request) -> s.SearchResponse:
         upload = data, ctype, fields = await read_upload(request)
-        k = await guarded(parse_k, fields.get("k", 10))  # a bad k is a 400 before the model runs
-        filters = s.Filters(
-            category=fields.get("category") or None, group=fields.get("group") or None
-        )
-        bundle, r = await self.infer(request, "/search", upload)
-        hits = await guarded(bundle.index.search, r.embedding, k, **filters.model_dump())
+        k = parse_k_or_400(fields.get("k", 10))  # a bad k is a 400 before the model runs
+        category, group = fields.get("category") or None, fields.get("group") or None
+        filters = s.Filters(category=category, group=group)
+        similar = lambda b, r: b.index.search(r.embedding, k, category=category, group=group)  # noqa: E731
+        bundle, r, hits = await self.infer(request, "/search", upload, then=similar)
         return s.SearchResponse.of(bundle.version, k, filters, r, hits)
 
     @app.post("/embed")
     async def embed(self, request: Request) -> s.EmbedResponse:
-        bundle, r = await self.infer(request, "/embed")
+        bundle, r, _ = await self.infer(request, "/embed")
         vector = [round(float(v), 7) for v in r.embedding]
         return s.EmbedResponse(model_version=bundle.version, dim=len(vector), embedding=vector)
 
     @app.post("/search_text")
     async def search_text(self, request: Request, body: s.TextQuery) -> s.TextSearchResponse:
         bundle, _ = self.pick(request)
-        if bundle.text is None:
-            why = "was registered without text search (text_search.enabled was false)"
-            raise ApiError(409, f"model version {bundle.version} {why}")
+        space = bundle.text_space()  # 409 for a version registered without text search
         if not (query := body.query.strip()):
             raise ApiError(400, "query is blank: type a few words, e.g. 'white sneakers'")
         vector = await run_in_threadpool(self.predictor.encode_text, query)
         filters = s.Filters(category=body.category, group=body.group)
-        space = bundle.text
         hits = await guarded(
             bundle.index.search_space, space, vector, body.k, **filters.model_dump()
         )
@@ -138,15 +157,11 @@ class Vitrine:
     async def explain(self, request: Request) -> s.ExplainResponse | Response:
         """Grad-CAM of the predicted category (components/model/explain.py): the heatmap as a
         PNG (base64 in JSON, or the PNG itself with ?format=png) and the driving region."""
-        from components.model.explain import explain_image
-
         data, ctype, fields = await read_upload(request)
         if (answer := (fields.get("format") or "json").strip().lower()) not in ("json", "png"):
             raise ApiError(400, f"format must be json or png, got {answer!r}")
         bundle = self.current()
-        image = await guarded(decode_upload, data, ctype, self.limits)
-        model = bundle.torch_model or bundle.model  # fp32 weights: Grad-CAM needs gradients
-        ex = await guarded(explain_image, model, image, self.categories)
+        ex = await guarded(self.predictor.explain, bundle, data, ctype)
         return s.explain_answer(bundle.version, ex, answer)
 
     @app.get("/", response_class=HTMLResponse)
@@ -170,10 +185,7 @@ class Vitrine:
     async def product_image(self, product_id: str) -> FileResponse:
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)
-        path = (self.catalogue_dir / str(record.get("path", ""))).resolve()
-        inside = path.is_relative_to(self.catalogue_dir.resolve())
-        if not record.get("path") or not path.is_file() or not inside:
-            raise ApiError(404, f"no image file for product {product_id}")
+        path = catalogue_file(self.catalogue_dir, record, product_id)  # 404 outside the folder
         return FileResponse(path, headers={"X-Model-Version": bundle.version})
 
     @app.post("/admin/reload")

