@@ -1,5 +1,5 @@
 """Does the training stage's imbalance handling pay? Subsample three Fashion-MNIST classes to
---keep (5%) of their training rows, then train twice with components.training.train_model and
+--keep (5%) of their training rows, then train twice with components.model.training.train_model and
 params.yaml's `train` section: once with `class_weights: none` (the baseline) and once with the
 stage's own handling (`class_weights: auto`). Both are tested on the frozen, balanced test split
 (t10k, 1,000 per class): macro-F1, accuracy and per-class precision / recall / F1.

@@ -3,9 +3,9 @@
 cleaning stage; all three are tested on the frozen test split (Fashion-MNIST's t10k, the
 catalogue's `split == "test"`).
 
-(c) runs the retrain flow's own code: components.labels.clean_labels (out-of-fold
+(c) runs the retrain flow's own code: components.data.labels.clean_labels (out-of-fold
 probabilities → cleanlab → policy) with params.yaml's `labels` section, then
-components.training.train_model with params.yaml's `train` section (--epochs overrides its
+components.model.training.train_model with params.yaml's `train` section (--epochs overrides its
 epoch count). The cleaning stage is also scored at finding the injected flips (precision,
 recall, F1 of its flagged rows).
 

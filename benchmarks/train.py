@@ -3,7 +3,7 @@ in the same run, on the standard Fashion-MNIST split (60,000 train / 10,000 test
 split of the benchmark table's anchors: 2-conv CNN 0.925, ResNet18 + augmentation 0.949,
 MobileNet 0.950, WRN-28-10 0.963, all with GPU budgets).
 
-vitrine: components.training.train_model with params.yaml's `train` section, the loop's own
+vitrine: components.model.training.train_model with params.yaml's `train` section, the loop's own
 code path; --budget-minutes sets the number of epochs from timed probes of real training
 steps at each input size the run uses (progressive resizing trains the early epochs on
 smaller images), so the one-cycle schedule ends inside the budget (early stopping is off: the

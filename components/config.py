@@ -107,7 +107,7 @@ class TrainParams(_Strict):
     class_weights: Literal["auto", "none"] = "auto"
     imbalance_ratio: float = Field(1.5, ge=1)
     augment: bool = True
-    # side in pixels of a square cutout augmentation; 0 = off (8 measured 0.9388 vs 0.9399, README)
+    # side in pixels of a square cutout augmentation; 0 = off (8 measured 0.9388 vs 0.9399, docs/defaults.md)
     cutout: int = Field(0, ge=0)
     # progressive resizing: sides (px) of the earlier epochs, e.g. [20, 24]. The epochs split
     # evenly into one phase per side plus a last (longest) phase at image_size; [] = off

@@ -8,9 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from components.config import (
     HEADLINE_METRICS,
@@ -32,15 +36,50 @@ app.add_typer(ab_app, name="ab")
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")]
 
+# Piped or captured (a log, `| grep`, CliRunner, subprocess) there is no terminal width: rich would
+# fall back to 80 columns and wrap a table row or a long message into pieces. There it lays out this
+# wide instead (tables keep their natural width, text is not padded): each line stays one line.
+PIPE_WIDTH = 10_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr): colour and the terminal's width in a terminal;
+    otherwise no ANSI codes (rich's default) and PIPE_WIDTH. Emoji codes are left alone."""
+    out = Console(stderr=stderr, emoji=False, highlight=False)
+    if not out.is_terminal:
+        out.width = PIPE_WIDTH
+    return out
+
+
+console = make_console()
+err = make_console(stderr=True)
+
 
 @app.callback()
 def _setup() -> None:
+    # Rich decides colour when a console is made: make them for this invocation's streams
+    # (CliRunner swaps sys.stdout and sys.stderr after this module is imported).
+    global console, err
+    console, err = make_console(), make_console(stderr=True)
     configure_environment(state_paths())
 
 
-def fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+def say(text: str, style: str | None = None) -> None:
+    """One line on stdout, exactly as written (no rich markup), in `style` in a terminal."""
+    console.print(Text(text, style=style or ""))
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(Text(f"error: {message}", style="red"))
     raise typer.Exit(code)
+
+
+def make_table(*columns: str, right: tuple[str, ...] = ()) -> Table:
+    """A borderless table with a ruled header; the `right` columns are right-aligned."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for name in columns:
+        table.add_column(name, justify="right" if name in right else "left")
+    return table
 
 
 def emit(data: dict | None, json_path: Path | None, as_json: bool = False) -> None:
@@ -74,7 +113,7 @@ def ingest(
         result = ingest_stage.run(_context(), source)
     except CatalogueError as exc:
         fail(str(exc), 2)
-    typer.echo(f"ingested {result['ingested']} products; data version {result['data_version']}")
+    say(f"ingested {result['ingested']} products; data version {result['data_version']}")
     emit(result, json_path)
 
 
@@ -85,8 +124,10 @@ def run(
     cause: Annotated[str, typer.Option(help="Why this run happens (tagged).")] = "manual",
     json_path: JsonOpt = None,
 ) -> None:
-    """The whole retrain flow (Prefect): validate → clean labels → train → evaluate →
-    register → gate → (first champion only) promote."""
+    """The whole retrain flow (Prefect): validate through gate; promotes only a first champion.
+
+    validate → clean labels → train → evaluate → register → gate → (first champion only) promote.
+    """
     from components.stages.summary import format_summary
     from flows.retrain import retrain
 
@@ -96,8 +137,11 @@ def run(
     except Exception as exc:  # the flow already logged the traceback; say it plainly
         fail(f"retrain failed: {type(exc).__name__}: {exc}")
     summary["wall_seconds"] = round(time.time() - started, 1)
-    typer.echo(format_summary(summary))
+    say(format_summary(summary))
     emit(summary, json_path)
+
+
+GATE_LABELS = {True: ("passed", "green"), False: ("failed", "red"), None: ("not gated", "dim")}
 
 
 def _registry():
@@ -118,27 +162,39 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     if as_json:
         emit(data, None, as_json=True)
         return
+    from components.release.gate import read_gate_passed
+
+    table = make_table(
+        "role", "version", *HEADLINE_METRICS, "gate", "approval", right=HEADLINE_METRICS
+    )
     for role in ("champion", "challenger"):
         info = data.get(role)
         if not info:
-            typer.echo(f"{role:<11} none")
+            table.add_row(role, "none", *["-"] * len(HEADLINE_METRICS), "-", "-")
             continue
-        metrics = ", ".join(
-            f"{k} {v:.4f}"
-            for k, v in sorted(info.get("metrics", {}).items())
-            if k in HEADLINE_METRICS
-        )
-        typer.echo(f"{role:<11} version {info['version']}: {metrics}")
+        metrics = info.get("metrics", {})
         if role == "challenger":
-            gate = info.get("gate") or {}
-            typer.echo(
-                f"{'':<11} gate {'passed' if gate.get('passed') else 'failed'}; "
-                f"approval {info.get('approval')}"
-            )
-            for reason in gate.get("reasons", []):
-                typer.echo(f"{'':<13}- {reason}")
-    typer.echo(f"previous    {data.get('previous_champion') or 'none'}")
-    typer.echo(f"data        {data.get('data_version') or 'unknown'}")
+            passed = (info.get("gate") or {}).get("passed")
+            approval = info.get("approval") or "-"
+        else:  # the champion's own recorded verdict; approved_by is absent for a bootstrap one
+            passed = read_gate_passed(info.get("tags", {}))
+            approval = f"approved by {info['approved_by']}" if info.get("approved_by") else "-"
+        table.add_row(
+            role,
+            info["version"],
+            *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in HEADLINE_METRICS),
+            Text(*GATE_LABELS[passed]),
+            Text(approval, style="yellow" if approval == "pending" else ""),
+        )
+    console.print(table)
+    challenger = data.get("challenger") or {}
+    reasons = (challenger.get("gate") or {}).get("reasons", [])
+    if reasons:
+        say(f"gate reasons for challenger version {challenger['version']}:")
+        for reason in reasons:
+            say(f"  - {reason}")
+    say(f"previous champion: {data.get('previous_champion') or 'none'}")
+    say(f"data version: {data.get('data_version') or 'unknown'}")
 
 
 @app.command()
@@ -153,7 +209,7 @@ def approve(
         _registry().approve(version, by)
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
-    typer.echo(f"version {version} approved by {by}; `vitrine promote` makes it champion")
+    say(f"version {version} approved by {by}; `vitrine promote` makes it champion")
 
 
 @app.command()
@@ -170,9 +226,9 @@ def promote(
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
     if record is None:
-        typer.echo("nothing to promote: no approved version that passed the gate")
+        say("nothing to promote: no approved version that passed the gate")
         return
-    typer.echo(
+    say(
         f"champion: {record['from'] or 'none'} → {record['to']} "
         f"(approved by {record.get('approved_by')})"
     )
@@ -189,7 +245,7 @@ def rollback(
         record = _registry().rollback(to)
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
-    typer.echo(f"champion: {record['from']} → {record['to']} (rollback)")
+    say(f"champion: {record['from']} → {record['to']} (rollback)")
 
 
 @app.command()
@@ -201,7 +257,7 @@ def serve(
     serving = load_params().serving
     host, port = host or serving.host, port or serving.port
     bentoml = Path(sys.executable).parent / "bentoml"
-    typer.echo(
+    say(
         f"serving the champion on http://{host}:{port}/ (page), "
         f"http://{host}:{port}/readyz (model version); Ctrl-C stops"
     )
@@ -218,8 +274,11 @@ def ab_report(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     version: Annotated[str | None, typer.Option(help="Challenger version to judge.")] = None,
 ) -> None:
-    """Per arm: requests, error rate, latency, confidence, agreement on shadowed requests;
-    and whether the A/B period satisfies the promotion policy."""
+    """Per arm: requests, error rate, latency, confidence, agreement; and the A/B verdict.
+
+    Agreement is measured on shadowed requests; the verdict says whether the A/B period
+    satisfies the promotion policy.
+    """
     from components.serving.ab import ab_verdict, read_ab_log, summarise_arms
 
     params, paths = load_params(), state_paths()
@@ -234,20 +293,31 @@ def ab_report(
     summary["verdict"] = {"challenger": version, "passed": passed, "reasons": reasons}
     if as_json:
         return emit(summary, None, as_json=True)
-    typer.echo(
-        f"{'arm':<24}{'requests':>9}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}"
-        f"{'confidence':>12}{'agreement':>11}"
-    )
-    for name, arm in summary["arms"].items():
-        conf, agree = arm["mean_confidence"], arm["agreement"]
-        typer.echo(
-            f"{name:<24}{arm['requests']:>9}{arm['error_rate']:>8.3f}{arm['p50_ms']:>9.1f}"
-            f"{arm['p95_ms']:>9.1f}{'-' if conf is None else f'{conf:.3f}':>12}"
-            f"{'-' if agree is None else f'{agree:.3f}':>11}"
+    if summary["arms"]:
+        numbers = ("requests", "error rate", "p50 ms", "p95 ms", "confidence", "agreement")
+        table = make_table("arm", *numbers, right=numbers)
+        for name, arm in summary["arms"].items():
+            conf, agree = arm["mean_confidence"], arm["agreement"]
+            table.add_row(
+                name,
+                str(arm["requests"]),
+                f"{arm['error_rate']:.3f}",
+                f"{arm['p50_ms']:.1f}",
+                f"{arm['p95_ms']:.1f}",
+                "-" if conf is None else f"{conf:.3f}",
+                "-" if agree is None else f"{agree:.3f}",
+            )
+        console.print(table)
+    else:
+        say(f"no A/B requests logged under {paths.home / 'requests'}")
+    console.print(
+        Text.assemble(
+            f"A/B gate for v{version}: " if version else "A/B gate: ",
+            ("PASSED", "bold green") if passed else ("NOT YET", "yellow"),
         )
-    typer.echo(f"A/B gate for v{version}: {'PASSED' if passed else 'NOT YET'}")
+    )
     for reason in reasons:
-        typer.echo(f"  - {reason}")
+        say(f"  - {reason}")
 
 
 @app.command()
@@ -290,10 +360,8 @@ def ui(
             env=env,
         ),
     ]
-    typer.echo(
-        f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)"
-    )
-    typer.echo(f"Prefect UI  http://127.0.0.1:{prefect_port}")
+    say(f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)")
+    say(f"Prefect UI  http://127.0.0.1:{prefect_port}")
     if not wait:
         return
     try:
@@ -315,9 +383,11 @@ def drift(
     ] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Drift of the champion's logged requests vs its reference (Evidently): prints the verdict
-    first, writes a report under the state folder's reports/; exit 0 no drift, 1 drift, 2 no
-    verdict (too few samples) or error."""
+    """Drift of the champion's logged requests vs its reference (Evidently).
+
+    Prints the verdict first, writes a report under the state folder's reports/; exit 0 no
+    drift, 1 drift, 2 no verdict (too few samples) or error.
+    """
     from datetime import UTC, datetime
 
     from monitoring.drift import run_drift
@@ -331,10 +401,10 @@ def drift(
         result = run_drift(state_paths(), load_params(), since=start)
     except Exception as exc:  # exit 1 means drift: any failure must be 2 (no verdict)
         fail(f"drift check failed: {type(exc).__name__}: {exc}", 2)
-    typer.echo(result.headline)
+    say(result.headline, {0: "green", 1: "bold red"}.get(result.exit_code, "yellow"))
     if result.report_html:
-        typer.echo(f"report: {result.report_html}")
-        typer.echo(f"all reports: {result.report_html.parent.parent / 'index.html'}")
+        say(f"report: {result.report_html}")
+        say(f"all reports: {result.report_html.parent.parent / 'index.html'}")
     emit(
         {
             "drifted": result.drifted,
@@ -366,8 +436,11 @@ def simulate(
     ] = "/classify",
     json_path: JsonOpt = None,
 ) -> None:
-    """Send N real requests built from held-out test images, transformed by --shift, to the
-    running service (which logs a sample of them for `vitrine drift`)."""
+    """Send N real requests built from held-out test images to the running service.
+
+    The images are transformed by --shift; the service logs a sample of the requests for
+    `vitrine drift`.
+    """
     from monitoring.shifts import SHIFTS, build_requests
     from monitoring.simulate import ServiceUnavailable, send_requests
 
@@ -380,7 +453,7 @@ def simulate(
         result = send_requests(url, payloads, endpoint=endpoint, concurrency=concurrency)
     except (ServiceUnavailable, ValueError, OSError) as exc:
         fail(str(exc), 2)
-    typer.echo(
+    say(
         f"sent {result['sent']} {shift!r} requests to {url}{endpoint} in "
         f"{result['seconds']} s: {result['ok']} ok, {result['errors']} errors "
         f"(model versions {result['model_versions']})"
@@ -390,6 +463,9 @@ def simulate(
         raise typer.Exit(1)
 
 
+STATE_STYLES = {"active": "green", "paused": "yellow", "missing": "red"}
+
+
 @app.command()
 def deploy(
     list_only: Annotated[
@@ -397,9 +473,11 @@ def deploy(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Create or update the Prefect deployments on the local server (`vitrine ui` starts it):
-    retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes;
-    crons from params.yaml `schedules`. `vitrine worker` executes their runs."""
+    """Create or update the Prefect deployments on the local server (`vitrine ui` starts it).
+
+    Retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes;
+    crons from params.yaml `schedules`. `vitrine worker` executes their runs.
+    """
     from flows.deployments import apply_deployments
     from flows.deployments import list_deployments as read_deployments
     from flows.server import PrefectUnavailable, api_url, prefect_api
@@ -410,7 +488,7 @@ def deploy(
             if not list_only:
                 names = apply_deployments(params)
                 if not as_json:
-                    typer.echo(f"deployed {', '.join(names)} on {api_url(params)}")
+                    say(f"deployed {', '.join(names)} on {api_url(params)}")
             rows = read_deployments()
     except PrefectUnavailable as exc:
         fail(str(exc))
@@ -418,25 +496,38 @@ def deploy(
         fail(f"params.yaml schedules: {exc}", 2)
     if as_json:
         return emit({"api_url": api_url(params), "deployments": rows}, None, as_json=True)
-    typer.echo(f"{'deployment':<18}{'cron':<15}{'timezone':<10}{'state':<9}next runs")
+    table = make_table("deployment", "cron", "timezone", "state", "next runs")
     for row in rows:
         if not row["exists"]:
-            typer.echo(f"{row['name']:<18}missing: run `vitrine deploy`")
+            table.add_row(
+                row["name"],
+                "-",
+                "-",
+                Text("missing", STATE_STYLES["missing"]),
+                "run `vitrine deploy`",
+            )
             continue
         for sched in row["schedules"] or [{"cron": "-", "timezone": "-", "active": False}]:
             state = "paused" if row["paused"] or not sched["active"] else "active"
             when = ", ".join(t[:16].replace("T", " ") for t in row["next_runs"]) or "-"
-            typer.echo(
-                f"{row['name']:<18}{sched['cron']:<15}{sched['timezone']:<10}{state:<9}{when}"
+            table.add_row(
+                row["name"],
+                sched["cron"] or "-",
+                sched["timezone"] or "-",
+                Text(state, STATE_STYLES[state]),
+                when,
             )
+    console.print(table)
     pool = params.schedules.work_pool
-    typer.echo(f"runs execute when a worker polls work pool {pool!r}: `vitrine worker`")
+    say(f"runs execute when a worker polls work pool {pool!r}: `vitrine worker`")
 
 
 @app.command()
 def worker() -> None:
-    """Execute the deployments' runs: a Prefect process worker on the `schedules.work_pool`
-    pool (foreground, Ctrl-C stops); each run is a subprocess of this virtualenv."""
+    """Execute the deployments' runs: a Prefect process worker on `schedules.work_pool`.
+
+    Foreground, Ctrl-C stops; each run is a subprocess of this virtualenv.
+    """
     from flows.server import PrefectUnavailable, api_url, check_server
 
     params = load_params()

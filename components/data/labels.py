@@ -7,7 +7,7 @@ Every row's probabilities come from a model that never saw its label (Stratified
   never sees a label, so sharing it across folds leaks nothing) → standardised → a
   one-hidden-layer MLP trained in torch. Measured on the 60k train split (5 folds): OOF
   accuracy 0.890 in ~30 s.
-- "cnn" (minutes): the training stage's own compact CNN (components.training.train_model,
+- "cnn" (minutes): the training stage's own compact CNN (components.model.training.train_model,
   stages of width w, 2w, 4w with w = `params.cnn_width`, `params.cnn_epochs` epochs, bf16 /
   channels-last where the CPU has them) trained on each fold's training part. It costs
   (folds-1)·epochs passes over the rows: 4 folds × 8 epochs took 4 minutes on 20k rows and

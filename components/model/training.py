@@ -1,7 +1,7 @@
 """Train a VitrineNet on uint8 images: seeded, checkpointed every epoch, resumable.
 
 Images come in as uint8 N×H×W×C (the catalogue's stored size; C=1 for Fashion-MNIST). The
-model resizes / repeats channels itself (components.models), so a 28 px grayscale
+model resizes / repeats channels itself (components.model.models), so a 28 px grayscale
 catalogue trains either backbone. Determinism: the same seed, data and params give the
 same weights, also across a crash and resume (the checkpoint carries the model,
 optimizer, scheduler, the shuffling/augmentation generator and torch's global RNG).
