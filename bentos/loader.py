@@ -26,7 +26,7 @@ class Bundle:
 
     version: str
     model: Any  # components.model.models.VitrineNet, eval mode
-    index: Any  # components.search.CatalogueIndex
+    index: Any  # components.retrieval.index.CatalogueIndex
     loaded_at: str
     load_seconds: float
     text: np.ndarray | None = None  # products' positions in the MiniLM text space (index rows)
