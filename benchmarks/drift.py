@@ -2,7 +2,7 @@
 
 For each shift (monitoring/shifts.py) and for unshifted traffic, `--windows` windows of
 `--window-size` requests are built from held-out test images and pushed through the same code
-path as the service's request log (decode_upload → transforms.image_to_uint8 → the champion →
+path as the service's request log (decode_upload → transforms.model_input → the champion →
 softmax → compute_image_stats → RequestLog.write), read back with monitoring.window.read_window
 and judged by monitoring.detect.compute_signals + decide, with params.yaml's thresholds: the
 detector `vitrine drift` runs, minus only EmbeddingsDrift's t-SNE picture.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.config import configure_environment, load_params, state_paths  # noqa: E402
 from components.model.training import predict_batches  # noqa: E402
-from components.model.transforms import image_to_uint8  # noqa: E402
+from components.model.transforms import model_input  # noqa: E402
 from components.serving.logs import RequestLog
 from components.serving.uploads import UploadLimits, compute_image_stats, decode_upload
 from monitoring import detect, drift, shifts  # noqa: E402
@@ -48,7 +48,7 @@ def log_window(images: list, model, version: str, categories: list[str], folder:
     """The service's request path for a batch of uploads, into a request log at `folder`."""
     log, limits = RequestLog(folder), UploadLimits()
     decoded = [decode_upload(shifts.encode_png(im), "image/png", limits) for im in images]
-    pixels = [image_to_uint8(im, model.image_size, model.in_channels) for im in decoded]
+    pixels = [model_input(im, model) for im in decoded]
     probs, emb = predict_batches(model, np.stack(pixels))
     for i, image in enumerate(decoded):
         best = int(probs[i].argmax())

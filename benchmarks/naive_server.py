@@ -22,7 +22,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from PIL import Image
 
 from components.config import configure_environment, load_params, state_paths
-from components.model.transforms import image_to_uint8, to_tensor
+from components.model.transforms import model_input, to_tensor
 from components.release.registry import open_registry
 
 
@@ -42,9 +42,7 @@ def build_app() -> FastAPI:
 
     @app.post("/search")
     def search(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10) -> dict:
-        pixels = image_to_uint8(
-            Image.open(io.BytesIO(image.file.read())), model.image_size, model.in_channels
-        )
+        pixels = model_input(Image.open(io.BytesIO(image.file.read())), model)
         with torch.inference_mode():
             _, emb = model(to_tensor(pixels[None].copy()))
         scores = embeddings @ emb[0].numpy()

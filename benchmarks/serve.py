@@ -175,7 +175,7 @@ def breakdown(env: dict[str, str], photos: list[bytes], k: int) -> dict[str, flo
 
     from bentos.loader import ModelLoader
     from bentos.predictor import Predictor
-    from components.model.transforms import image_to_uint8
+    from components.model.transforms import model_input
     from components.serving.logs import RequestLog
     from components.serving.metrics import ServingMetrics
     from components.serving.runtime import set_call_threads
@@ -196,7 +196,7 @@ def breakdown(env: dict[str, str], photos: list[bytes], k: int) -> dict[str, flo
             t0 = time.perf_counter()
             image = decode_upload(data, "image/png", limits)
             t1 = time.perf_counter()
-            pixels = image_to_uint8(image, model.image_size, model.in_channels)
+            pixels = model_input(image, model)
             t2 = time.perf_counter()
             probs, emb = Predictor.predict_batch([(bundle, pixels)])[0]
             t3 = time.perf_counter()

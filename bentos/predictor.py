@@ -24,6 +24,7 @@ class Analysis:
     category: str
     confidence: float
     stats: dict[str, float]  # size, brightness, contrast: the drift monitor's columns
+    image: Any = None  # the decoded upload (PIL), for what needs its own pixels (colour tags)
 
     def logged(self) -> dict:
         """The request log's fields (components/serving/logs.py RequestLog.write)."""
@@ -84,10 +85,10 @@ class Predictor:
 
     def analyse(self, bundle: Any, data: bytes, content_type: str | None) -> Analysis:
         """Decode, preprocess like training, then (probs, embedding) from cache or the batcher."""
-        from components.model.transforms import image_to_uint8
+        from components.model.transforms import model_input
 
         image = decode_upload(data, content_type, self.limits)
-        pixels = image_to_uint8(image, bundle.model.image_size, bundle.model.in_channels)
+        pixels = model_input(image, bundle.model)
         key = (bundle.version, sha256_hex(data))
         cached = self.cache.get(key)
         if self.metrics:
@@ -104,6 +105,7 @@ class Predictor:
             self.categories[best],
             float(probs[best]),
             compute_image_stats(image, pixels),
+            image,
         )
 
     def encode_text(self, query: str) -> np.ndarray:

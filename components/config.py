@@ -107,6 +107,11 @@ class TrainParams(_Strict):
     class_weights: Literal["auto", "none"] = "auto"
     imbalance_ratio: float = Field(1.5, ge=1)
     augment: bool = True
+    # shopper's photo: `canonical` finds the product against its background and brings it to the
+    # catalogue's look (components/model/transforms.py); `plain` pads and resizes only
+    preprocess: Literal["plain", "canonical"] = "plain"
+    # share of training images swapped for a shopper-style rendering (components/model/shopper.py)
+    shopper_share: float = Field(0.0, ge=0, le=1)
     # side in pixels of a square cutout augmentation; 0 = off (8 measured 0.9388 vs 0.9399, docs/defaults.md)
     cutout: int = Field(0, ge=0)
     # progressive resizing: sides (px) of the earlier epochs, e.g. [20, 24]. The epochs split
@@ -140,9 +145,49 @@ class TrainParams(_Strict):
         return sizes
 
 
+SHOPPER_SHIFTS = (  # components/model/shopper.py renders these (kept here: config is the base)
+    "white_background",
+    "light_background",
+    "textured_background",
+    "busy_background",
+    "colour_tint",
+    "colour_photo",
+    "phone",
+    "jpeg",
+    "blur_noise",
+    "occlusion",
+    "rotation",
+)
+ShopperShift = Literal[SHOPPER_SHIFTS]  # type: ignore[valid-type]
+
+
+class ShopperEvaluationParams(_Strict):
+    """The shopper-style evaluation set: test products rendered under each shift."""
+
+    images: int = Field(1000, ge=10)  # test products (seeded, stratified), each under every shift
+    seed: int = 0
+    shifts: list[ShopperShift] = Field(default_factory=lambda: list(SHOPPER_SHIFTS))
+
+
 class EvaluationParams(_Strict):
     retrieval_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
     latency_images: int = Field(256, ge=1)
+    shopper: ShopperEvaluationParams = Field(default_factory=ShopperEvaluationParams)
+
+
+class ShopperGatePolicy(_Strict):
+    """Per-shift floors (one number for every shift, or {shift: floor}) and the largest drop
+    versus the champion, absolute, on the same shopper-style set."""
+
+    min_accuracy: float | dict[ShopperShift, float] = 0.0
+    min_recall_at_1: float | dict[ShopperShift, float] = 0.0
+    max_regression: dict[Literal["accuracy", "macro_f1", "recall_at_1"], float] = Field(
+        default_factory=lambda: {"accuracy": 0.02, "recall_at_1": 0.02}
+    )
+
+    def floor(self, metric: str, shift: str) -> float:
+        bound = self.min_accuracy if metric == "accuracy" else self.min_recall_at_1
+        return bound.get(shift, 0.0) if isinstance(bound, dict) else bound
 
 
 class RegistryParams(_Strict):
@@ -161,6 +206,7 @@ class GatePolicy(_Strict):
     max_latency_ms: float = 25.0
     significance_alpha: float = Field(0.05, gt=0, lt=1)
     max_compression_loss: float = Field(0.005, ge=0)  # a variant's accuracy drop vs its fp32
+    shopper: ShopperGatePolicy = Field(default_factory=ShopperGatePolicy)
 
 
 class PromotionParams(_Strict):

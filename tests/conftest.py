@@ -37,7 +37,14 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
     )
     params["labels"].update(folds=3, pca_components=16)
     params["evaluation"]["latency_images"] = 16
+    params["evaluation"]["shopper"]["images"] = 60  # each under every shift
     params["gate"].update(min_accuracy=0.5, min_recall_at_1=0.5)
+    # a tiny model on 60 shopper photos: floors off, regressions only when large
+    params["gate"]["shopper"] = {
+        "min_accuracy": 0.0,
+        "min_recall_at_1": 0.0,
+        "max_regression": {"accuracy": 0.5, "recall_at_1": 0.5},
+    }
     for section, values in overrides.items():
         params[section].update(values)
     return params

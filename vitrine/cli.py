@@ -187,6 +187,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             Text(approval, style="yellow" if approval == "pending" else ""),
         )
     console.print(table)
+    shopper_table = _shopper_table(data)
+    if shopper_table is not None:
+        console.print(shopper_table)
     challenger = data.get("challenger") or {}
     reasons = (challenger.get("gate") or {}).get("reasons", [])
     if reasons:
@@ -195,6 +198,31 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             say(f"  - {reason}")
     say(f"previous champion: {data.get('previous_champion') or 'none'}")
     say(f"data version: {data.get('data_version') or 'unknown'}")
+
+
+def _shopper_table(data: dict):
+    """Accuracy / Recall@1 per shift of the shopper-style set, champion beside challenger;
+    None when neither version has shopper-style results."""
+    from components.config import SHOPPER_SHIFTS
+
+    roles = [r for r in ("champion", "challenger") if (data.get(r) or {}).get("metrics")]
+    metrics = {r: data[r]["metrics"] for r in roles}
+    shifts = [
+        s for s in SHOPPER_SHIFTS if any(f"shopper_{s}_accuracy" in m for m in metrics.values())
+    ]
+    if not shifts:
+        return None
+    columns = [f"{r} v{data[r]['version']} acc / R@1" for r in roles]
+    table = make_table("shopper-style shift", *columns, right=columns)
+
+    def cell(m: dict, prefix: str) -> str:
+        acc, recall = m.get(f"{prefix}accuracy"), m.get(f"{prefix}recall_at_1")
+        return "-" if acc is None or recall is None else f"{acc:.4f} / {recall:.4f}"
+
+    table.add_row("in-domain (test split)", *(cell(metrics[r], "") for r in roles))
+    for shift in shifts:
+        table.add_row(shift, *(cell(metrics[r], f"shopper_{shift}_") for r in roles))
+    return table
 
 
 @app.command()

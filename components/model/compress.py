@@ -134,6 +134,7 @@ def model_meta(model: VitrineNet) -> dict[str, Any]:
         "num_classes": int(model.num_classes),
         "embedding_dim": int(model.embedding_dim),
         "backbone_name": str(model.backbone_name),
+        "preprocess": str(getattr(model, "preprocess", "plain")),
     }
 
 
@@ -156,6 +157,7 @@ class OnnxModel(nn.Module):
         self.image_size, self.in_channels = meta["image_size"], meta["in_channels"]
         self.num_classes, self.embedding_dim = meta["num_classes"], meta["embedding_dim"]
         self.backbone_name = meta["backbone_name"]
+        self.preprocess = meta.get("preprocess", "plain")  # variants built before it: plain
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

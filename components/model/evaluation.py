@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,3 +233,110 @@ def write_evaluation_outputs(result: EvaluationResult, out_dir: Path) -> dict[st
     if result.confusion_png.resolve() != paths["confusion"].resolve():
         paths["confusion"].write_bytes(result.confusion_png.read_bytes())
     return paths
+
+
+# ---------------------------------------------------------------- the shopper-style set
+
+
+def pick_shopper_rows(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted rows of a seeded sample of `n` test products, stratified by category (each
+    category keeps its share, at least one)."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        k = max(1, round(n * len(rows) / len(labels)))
+        picked.append(rng.permutation(rows)[:k])
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass
+class ShopperResult:
+    metrics: dict[str, float]  # shopper_<shift>_<accuracy|macro_f1|recall_at_1>, ratios
+    table: pd.DataFrame  # shift, accuracy, macro_f1, recall_at_1, accuracy_ratio, recall_ratio
+    grid_png: Path
+
+
+def evaluate_shopper(
+    model: nn.Module,
+    sources: list,
+    labels: np.ndarray,
+    product_ids: list[str],
+    catalogue_embeddings: np.ndarray,
+    catalogue_labels: np.ndarray,
+    categories: list[str],
+    shifts: list[str],
+    seed: int,
+    in_domain: dict[str, float],
+    out_dir: Path,
+) -> ShopperResult:
+    """Each test image (`sources`, PIL images of the frozen test split) rendered under every
+    shift, then classified and searched against the catalogue like a shopper's upload:
+    accuracy, macro-F1 and Recall@1 per shift, and each shift's ratio to the in-domain
+    accuracy / Recall@1 of the whole test split (`in_domain`). Image i is seeded by its
+    product id, so two models (challenger, champion) see the same photos."""
+    from components.model import shopper
+    from components.model.transforms import model_input
+
+    labels = np.asarray(labels, dtype=np.int64)
+    keys = [zlib.crc32(str(pid).encode()) for pid in product_ids]
+    rows, metrics, samples = [], {}, {}
+    for shift in shifts:
+        photos = shopper.render_set(sources, shift, seed, keys)
+        pixels = np.stack([model_input(photo, model) for photo in photos])
+        probs, emb = _predict(model, pixels)
+        scores, _ = classification_metrics(labels, probs, categories)
+        recall = retrieval_metrics(emb, labels, catalogue_embeddings, catalogue_labels, (1,))
+        row = {
+            "shift": shift,
+            "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"],
+            "recall_at_1": recall["recall_at_1"],
+            "accuracy_ratio": scores["accuracy"] / max(in_domain["accuracy"], 1e-9),
+            "recall_ratio": recall["recall_at_1"] / max(in_domain["recall_at_1"], 1e-9),
+        }
+        rows.append(row)
+        for name in ("accuracy", "macro_f1", "recall_at_1"):
+            metrics[f"shopper_{shift}_{name}"] = float(row[name])
+        samples[shift] = (photos[:6], pixels[:6], probs[:6].argmax(axis=1))
+    table = pd.DataFrame(rows)
+    if len(table):
+        metrics["shopper_accuracy"] = float(table["accuracy"].mean())
+        metrics["shopper_recall_at_1"] = float(table["recall_at_1"].mean())
+        metrics["shopper_min_accuracy_ratio"] = float(table["accuracy_ratio"].min())
+        metrics["shopper_min_recall_ratio"] = float(table["recall_ratio"].min())
+    metrics["shopper_n"] = float(len(labels))
+    grid = plot_shopper_grid(samples, labels[:6], categories, Path(out_dir) / "shopper_grid.png")
+    return ShopperResult(metrics, table, grid)
+
+
+def plot_shopper_grid(
+    samples: dict[str, tuple[list, np.ndarray, np.ndarray]],
+    labels: np.ndarray,
+    categories: list[str],
+    path: Path,
+) -> Path:
+    """One row per shift: each sample photo beside what the model sees, titled with the
+    prediction (red when wrong)."""
+    n_rows, n_cols = max(1, len(samples)), 2 * max(1, len(labels))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols, 1.45 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, (shift, (photos, pixels, predicted)) in enumerate(samples.items()):
+        axes[r, 0].set_title(shift, fontsize=7, loc="left")
+        for c, (photo, seen, pred) in enumerate(zip(photos, pixels, predicted, strict=True)):
+            axes[r, 2 * c].imshow(np.asarray(photo.convert("RGB")))
+            axes[r, 2 * c + 1].imshow(seen.squeeze(), cmap="gray" if seen.shape[-1] == 1 else None)
+            ok = pred == labels[c]
+            axes[r, 2 * c + 1].set_title(
+                categories[pred][:10], fontsize=6, color="black" if ok else "red"
+            )
+    fig.suptitle("shopper-style photos (left) and the model's input (right)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

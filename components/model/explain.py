@@ -26,7 +26,7 @@ from scipy import ndimage
 from torch import nn
 
 from components.model.models import EfficientNetTrunk
-from components.model.transforms import canonical_image, image_to_uint8, to_tensor
+from components.model.transforms import canonical_image, input_frame, model_input, to_tensor
 
 MAX_HEATMAP_SIDE = 1024  # the PNG keeps the photo's size up to this many pixels on its long side
 REGION_LEVEL = 0.5  # the region is the blob around the peak where saliency ≥ this × the peak
@@ -77,14 +77,33 @@ def grad_cam(model: nn.Module, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return cam.numpy().astype(np.float32), probs
 
 
-def to_original(saliency: np.ndarray, width: int, height: int, scale: float) -> np.ndarray:
-    """Undo square_resize: upsample to the padded square, crop the photo's part (× scale)."""
-    side = max(width, height)
+def to_original(
+    saliency: np.ndarray,
+    width: int,
+    height: int,
+    scale: float,
+    frame: tuple[float, float, float] | None = None,
+) -> np.ndarray:
+    """Undo the preprocessing's geometry: the saliency over the model's square input, placed
+    where that square lies in the photo (`frame` = (x, y, side) in its pixels, from
+    transforms.input_frame; default the centred padded square of square_resize), × scale;
+    0 where the square does not reach."""
+    if frame is None:
+        side = max(width, height)
+        frame = (-((side - width) // 2), -((side - height) // 2), side)
+    fx, fy, side = frame
     out_side = max(1, round(side * scale))
-    square = Image.fromarray(saliency).resize((out_side, out_side), Image.Resampling.BILINEAR)
-    ox, oy = round((side - width) // 2 * scale), round((side - height) // 2 * scale)
+    square = np.asarray(
+        Image.fromarray(saliency).resize((out_side, out_side), Image.Resampling.BILINEAR),
+        dtype=np.float32,
+    )
     w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    return np.asarray(square, dtype=np.float32)[oy : oy + h, ox : ox + w]
+    out = np.zeros((h, w), np.float32)
+    ox, oy = round(fx * scale), round(fy * scale)
+    ys, xs = slice(max(0, oy), min(h, oy + out_side)), slice(max(0, ox), min(w, ox + out_side))
+    if ys.start < ys.stop and xs.start < xs.stop:
+        out[ys, xs] = square[ys.start - oy : ys.stop - oy, xs.start - ox : xs.stop - ox]
+    return out
 
 
 def find_region(saliency: np.ndarray) -> tuple[int, int, int, int]:
@@ -122,11 +141,11 @@ def render_overlay(
 
 def explain_image(model: nn.Module, image: Image.Image, categories: list[str]) -> Explanation:
     """Grad-CAM of the predicted category over a decoded upload (any size / colour mode)."""
-    pixels = image_to_uint8(image, model.image_size, model.in_channels)
+    pixels = model_input(image, model)
     saliency, probs = grad_cam(model, pixels)
     width, height = image.size
     scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
-    heat = to_original(saliency, width, height, scale)
+    heat = to_original(saliency, width, height, scale, input_frame(image, model))
     x0, y0, x1, y1 = find_region(heat)
     png = render_overlay(image, heat, (x0, y0, x1, y1))
     box = {  # back to the photo's own pixels

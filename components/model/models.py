@@ -98,6 +98,7 @@ class VitrineNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
+        self.preprocess = "plain"  # or "canonical" (transforms.model_input; set by build_model)
         self.trunk = trunk
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, num_classes)
@@ -146,6 +147,7 @@ def build_model(params: TrainParams, num_classes: int, pretrained: bool = True) 
         embedding_dim=params.embedding_dim,
         dropout=dropout,
     )
+    model.preprocess = params.preprocess  # transforms.model_input reads it
     return model.to(memory_format=torch.channels_last)
 
 

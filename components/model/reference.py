@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from components.model.training import predict_batches
-from components.model.transforms import image_to_uint8
+from components.model.transforms import model_input
 from components.serving.uploads import compute_image_stats
 
 REFERENCE_ARTIFACT = "reference"  # artifact folder of the registered version
@@ -30,10 +30,10 @@ def describe_images(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Request-log fields for decoded images: (category, confidence, stats…) and embeddings.
 
-    Preprocessing (transforms.image_to_uint8 at the model's input size), softmax confidence and
+    Preprocessing (transforms.model_input: the model's size, channels and preprocessing), softmax confidence and
     compute_image_stats are exactly what bentos/service.py does for a request.
     """
-    pixels = [image_to_uint8(image, model.image_size, model.in_channels) for image in images]
+    pixels = [model_input(image, model) for image in images]
     stats = [compute_image_stats(image, px) for image, px in zip(images, pixels, strict=True)]
     probs, emb = predict_batches(model, np.stack(pixels))
     best = probs.argmax(axis=1)

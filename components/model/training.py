@@ -170,15 +170,23 @@ def train_one_epoch(
     generator: torch.Generator,
     bar: tqdm,
     size: int,
+    views: np.ndarray | None = None,
 ) -> float:
-    """One pass over `steps` shuffled batches at `size` px; returns the mean training loss."""
+    """One pass over `steps` shuffled batches at `size` px; returns the mean training loss.
+
+    With `views` (a shopper-style rendering of each row, components/model/shopper.py), each
+    image of a batch is swapped for its view with probability params.shopper_share."""
     optimizer, scheduler, criterion = opt
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total, bf16 = 0.0, use_bf16(params)
     for step in range(steps):
         rows = order[step * params.batch_size : (step + 1) * params.batch_size].numpy()
-        x = to_tensor(images[rows])
+        batch = images[rows]
+        if views is not None and params.shopper_share > 0:
+            swap = (torch.rand(len(rows), generator=generator) < params.shopper_share).numpy()
+            batch = np.where(swap[:, None, None, None], views[rows], batch)
+        x = to_tensor(batch)
         if params.augment:
             x = augment(x, generator, cutout=params.cutout)
         if x.shape[-1] != size:  # progressive resizing: antialiased, unlike the model's own
@@ -251,6 +259,7 @@ def fit_epoch(
     opt: Optimisation,
     generator: torch.Generator,
     progress: bool,
+    views: np.ndarray | None = None,
 ) -> dict:
     """Train one epoch (at its progressive size), validate at full size, and return the
     epoch's history record."""
@@ -258,7 +267,7 @@ def fit_epoch(
     size = epoch_size(params, epoch)
     desc = f"epoch {epoch + 1}/{params.epochs}" + (f" {size}px" if params.progressive_sizes else "")
     with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
-        train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar, size)
+        train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar, size, views)
         val_loss, val_acc = evaluate_split(model, *val)
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
     return {
@@ -297,15 +306,27 @@ def train_model(
     progress: bool = True,
     pretrained: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
+    views: np.ndarray | None = None,
 ) -> TrainResult:
     """Train with a stratified validation split, early stopping and per-epoch checkpoints.
 
     `on_epoch_end(record)` is called after each epoch's checkpoint is written (e.g. to log
-    metrics); an exception from it interrupts the run like a crash would.
+    metrics); an exception from it interrupts the run like a crash would. `views`: one
+    shopper-style rendering per row, same shape as `images` (see train_one_epoch).
     """
+    if views is not None and views.shape != images.shape:
+        raise ValueError(f"views {views.shape} must match images {images.shape}")
     with limited_threads(count_threads()):
         return _train_model(
-            images, labels, params, num_classes, checkpoint_dir, progress, pretrained, on_epoch_end
+            images,
+            labels,
+            params,
+            num_classes,
+            checkpoint_dir,
+            progress,
+            pretrained,
+            on_epoch_end,
+            views,
         )
 
 
@@ -318,14 +339,18 @@ def _train_model(
     progress: bool,
     pretrained: bool,
     on_epoch_end: Callable[[dict], None] | None,
+    views: np.ndarray | None,
 ) -> TrainResult:
     started = time.perf_counter()
     labels, checkpoint_dir = np.asarray(labels, dtype=np.int64), Path(checkpoint_dir)
     fingerprint = fingerprint_run(images, labels, params, num_classes, pretrained)
+    if views is not None:
+        fingerprint = hashlib.sha256(fingerprint.encode() + views.tobytes()).hexdigest()
     val_idx = split_validation(labels, params.val_fraction, params.seed)
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[val_idx] = False
     x_train, y_train = images[train_mask], torch.from_numpy(labels[train_mask])
+    train_views = None if views is None else views[train_mask]
     weights = compute_class_weights(labels[train_mask], num_classes, params)
 
     torch.manual_seed(params.seed)
@@ -352,6 +377,7 @@ def _train_model(
             opt,
             generator,
             progress,
+            train_views,
         )
         final_phase = record["size"] == params.image_size
         update_run(run, record, model, params.patience, params.epochs - 1, final_phase)

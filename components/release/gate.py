@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
-from components.config import GatePolicy
+from components.config import SHOPPER_SHIFTS, GatePolicy, ShopperGatePolicy
 
 EXACT_TEST_MAX_DISCORDANT = 25  # below this many discordant pairs use the exact binomial test
 
@@ -99,6 +99,59 @@ def check_regressions(
     return results
 
 
+def shopper_shifts(metrics: dict[str, float]) -> list[str]:
+    """The shifts a metrics dict holds shopper-style results for (shopper_<shift>_accuracy)."""
+    return [shift for shift in SHOPPER_SHIFTS if f"shopper_{shift}_accuracy" in metrics]
+
+
+def check_shopper(
+    challenger: dict[str, float], champion: dict[str, float] | None, policy: ShopperGatePolicy
+) -> list[tuple[bool, str]]:
+    """Per shift of the shopper-style set: the floors of accuracy and Recall@1, and (with a
+    champion measured on the same photos) no drop beyond policy.max_regression. A champion
+    without shopper-style results (registered before them) is compared on floors only."""
+    results = []
+    shifts = shopper_shifts(challenger)
+    if not shifts:
+        floors = [policy.floor(m, s) for m in ("accuracy", "recall_at_1") for s in SHOPPER_SHIFTS]
+        if any(floors):
+            return [(False, "FAIL: shopper-style results missing (the gate has shift floors)")]
+        return []
+    for shift in shifts:
+        for metric in ("accuracy", "recall_at_1"):
+            value, bound = challenger.get(f"shopper_{shift}_{metric}"), policy.floor(metric, shift)
+            if value is not None and value < bound:
+                results.append(
+                    (False, f"FAIL: shopper {shift} {metric} {value:.4g} < floor {bound:g}")
+                )
+    if champion is not None and shopper_shifts(champion):
+        for shift in shifts:
+            for metric, tolerance in policy.max_regression.items():
+                new = challenger.get(f"shopper_{shift}_{metric}")
+                old = champion.get(f"shopper_{shift}_{metric}")
+                if new is None or old is None:
+                    continue
+                if old - new > tolerance + 1e-12:
+                    results.append(
+                        (
+                            False,
+                            f"FAIL: shopper {shift} {metric} {new:.4g} regresses {old - new:.4g} "
+                            f"vs champion {old:.4g} (tolerance {tolerance:g})",
+                        )
+                    )
+    worst = min(shifts, key=lambda s: challenger[f"shopper_{s}_accuracy"])
+    if all(ok for ok, _ in results):
+        versus = "" if champion is None or not shopper_shifts(champion) else ", none regresses"
+        results.append(
+            (
+                True,
+                f"shopper-style: {len(shifts)} shifts above their floors{versus} (worst "
+                f"{worst} accuracy {challenger[f'shopper_{worst}_accuracy']:.4g})",
+            )
+        )
+    return results
+
+
 def check_significance(
     challenger: np.ndarray | None, champion: np.ndarray | None, alpha: float
 ) -> tuple[bool, str]:
@@ -143,6 +196,9 @@ def decide(challenger: Candidate, champion: Candidate | None, policy: GatePolicy
         results.append(
             check_significance(challenger.correct, champion.correct, policy.significance_alpha)
         )
+    results += check_shopper(
+        challenger.metrics, None if champion is None else champion.metrics, policy.shopper
+    )
     return Verdict(passed=all(ok for ok, _ in results), reasons=[text for _, text in results])
 
 

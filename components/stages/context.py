@@ -56,23 +56,56 @@ def load_images(
     model: VitrineNet | None = None,
     size: int | None = None,
     channels: int | None = None,
+    canonical: bool | None = None,
 ) -> np.ndarray:
-    """Decode manifest rows through the shared preprocessing at the model's input size (or the
-    given / configured one); cached on disk by content and size."""
+    """Decode manifest rows through the shared preprocessing at the model's input size, channels
+    and preprocessing (or the given / configured ones); cached on disk by content and all
+    three."""
     size = size or (model.image_size if model is not None else ctx.params.train.image_size)
     channels = channels or (model.in_channels if model is not None else ctx.channels)
+    if canonical is None:
+        mode = getattr(model, "preprocess", "plain") if model else ctx.params.train.preprocess
+        canonical = mode == "canonical"
     key = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()[:16]
-    cache = ctx.paths.home / "cache" / f"images-{key}-{size}-{channels}.npy"
+    suffix = "-canonical" if canonical else ""
+    cache = ctx.paths.home / "cache" / f"images-{key}-{size}-{channels}{suffix}.npy"
     if cache.exists():
         return np.load(cache)
     paths = [ctx.catalogue_dir / p for p in manifest["path"]]
     arrays = [
-        load_uint8(p, size, channels) for p in tqdm(paths, desc="decode", unit="img", mininterval=2)
+        load_uint8(p, size, channels, canonical)
+        for p in tqdm(paths, desc="decode", unit="img", mininterval=2)
     ]
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, images)
     return images
+
+
+def load_views(ctx: RunContext, manifest: pd.DataFrame) -> np.ndarray | None:
+    """One shopper-style rendering per manifest row as the configured model takes it
+    (components/model/shopper.py), for training's augmentation; None when
+    params.train.shopper_share is 0. Cached on disk like load_images."""
+    from components.model import shopper
+
+    train = ctx.params.train
+    if train.shopper_share <= 0:
+        return None
+    key = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()[:16]
+    name = f"views-{key}-{train.image_size}-{ctx.channels}-{train.preprocess}-{train.seed}.npy"
+    cache = ctx.paths.home / "cache" / name
+    if cache.exists():
+        return np.load(cache)
+    views = shopper.render_views(
+        [str(ctx.catalogue_dir / p) for p in manifest["path"]],
+        seed=train.seed,
+        size=train.image_size,
+        channels=ctx.channels,
+        canonical=train.preprocess == "canonical",
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, views)
+    return views
 
 
 def load_trained_model(ctx: RunContext) -> VitrineNet:

@@ -1,5 +1,6 @@
 """The evaluate stage: the frozen test split (classification, retrieval against the catalogue
-index this model built, latency), the text projection and the drift reference."""
+index this model built, latency), the same test products as shoppers photograph them (the
+shopper-style set: components/model/shopper.py), the text projection and the drift reference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from components.model import evaluation, training
 from components.model.models import VitrineNet
@@ -19,13 +21,18 @@ from components.stages.context import (
 
 
 def build_index(ctx: RunContext, model: VitrineNet, products: pd.DataFrame) -> Path:
-    """Embed every accepted product with THIS model: the search index registered beside it."""
+    """Embed every accepted product with THIS model: the search index registered beside it,
+    with each product's colour tags (`colours`: "navy,white", from its catalogue image)."""
+    from components.retrieval.colours import catalogue_colours
+
     out = ctx.stage_dir("evaluate") / "index"
     out.mkdir(exist_ok=True)
     _, emb = training.predict_batches(model, load_images(ctx, products, model))
     np.save(out / "embeddings.npy", emb.astype(np.float32))
     cols = ["product_id", "label", "category", "title", "path", "split"]
-    products[cols].reset_index(drop=True).to_parquet(out / "products.parquet", index=False)
+    table = products[cols].reset_index(drop=True)
+    table["colours"] = catalogue_colours([ctx.catalogue_dir / p for p in table["path"]])
+    table.to_parquet(out / "products.parquet", index=False)
     return out
 
 
@@ -49,11 +56,59 @@ def run(ctx: RunContext) -> dict:
         ctx.params.evaluation,
         ctx.stage_dir("evaluate"),
     )
+    shopper = evaluate_shopper(
+        ctx,
+        model,
+        test,
+        emb[in_catalogue],
+        accepted.loc[in_catalogue, "label"].to_numpy(),
+        result.metrics,
+        ctx.stage_dir("evaluate"),
+    )
+    result.metrics.update(shopper.metrics)
     if ctx.params.text_search.enabled:
         result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
     write_drift_reference(ctx, model, test)
     return result.metrics
+
+
+def evaluate_shopper(
+    ctx: RunContext,
+    model: VitrineNet,
+    test: pd.DataFrame,
+    catalogue_embeddings: np.ndarray,
+    catalogue_labels: np.ndarray,
+    in_domain: dict[str, float],
+    out_dir: Path,
+) -> evaluation.ShopperResult:
+    """The shopper-style set: a seeded, stratified sample of the frozen test split (never a
+    training row), each product rendered under every shift of params.evaluation.shopper;
+    writes shopper.csv and shopper_grid.png to out_dir (the register stage logs them)."""
+    settings = ctx.params.evaluation.shopper
+    test = test.sort_values("product_id").reset_index(drop=True)
+    rows = evaluation.pick_shopper_rows(test["label"].to_numpy(), settings.images, settings.seed)
+    picked = test.iloc[rows]
+    sources = []
+    for rel in picked["path"]:
+        with Image.open(ctx.catalogue_dir / rel) as image:
+            image.load()
+            sources.append(image.copy())
+    result = evaluation.evaluate_shopper(
+        model,
+        sources,
+        picked["label"].to_numpy(),
+        picked["product_id"].astype(str).tolist(),
+        catalogue_embeddings,
+        catalogue_labels,
+        ctx.params.data.categories,
+        list(settings.shifts),
+        settings.seed,
+        in_domain,
+        out_dir,
+    )
+    result.table.to_csv(Path(out_dir) / "shopper.csv", index=False)
+    return result
 
 
 def write_drift_reference(ctx: RunContext, model: VitrineNet, test: pd.DataFrame) -> Path:

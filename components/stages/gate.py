@@ -8,6 +8,7 @@ import pandas as pd
 from components.model import evaluation, training
 from components.release import gate
 from components.release.registry import Registry, open_registry
+from components.stages import evaluate
 from components.stages.context import (
     RunContext,
     load_images,
@@ -17,7 +18,8 @@ from components.stages.context import (
 
 
 def measure_champion(ctx: RunContext, registry: Registry, version: str) -> gate.Candidate:
-    """Re-evaluate the champion on the challenger's frozen test split (same images, same order)."""
+    """Re-evaluate the champion on the challenger's frozen test split (same images, same order)
+    and on the same shopper-style photos."""
     model = registry.load_model(version).eval()
     accepted = pd.read_parquet(ctx.work / "validate" / "accepted.parquet")
     accepted = accepted.sort_values("product_id").reset_index(drop=True)
@@ -35,6 +37,16 @@ def measure_champion(ctx: RunContext, registry: Registry, version: str) -> gate.
         ctx.params.evaluation,
         ctx.stage_dir("gate") / "champion",
     )
+    shopper = evaluate.evaluate_shopper(
+        ctx,
+        model,
+        test,
+        emb,
+        accepted.loc[in_catalogue, "label"].to_numpy(),
+        result.metrics,
+        ctx.stage_dir("gate") / "champion",
+    )
+    result.metrics.update(shopper.metrics)
     return gate.Candidate(version, result.metrics, result.predictions["correct"].to_numpy())
 
 

@@ -45,6 +45,8 @@ def _log_stage_outputs(registry: Registry, work: Path) -> None:
         ("evaluate/per_class.csv", "evaluation"),
         ("evaluate/predictions.parquet", "evaluation"),
         ("evaluate/confusion.png", "evaluation"),
+        ("evaluate/shopper.csv", "evaluation/shopper"),
+        ("evaluate/shopper_grid.png", "evaluation/shopper"),
     ]:
         if (work / rel).exists():
             registry.log_artifact(work / rel, dest)

@@ -9,6 +9,7 @@ from components.model import training
 from components.stages.context import (
     RunContext,
     load_images,
+    load_views,
     write_json,
 )
 
@@ -23,6 +24,7 @@ def run(ctx: RunContext) -> dict:
         ctx.params.train,
         num_classes=len(ctx.params.data.categories),
         checkpoint_dir=ctx.paths.home / "checkpoints",
+        views=load_views(ctx, train),  # shopper-style renderings of the same rows
     )
     out = ctx.stage_dir("train")
     torch.save(result.model, out / "model.pt")

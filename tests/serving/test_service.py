@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.model.transforms import image_to_uint8, to_tensor
+from components.model.transforms import model_input, to_tensor
 from components.retrieval.tags import group_of
 from components.serving.logs import read_request_log
 from tests.serving.conftest import (
@@ -78,7 +78,7 @@ def test_classify_matches_the_registered_model_with_training_preprocessing(
     for _, row in products[products["split"] == "test"].head(8).iterrows():
         data = photo(champion, row)
         body = post_image(server, "/classify", data).json()
-        pixels = image_to_uint8(Image.open(io.BytesIO(data)), model.image_size, model.in_channels)
+        pixels = model_input(Image.open(io.BytesIO(data)), model)
         with torch.inference_mode():
             probs = torch.softmax(model(to_tensor(pixels[None].copy()))[0], 1)[0].numpy()
         assert body["model_version"] == champion.version

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from components.config import GatePolicy
+from components.config import GatePolicy, ShopperGatePolicy
 from components.release.gate import (
     Candidate,
     Verdict,
@@ -259,3 +259,97 @@ def test_pick_promotion_candidate():
     assert pick(rows, "1", bootstrap=False, floors_passed=None) == "10"  # numeric, not lexical
     assert pick(rows[1:2], None, bootstrap=True, floors_passed=None) == "2"
     assert pick(rows[1:2], None, bootstrap=True, floors_passed=False) is None
+
+
+# ---------------------------------------------------------------- the shopper-style set
+
+SHOPPER_POLICY = GatePolicy(
+    **{
+        **POLICY.model_dump(),
+        "shopper": ShopperGatePolicy(
+            min_accuracy={"phone": 0.80, "white_background": 0.85},
+            min_recall_at_1=0.70,
+            max_regression={"accuracy": 0.02, "recall_at_1": 0.02},
+        ),
+    }
+)
+
+
+def shopper(**per_shift: tuple[float, float]) -> dict[str, float]:
+    """GOOD plus shopper_<shift>_accuracy / _recall_at_1 for each (accuracy, recall) given."""
+    out = dict(GOOD)
+    for shift, (accuracy, recall) in per_shift.items():
+        out[f"shopper_{shift}_accuracy"], out[f"shopper_{shift}_recall_at_1"] = accuracy, recall
+    return out
+
+
+BOTH = {"phone": (0.90, 0.85), "white_background": (0.92, 0.88)}
+# id, challenger metrics, champion metrics (None = no champion), passes, FAIL fragment
+SHOPPER_CASES = [
+    ("pass", shopper(**BOTH), shopper(**BOTH), True, None),
+    ("pass_no_champion", shopper(**BOTH), None, True, None),
+    (
+        "shift_floor",
+        shopper(**{**BOTH, "phone": (0.79, 0.85)}),
+        None,
+        False,
+        "FAIL: shopper phone accuracy 0.79 < floor 0.8",
+    ),
+    (
+        "per_shift_floor_differs",  # 0.84 passes phone's floor (0.80), fails white's (0.85)
+        shopper(phone=(0.84, 0.85), white_background=(0.84, 0.85)),
+        None,
+        False,
+        "FAIL: shopper white_background accuracy 0.84 < floor 0.85",
+    ),
+    (
+        "recall_floor",
+        shopper(**{**BOTH, "white_background": (0.92, 0.60)}),
+        None,
+        False,
+        "FAIL: shopper white_background recall_at_1 0.6 < floor 0.7",
+    ),
+    (
+        "regresses_on_one_shift",  # in-domain equal, phone 0.03 worse than the champion
+        shopper(**{**BOTH, "phone": (0.87, 0.85)}),
+        shopper(**BOTH),
+        False,
+        "FAIL: shopper phone accuracy 0.87 regresses 0.03 vs champion 0.9",
+    ),
+    (
+        "within_tolerance",
+        shopper(**{**BOTH, "phone": (0.885, 0.84)}),
+        shopper(**BOTH),
+        True,
+        None,
+    ),
+    (
+        "champion_without_shopper_results",  # registered before them: floors only
+        shopper(**BOTH),
+        dict(GOOD),
+        True,
+        None,
+    ),
+    (
+        "challenger_without_shopper_results",
+        dict(GOOD),
+        shopper(**BOTH),
+        False,
+        "FAIL: shopper-style results missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "challenger, champion, passed, fragment",
+    [case[1:] for case in SHOPPER_CASES],
+    ids=[case[0] for case in SHOPPER_CASES],
+)
+def test_decide_on_shopper_shifts(challenger, champion, passed, fragment):
+    old = None if champion is None else Candidate("1", champion, SAME[1])
+    verdict = decide(Candidate("2", challenger, SAME[0]), old, SHOPPER_POLICY)
+    assert verdict.passed is passed, verdict.reasons
+    if fragment:
+        assert any(fragment in reason for reason in verdict.reasons), verdict.reasons
+    else:
+        assert any(reason.startswith("shopper-style:") for reason in verdict.reasons)

@@ -1,0 +1,140 @@
+"""Shopper-style renderings (components/model/shopper.py) and the canonical preprocessing that
+brings them back to the catalogue's look (components/model/transforms.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.config import SHOPPER_SHIFTS
+from components.model import shopper
+from components.model.evaluation import pick_shopper_rows
+from components.model.transforms import image_to_uint8, input_frame
+
+
+@pytest.fixture(scope="module")
+def products(fmnist) -> list[Image.Image]:
+    images, _ = fmnist["test"]
+    return [Image.fromarray(images[i]) for i in range(12)]
+
+
+def catalogue_view(image: Image.Image) -> np.ndarray:
+    return image_to_uint8(image, 28, 1, canonical=True)[..., 0].astype(np.float64)
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.mark.parametrize("shift", SHOPPER_SHIFTS)
+def test_each_shift_is_seeded_and_renders_an_rgb_photo(products, shift):
+    first = shopper.render(products[0], shift, shopper.shift_rng(0, shift, 7))
+    again = shopper.render(products[0], shift, shopper.shift_rng(0, shift, 7))
+    other = shopper.render(products[0], shift, shopper.shift_rng(1, shift, 7))
+    assert first.mode == "RGB"
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+    assert not np.array_equal(np.asarray(first.convert("L").resize((28, 28))), products[0])
+
+
+def test_the_setting_shifts_show_the_real_look_on_a_light_background(products):
+    """Fashion-MNIST is a negative: on white, the product is darker than the background."""
+    for shift in ("white_background", "light_background", "colour_tint", "phone"):
+        photo = np.asarray(shopper.render(products[1], shift, shopper.shift_rng(0, shift, 1)))
+        lum = photo.astype(float).mean(axis=2)
+        border = np.concatenate([lum[0], lum[-1], lum[:, 0], lum[:, -1]])
+        assert np.median(border) > 150, shift
+        assert lum.min() < np.median(border) - 60, shift
+
+
+def test_phone_frames_are_large_not_square_and_the_product_is_small(products):
+    for i in range(6):
+        photo = shopper.render(products[i], "phone", shopper.shift_rng(0, "phone", i))
+        w, h = photo.size
+        assert min(w, h) >= 200 and w != h
+        _, alpha = shopper.product_layers(products[i])
+        assert alpha.sum() < 0.5 * w * h
+
+
+def test_colour_shifts_are_in_colour(products):
+    for shift in ("colour_tint", "colour_photo"):
+        photo = np.asarray(shopper.render(products[2], shift, shopper.shift_rng(0, shift, 2)))
+        chroma = photo.max(axis=2).astype(int) - photo.min(axis=2)
+        assert (chroma > 40).mean() > 0.03, shift  # a thin product covers ~10% of the frame
+
+
+@pytest.mark.parametrize("shift", ["white_background", "light_background", "phone"])
+def test_canonical_preprocessing_brings_a_shoppers_photo_back_to_the_catalogue_look(
+    products, shift
+):
+    """The same product, photographed dark on a light background (small and off-centre in a
+    phone frame), reaches the model close to its catalogue image; plain padding does not."""
+    canonical, plain = [], []
+    for i, product in enumerate(products):
+        photo = shopper.render(product, shift, shopper.shift_rng(0, shift, i))
+        target = catalogue_view(product)
+        canonical.append(similarity(catalogue_view(photo), target))
+        plain.append(similarity(image_to_uint8(photo, 28, 1)[..., 0].astype(float), target))
+    assert np.median(canonical) > 0.85, canonical
+    assert np.median(plain) < 0.2, plain
+
+
+def test_canonical_preprocessing_keeps_a_catalogue_image(products):
+    """Only re-centred (Fashion-MNIST centres the centre of mass, canonicalise the box)."""
+    for product in products:
+        view, original = catalogue_view(product), np.asarray(product, float)
+        best = max(
+            similarity(np.roll(view, (dy, dx), axis=(0, 1)), original)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        )
+        assert best > 0.95
+
+
+def test_canonical_rgb_keeps_colours_and_crops_to_the_product():
+    photo = np.full((300, 400, 3), 250, np.uint8)
+    photo[200:260, 40:100] = (200, 20, 20)  # a small red square, low left
+    out = image_to_uint8(Image.fromarray(photo), 32, 3, canonical=True)
+    assert out.shape == (32, 32, 3)
+    assert (out[..., 0] > 150).mean() > 0.9 and (out[..., 1] < 60).mean() > 0.9
+
+
+def test_a_photo_without_a_product_keeps_its_frame():
+    blank = Image.new("L", (40, 30), 200)
+    out = image_to_uint8(blank, 28, 1, canonical=True)
+    assert out.shape == (28, 28, 1) and out.max() == 0
+
+
+def test_input_frame_maps_the_model_input_back_to_the_photo():
+    class Canonical:
+        preprocess, in_channels, image_size = "canonical", 1, 28
+
+    photo = np.full((300, 400), 255, np.uint8)
+    photo[100:200, 250:300] = 0  # a dark product, 100 tall and 50 wide
+    x, y, side = input_frame(Image.fromarray(photo), Canonical())
+    assert side == pytest.approx(100, abs=2)
+    assert y == pytest.approx(100, abs=2) and x == pytest.approx(225, abs=2)
+
+
+def test_training_views_are_seeded_and_cover_many_shifts(fmnist):
+    images, _ = fmnist["train"]
+    sources = list(images[:40, ..., None])
+    views = shopper.render_views(sources, seed=0, size=28, channels=1, canonical=True, processes=1)
+    again = shopper.render_views(sources, seed=0, size=28, channels=1, canonical=True, processes=2)
+    assert views.shape == (40, 28, 28, 1) and np.array_equal(views, again)
+    drawn = {
+        shopper.SHIFTS[int(shopper.shift_rng(0, "training", i).integers(len(shopper.SHIFTS)))]
+        for i in range(40)
+    }
+    assert len(drawn) >= 8
+
+
+def test_shopper_rows_are_a_seeded_stratified_sample():
+    labels = np.repeat(np.arange(10), [100, 50, 100, 100, 100, 100, 100, 100, 100, 150])
+    rows = pick_shopper_rows(labels, 100, seed=0)
+    assert np.array_equal(rows, pick_shopper_rows(labels, 100, seed=0))
+    assert not np.array_equal(rows, pick_shopper_rows(labels, 100, seed=1))
+    counts = np.bincount(labels[rows], minlength=10)
+    assert counts[1] == 5 and counts[9] == 15 and counts[0] == 10
+    assert len(pick_shopper_rows(labels, 5000, seed=0)) == len(labels)
