@@ -61,6 +61,7 @@ async def read_upload(request: Request) -> tuple[bytes, str | None, dict[str, st
 @contextlib.contextmanager
 def as_api_errors() -> Iterator[None]:
     """Bad input raised inside the block becomes an ApiError with a 4xx status."""
+    from components.retrieval.colours import UnknownColour
     from components.retrieval.index import UnknownProduct
 
     try:
@@ -69,6 +70,8 @@ def as_api_errors() -> Iterator[None]:
         raise ApiError(error.status, str(error)) from error
     except UnknownProduct as error:
         raise ApiError(404, str(error.args[0] if error.args else error)) from error
+    except UnknownColour as error:
+        raise ApiError(422, str(error)) from error
     except ValueError as error:  # bad k, unknown filter, empty history
         raise ApiError(400, str(error)) from error
 
@@ -84,6 +87,15 @@ def parse_k_or_400(value: Any) -> int:
         return parse_k(value)
     except ValueError as error:
         raise ApiError(400, str(error)) from error
+
+
+def parse_colour_or_422(value: str | None) -> str | None:
+    """The palette name of a `colour` form field (blank: None); an unknown one is a 422 that
+    lists the palette."""
+    with as_api_errors():
+        from components.retrieval.colours import colour_name
+
+        return colour_name(value) if value and value.strip() else None
 
 
 def catalogue_file(catalogue_dir: Path, record: dict, product_id: str) -> Path:

@@ -7,7 +7,19 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+COLOUR_HELP = (
+    "A palette colour: black, grey, white, red, navy, blue, green, yellow, orange, pink, "
+    "purple, beige, brown ('gray' = grey); keeps the products having it (an unknown name is a 422)"
+)
+
+
+def check_colour(value: str | None) -> str | None:
+    """The palette's name of a colour filter (None passes); an unknown name raises ValueError."""
+    from components.retrieval.colours import colour_name
+
+    return None if value is None or not value.strip() else colour_name(value)
 
 
 class RecommendRequest(BaseModel):
@@ -21,6 +33,12 @@ class TextQuery(BaseModel):
     k: int = Field(10, ge=1, le=100)
     category: str | None = None
     group: str | None = None
+    colour: str | None = Field(None, description=COLOUR_HELP, examples=["red"])
+
+    @field_validator("colour")
+    @classmethod
+    def _known_colour(cls, value: str | None) -> str | None:
+        return check_colour(value)
 
 
 def image_url(product_id: str) -> str:
@@ -34,6 +52,7 @@ class Hit(BaseModel):
     group: str
     title: str | None
     image_url: str
+    colours: list[str] = Field(default_factory=list, description="The product's colour names")
 
     @classmethod
     def of(cls, hit: Any) -> Hit:  # a components.retrieval.index.Hit
@@ -44,12 +63,14 @@ class Hit(BaseModel):
             group=hit.group,
             title=hit.title,
             image_url=image_url(hit.product_id),
+            colours=list(getattr(hit, "colours", ())),
         )
 
 
 class Filters(BaseModel):
     category: str | None
     group: str | None
+    colour: str | None = None
 
 
 class Versioned(BaseModel):
@@ -84,11 +105,21 @@ class NeighbourTag(Tag):
     k: int
 
 
+class ColourTag(BaseModel):
+    value: str = Field(description="A palette colour name (black, grey, white, red, navy, ...)")
+    score: float = Field(description="Its share of the located product's pixels, 0..1")
+
+
 class Tags(BaseModel):
     category: Tag
     group: Tag
     shade: Tag
     neighbours: NeighbourTag
+    colours: list[ColourTag] = Field(
+        default_factory=list,
+        description="The product's dominant colours (not the background's), best first: "
+        "each with at least 15% of its pixels, at most 3; grayscale photos give black/grey/white",
+    )
 
 
 class TagsResponse(Versioned):
@@ -118,11 +149,27 @@ class TextSearchResponse(Versioned):
     k: int
     filters: Filters
     results: list[Hit]
+    text: str = Field(description="The text that was matched (the query without its colour word)")
+    preferred_colour: str | None = Field(
+        None,
+        description="The colour word of the query whose products are ranked first; null when "
+        "the query names none, a colour filter is set, or no product has that colour",
+    )
 
     @classmethod
-    def of(cls, version: str, query: str, k: int, filters: Filters, hits: list):
+    def of(
+        cls, version: str, query: str, k: int, filters: Filters, hits: list, text: str, colour=None
+    ) -> TextSearchResponse:
         results = [Hit.of(h) for h in hits]
-        return cls(model_version=version, query=query, k=k, filters=filters, results=results)
+        return cls(
+            model_version=version,
+            query=query,
+            k=k,
+            filters=filters,
+            results=results,
+            text=text,
+            preferred_colour=colour,
+        )
 
 
 class EmbedResponse(Versioned):

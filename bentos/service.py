@@ -23,6 +23,7 @@ from bentos.http import (
     app,
     catalogue_file,
     guarded,
+    parse_colour_or_422,
     parse_k_or_400,
     read_upload,
     require_admin,
@@ -116,12 +117,14 @@ class Vitrine:
 
     @app.post("/tags")
     async def tags(self, request: Request) -> s.TagsResponse:
+        from components.retrieval.colours import photo_colours
         from components.retrieval.tags import tag_answer
 
-        neighbours = lambda b, r: b.index.search(r.embedding, 10)  # noqa: E731
-        bundle, r, hits = await self.infer(request, "/tags", then=neighbours)
+        then = lambda b, r: (b.index.search(r.embedding, 10), photo_colours(r.image))  # noqa: E731
+        bundle, r, (hits, colours) = await self.infer(request, "/tags", then=then)
         near = [hit.category for hit in hits]
-        tags = tag_answer(r.category, r.confidence, r.probs, self.categories, r.pixels, near)
+        answer = (r.category, r.confidence, r.probs, self.categories, r.pixels, near, colours)
+        tags = tag_answer(*answer)
         return s.TagsResponse(model_version=bundle.version, tags=tags)
 
     @app.post("/search")
@@ -129,8 +132,9 @@ class Vitrine:
         upload = data, ctype, fields = await read_upload(request)
         k = parse_k_or_400(fields.get("k", 10))  # a bad k is a 400 before the model runs
         category, group = fields.get("category") or None, fields.get("group") or None
-        filters = s.Filters(category=category, group=group)
-        similar = lambda b, r: b.index.search(r.embedding, k, category=category, group=group)  # noqa: E731
+        colour = parse_colour_or_422(fields.get("colour"))  # before the model runs, as k
+        filters = s.Filters(category=category, group=group, colour=colour)
+        similar = lambda b, r: b.index.search(r.embedding, k, **filters.model_dump())  # noqa: E731
         bundle, r, hits = await self.infer(request, "/search", upload, then=similar)
         return s.SearchResponse.of(bundle.version, k, filters, r, hits)
 
@@ -146,12 +150,13 @@ class Vitrine:
         space = bundle.text_space()  # 409 for a version registered without text search
         if not (query := body.query.strip()):
             raise ApiError(400, "query is blank: type a few words, e.g. 'white sneakers'")
-        vector = await run_in_threadpool(self.predictor.encode_text, query)
-        filters = s.Filters(category=body.category, group=body.group)
-        hits = await guarded(
-            bundle.index.search_space, space, vector, body.k, **filters.model_dump()
-        )
-        return s.TextSearchResponse.of(bundle.version, query, body.k, filters, hits)
+        # "red dress": red products first, ranked by "dress" (components/retrieval/index.py)
+        prefer, text = (None, query) if body.colour else bundle.index.colour_preference(query)
+        vector = await run_in_threadpool(self.predictor.encode_text, text)
+        filters = s.Filters(category=body.category, group=body.group, colour=body.colour)
+        kwargs = filters.model_dump() | {"prefer_colour": prefer}
+        hits = await guarded(bundle.index.search_space, space, vector, body.k, **kwargs)
+        return s.TextSearchResponse.of(bundle.version, query, body.k, filters, hits, text, prefer)
 
     @app.post("/explain", response_model=None)
     async def explain(self, request: Request) -> s.ExplainResponse | Response:

@@ -9,6 +9,12 @@ in the faiss search parameters; a filter matching at most `subset_exact_max` row
 exact numpy search over just those rows, and an HNSW query that comes back short is retried with a
 wider efSearch and finally exactly, so a filter returns fewer than k hits only when fewer than k
 products match it.
+
+Colour: the products table's optional `colours` column (comma-joined palette names, "navy,white",
+components/retrieval/colours.py colours_of) becomes one bitmask per row; the `colour` filter keeps
+the products whose colours contain it. An index without the column (built before colour tags)
+loads as products without colours: a colour filter on it matches no product (an empty answer,
+not an error); an unknown colour name raises UnknownColour (a ValueError; the service's 422).
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from components.retrieval.colours import (
+    COLOURS,
+    colour_bits,
+    colour_name,
+    colours_from_bits,
+    split_colour_query,
+)
 from components.retrieval.tags import GROUPS, OTHER_GROUP, group_of
 
 PRODUCT_COLUMNS = ["product_id", "category", "title", "path"]
@@ -44,6 +57,7 @@ class Hit:
     group: str
     title: str
     path: str
+    colours: tuple[str, ...] = ()
 
 
 def _as_matrix(x: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -71,6 +85,7 @@ class CatalogueIndex:
         self._text = {c: np.zeros(0, dtype=object) for c in PRODUCT_COLUMNS}  # fast Hit fields
         self._cat_code: dict[str, int] = {}  # category -> int code; filters compare int32 arrays
         self._category = np.zeros(0, dtype=np.int32)
+        self._colours = np.zeros(0, dtype=np.uint16)  # palette bitmask per row (0: no colours)
         self._alive = np.zeros(0, dtype=bool)
         self._row_of: dict[str, int] = {}
 
@@ -176,6 +191,10 @@ class CatalogueIndex:
             self._cat_code.setdefault(cat, len(self._cat_code))
         codes = records["category"].map(self._cat_code).to_numpy(dtype=np.int32)
         self._category = np.concatenate([self._category, codes])
+        names = records["colours"] if "colours" in records else pd.Series("", index=records.index)
+        names = names.fillna("").astype(str)
+        bits = names.map({v: colour_bits(v) for v in pd.unique(names)}).to_numpy(np.uint16)
+        self._colours = np.concatenate([self._colours, bits])
         self._alive = np.concatenate([self._alive, np.ones(len(emb), dtype=bool)])
         self._row_of.update({pid: start + i for i, pid in enumerate(records["product_id"])})
 
@@ -203,10 +222,31 @@ class CatalogueIndex:
 
     def _hit(self, row: int, score: float) -> Hit:
         pid, cat, title, path = (self._text[c][row] for c in PRODUCT_COLUMNS)
-        return Hit(pid, float(score), cat, group_of(cat), title, path)
+        colours = colours_from_bits(int(self._colours[row]))
+        return Hit(pid, float(score), cat, group_of(cat), title, path, colours)
 
     # ---- search ---------------------------------------------------------------------------
-    def _filter_mask(self, category: str | None, group: str | None, exclude: set[str] | None):
+    def colour_count(self, colour: str) -> int:
+        """How many live products have `colour` (0 on an index without colours)."""
+        bit = 1 << COLOURS.index(colour_name(colour))
+        return int(((self._colours & bit) != 0)[self._alive].sum())
+
+    def colour_preference(self, query: str) -> tuple[str | None, str]:
+        """(colour, text) of a text query: its first colour word (tags.split_colour_query) and
+        the rest as the text to match, when some live product has that colour; else (None, the
+        whole query), so a grayscale catalogue searches "blue jeans" as it always did."""
+        colour, rest = split_colour_query(query)
+        if colour is None or not self.colour_count(colour):
+            return None, query
+        return colour, rest or query
+
+    def _filter_mask(
+        self,
+        category: str | None,
+        group: str | None,
+        exclude: set[str] | None,
+        *colours: str | None,
+    ):
         """Boolean mask over rows, or None when every live row qualifies and faiss holds only those."""
         mask = None
         if category is not None:
@@ -222,6 +262,10 @@ class CatalogueIndex:
             codes = [code for cat, code in self._cat_code.items() if group_of(cat) == group.lower()]
             g = np.isin(self._category, codes)
             mask = g if mask is None else mask & g
+        bits = sum({1 << COLOURS.index(colour_name(c)) for c in colours if c is not None})
+        if bits:  # products having every colour given
+            has = (self._colours & bits) == bits
+            mask = has if mask is None else mask & has
         rows = [self._row_of[p] for p in exclude or () if p in self._row_of]
         needs_alive = self._kind == "hnsw" and not self._alive.all()
         if mask is None and not rows and not needs_alive:
@@ -238,10 +282,11 @@ class CatalogueIndex:
         category: str | None = None,
         group: str | None = None,
         exclude: set[str] | None = None,
+        colour: str | None = None,
     ) -> list[Hit]:
         """The k products most similar to one query vector (D,), best first."""
         return self.search_batch(
-            _as_matrix(query), k, category=category, group=group, exclude=exclude
+            _as_matrix(query), k, category=category, group=group, exclude=exclude, colour=colour
         )[0]
 
     def search_batch(
@@ -252,12 +297,13 @@ class CatalogueIndex:
         category: str | None = None,
         group: str | None = None,
         exclude: set[str] | None = None,
+        colour: str | None = None,
     ) -> list[list[Hit]]:
         """search() for each row of queries (B, D); the filters apply to every query."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = _as_matrix(queries, self.dim)
-        mask = self._filter_mask(category, group, exclude)
+        mask = self._filter_mask(category, group, exclude, colour)
         n_match = len(self) if mask is None else int(mask.sum())
         want = min(k, n_match)
         if want == 0:
@@ -313,15 +359,31 @@ class CatalogueIndex:
         *,
         category: str | None = None,
         group: str | None = None,
+        colour: str | None = None,
+        prefer_colour: str | None = None,
     ) -> list[Hit]:
         """Exact top-k of the live products in ANOTHER vector space (e.g. the text space).
 
         `vectors` row i describes index row i (`self.embeddings` row i, removed rows included);
         rows added after `vectors` was computed are not ranked. Filters work as in search().
+        `prefer_colour` ranks the products of that colour first (best first among them), then,
+        only when fewer than k of them match the filters, the best others (best first).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        mask = self._filter_mask(category, group, None)
+        first: list[Hit] = []
+        if prefer_colour is not None:
+            mask = self._filter_mask(category, group, None, colour, prefer_colour)
+            first = self._rank_space(vectors, query, k, mask)
+            if len(first) >= k:
+                return first
+        seen = {hit.product_id for hit in first}
+        rest = self._rank_space(
+            vectors, query, k + len(first), self._filter_mask(category, group, None, colour)
+        )
+        return first + [hit for hit in rest if hit.product_id not in seen][: k - len(first)]
+
+    def _rank_space(self, vectors: np.ndarray, query: np.ndarray, k: int, mask) -> list[Hit]:
         mask = self._alive.copy() if mask is None else mask
         mask[len(vectors) :] = False
         rows = np.flatnonzero(mask)

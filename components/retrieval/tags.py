@@ -1,8 +1,13 @@
-"""Tags derived from a category and a photo: the category's group and the product's shade."""
+"""Tags derived from a category and a photo: the category's group, the product's shade and its
+named colours (`colours_of`, also stored per product in the catalogue index)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from components.retrieval.colours import FOREGROUND_DELTA, colours_of
+
+__all__ = ["colours_of", "group_of", "shade_of", "tag_answer"]
 
 GROUPS: dict[str, str] = {
     "T-shirt/top": "tops",
@@ -19,7 +24,6 @@ GROUPS: dict[str, str] = {
 OTHER_GROUP = "other"
 # shade_of: mean foreground luminance (0..1) below DARK_MAX is "dark", above LIGHT_MIN "light".
 DARK_MAX, LIGHT_MIN = 0.35, 0.65
-FOREGROUND_DELTA = 16  # luminance (0-255) a pixel must differ from the border colour by
 
 
 def group_of(category: str) -> str:
@@ -61,9 +65,11 @@ def tag_answer(
     categories: list[str],
     pixels: np.ndarray,
     neighbour_categories: list[str],
+    colours: list[tuple[str, float]] | None = None,
 ) -> dict:
     """POST /tags: the photo's category, its group (summed probability of the group's
-    categories), its shade, and the majority category of its nearest catalogue neighbours."""
+    categories), its shade, the majority category of its nearest catalogue neighbours, and its
+    named colours (`colours_of` of the decoded upload, best first)."""
     majority = (
         max(set(neighbour_categories), key=neighbour_categories.count)
         if neighbour_categories
@@ -85,4 +91,5 @@ def tag_answer(
             "agrees": majority == category,
             "k": n,
         },
+        "colours": [{"value": name, "score": share} for name, share in colours or []],
     }
