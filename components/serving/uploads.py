@@ -87,11 +87,26 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def compute_image_stats(image: Image.Image, pixels: np.ndarray) -> dict[str, float]:
+def compute_image_stats(image: Image.Image, pixels: np.ndarray | None = None) -> dict[str, float]:
     """Original size and aspect (width / height) plus brightness and contrast (mean and std of
-    the preprocessed pixels, 0..1). The drift reference of every model version is computed with
-    this same function (components/model/reference.py), so served and reference statistics agree."""
-    grey = pixels.astype(np.float64).mean(axis=-1) if pixels.ndim == 3 else pixels
+    the photo's own grey levels, 0..1, on a copy reduced to at most 64 px). Measured on the
+    photo, not on the model's input: canonical preprocessing stretches contrast, which would
+    hide a darkened camera from monitoring. The drift reference of every model version is
+    computed with this same function (components/model/reference.py), so served and reference
+    statistics agree. (`pixels` is accepted for older callers and ignored.)"""
+    small = image
+    factor = max(1, max(image.size) // 64)
+    if factor > 1:
+        small = image.reduce(factor) if image.mode in ("L", "RGB", "RGBA", "LA") else image
+    if small.mode in ("RGBA", "LA", "PA", "P"):
+        small = small.convert("RGBA")
+        black = Image.new("RGBA", small.size, (0, 0, 0, 255))
+        small = Image.alpha_composite(black, small)
+    try:
+        grey = np.asarray(small.convert("L"), dtype=np.float64)
+    except (ValueError, OSError):  # modes PIL cannot turn into L directly (e.g. I;16)
+        grey = np.asarray(pixels if pixels is not None else small, dtype=np.float64)
+        grey = grey.mean(axis=-1) if grey.ndim == 3 else grey
     return {
         "width": int(image.size[0]),
         "height": int(image.size[1]),

@@ -141,12 +141,16 @@ def test_search_returns_k_similar_products_with_filters(server, champion, produc
         assert {r["category"] for r in filtered["results"]} == {category}
     footwear = post_image(server, "/search", photo(champion, row), k="5", group="footwear").json()
     assert {r["group"] for r in footwear["results"]} == {"footwear"}
+    colour = products["colours"].iloc[0].split(",")[0]  # a colour the grayscale catalogue has
+    coloured = post_image(server, "/search", photo(champion, row), k="5", colour=colour).json()
+    assert coloured["filters"]["colour"] == colour and len(coloured["results"]) == 5
+    assert all(colour in r["colours"] for r in coloured["results"])
     image = httpx.get(f"{server.url}{results[1]['image_url']}")
     match = products[products["product_id"] == results[1]["product_id"]].iloc[0]
     assert image.status_code == 200 and image.content == photo(champion, match)
 
 
-def test_search_text_ranks_products_by_a_text_query(server, champion):
+def test_search_text_ranks_products_by_a_text_query(server, champion, products):
     url = f"{server.url}/search_text"
     bags = httpx.post(url, json={"query": "a leather handbag", "k": 10}, timeout=30).json()
     trousers = httpx.post(url, json={"query": "blue jeans", "k": 10}, timeout=30).json()
@@ -155,6 +159,12 @@ def test_search_text_ranks_products_by_a_text_query(server, champion):
     assert scores == sorted(scores, reverse=True)
     ids = {r["product_id"] for r in bags["results"]}
     assert ids != {r["product_id"] for r in trousers["results"]}  # the query matters
+    assert trousers["preferred_colour"] is None and trousers["text"] == "blue jeans"  # no blue
+    black = httpx.post(url, json={"query": "black dress", "k": 5}, timeout=30).json()
+    has_black = products["colours"].str.split(",").map(lambda c: "black" in c).any()
+    assert len(black["results"]) == 5  # a grayscale catalogue still answers
+    assert black["preferred_colour"] == ("black" if has_black else None)
+    assert not has_black or "black" in black["results"][0]["colours"]
     footwear = httpx.post(url, json={"query": "boots", "k": 6, "group": "footwear"}).json()
     assert len(footwear["results"]) == 6
     assert {r["group"] for r in footwear["results"]} == {"footwear"}
@@ -163,6 +173,7 @@ def test_search_text_ranks_products_by_a_text_query(server, champion):
         ({"query": "   "}, 400),
         ({"query": "x", "k": 0}, 422),
         ({"query": "x", "category": "Hats"}, 400),
+        ({"query": "x", "colour": "chartreuse"}, 422),
         ({"k": 3}, 422),
     ):
         response = httpx.post(url, json=bad, timeout=30)
@@ -183,6 +194,12 @@ def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, produc
     assert tags["group"]["value"] == group_of(tags["category"]["value"])
     assert tags["group"]["score"] >= tags["category"]["score"] - 1e-6
     assert tags["shade"]["value"] in {"dark", "mid", "light"} and 0 <= tags["shade"]["score"] <= 1
+    names = [c["value"] for c in tags["colours"]]  # as the index names the same product
+    assert names == products.iloc[9]["colours"].split(",") and set(names) <= {
+        "black",
+        "grey",
+        "white",
+    }
     neighbours = tags["neighbours"]
     assert neighbours["k"] == 10 and 0.1 <= neighbours["score"] <= 1.0
     assert neighbours["agrees"] == (neighbours["value"] == tags["category"]["value"])
@@ -226,6 +243,7 @@ def bad_requests(server, good: bytes) -> dict[str, httpx.Response]:
         "k not a number": post_image(server, "/search", good, k="ten"),
         "unknown category": post_image(server, "/search", good, category="Spaceship"),
         "unknown group": post_image(server, "/search", good, group="hats"),
+        "unknown colour": post_image(server, "/search", good, colour="chartreuse"),
         "unknown product": httpx.get(f"{url}/products/no-such-product"),
         "unknown product image": httpx.get(f"{url}/products/no-such-product/image"),
         "recommend unknown": httpx.post(f"{url}/recommend", json={"history": ["nope"], "k": 3}),
@@ -248,6 +266,8 @@ def test_bad_inputs_get_a_4xx_json_message_and_the_service_stays_up(server, cham
     assert responses["decompression bomb"].status_code == 413
     assert responses["wrong content type"].status_code == 415
     assert "Spaceship" in responses["unknown category"].json()["error"]
+    assert responses["unknown colour"].status_code == 422
+    assert "navy" in responses["unknown colour"].json()["error"]  # it lists the palette
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
     assert post_image(server, "/classify", good).status_code == 200
 
