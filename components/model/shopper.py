@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from components.config import SHOPPER_SHIFTS as SHIFTS
+from components.model.transforms import canonical_image, image_to_uint8
 
 SILHOUETTE_MIN = 10.0  # distance from the background (0-255) that makes a pixel the product's
 
@@ -197,8 +198,6 @@ def render(image: Image.Image, shift: str, rng: np.random.Generator) -> Image.Im
         "L",
         "RGB",
     ):  # transparency, palettes, CMYK, 16-bit: as the model sees them
-        from components.model.transforms import canonical_image
-
         image = canonical_image(image, 3)
     if shift in ("jpeg", "blur_noise", "occlusion", "rotation"):
         return degrade(image, shift, rng)
@@ -271,8 +270,6 @@ def render_set(
 
 def _render_views_chunk(job: tuple[list[str], list[int], int, int, int, bool]) -> np.ndarray:
     """Worker: open, render under a per-image shift, preprocess; uint8 N×size×size×channels."""
-    from components.model.transforms import image_to_uint8
-
     paths, indices, seed, size, channels, canonical = job
     out = []
     for path, i in zip(paths, indices, strict=True):

@@ -66,6 +66,7 @@ def square_resize(image: Image.Image, size: int) -> Image.Image:
 # (the median of the outermost ring) by more than the ring's own spread plus FOREGROUND_MIN.
 FOREGROUND_MIN = 24.0
 LOCATE_MAX_SIDE = 256  # larger photos are box-reduced before locating (the output is 28-64 px)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # luminance of RGB
 ROW_SHARE = 0.02  # a row / column is part of the product with at least this share of its pixels
 
 
@@ -145,9 +146,6 @@ def canonical_with_frame(
         )
     frame = ((left - x) * factor, (top - y) * factor, side * factor)  # in the photo's pixels
     return np.asarray(square), frame
-
-
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def image_to_uint8(
