@@ -7,7 +7,10 @@ vitrine: components.model.training.train_model with params.yaml's `train` sectio
 code path; --budget-minutes sets the number of epochs from timed probes of real training
 steps at each input size the run uses (progressive resizing trains the early epochs on
 smaller images), so the one-cycle schedule ends inside the budget (early stopping is off: the
-budget decides). The JSON records the probed and the measured seconds per epoch and size.
+budget decides). The images go through the configured preprocessing (`train.preprocess`) and,
+with `train.shopper_share`, training swaps in the same shopper-style views as the loop's
+(rendered once before the clock starts: `prepare_minutes`, like the loop's cached decode).
+The JSON records the probed and the measured seconds per epoch and size.
 Baselines: logistic regression on raw pixels; frozen ImageNet EfficientNet-Lite0 features
 (64 px, the shipped weights) + a logistic-regression head. Each row prints test accuracy,
 macro-F1, Recall@1 (test images as queries against the train embeddings, same category =
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
@@ -37,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from components.config import TrainParams, load_params  # noqa: E402
 from components.data.catalogue import load_fashion_mnist  # noqa: E402
-from components.model import training  # noqa: E402
+from components.model import shopper, training  # noqa: E402
 from components.model.evaluation import retrieval_metrics  # noqa: E402
 from components.model.models import EfficientNetTrunk  # noqa: E402
-from components.model.transforms import to_tensor  # noqa: E402
+from components.model.transforms import image_to_uint8, to_tensor  # noqa: E402
 
 # The probes come out about 3% under a full run's epochs (55.0 s probed against 56.5 s measured
 # at 28 px); the rest of the factor is a margin so a budget run ends inside its budget. (×1.12,
@@ -49,7 +53,11 @@ PROBE_MARGIN = 1.05
 
 
 def probe_epoch_seconds(
-    images: np.ndarray, labels: np.ndarray, params: TrainParams, size: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    params: TrainParams,
+    size: int,
+    views: np.ndarray | None = None,
 ) -> float:
     """Seconds per epoch at `size` px from two timed probes of real training steps (10 and
     50 batches) after an untimed warm-up one: their difference is the per-batch cost, the
@@ -67,7 +75,7 @@ def probe_epoch_seconds(
         )
         with tempfile.TemporaryDirectory() as tmp:
             result = training.train_model(
-                images, labels, run, 10, Path(tmp), progress=False, pretrained=False
+                images, labels, run, 10, Path(tmp), progress=False, pretrained=False, views=views
             )
         return result.history[0]["seconds"]
 
@@ -94,23 +102,43 @@ def plan_epochs(budget_s: float, epoch_s: dict[int, float], params: TrainParams)
     return epochs
 
 
-def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
-    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+def prepare(data: dict, params: TrainParams) -> tuple[dict, np.ndarray | None, float]:
+    """(the splits through the configured preprocessing, the training rows' shopper-style
+    views or None, seconds spent): what the loop's load_images / load_views hand training."""
+    start = time.perf_counter()
+    canonical = params.preprocess == "canonical"
+    out = {}
+    for split, (x, y) in data.items():
+        if canonical:
+            x = np.stack([image_to_uint8(Image.fromarray(im[..., 0]), 28, 1, True) for im in x])
+        out[split] = (x, y)
+    views = None
+    if params.shopper_share > 0:
+        views = shopper.render_views(
+            list(data["train"][0]), params.seed, 28, 1, canonical, progress=False
+        )
+    return out, views, time.perf_counter() - start
+
+
+def train_budgeted(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    params: TrainParams,
+    budget_min: float,
+    views: np.ndarray | None = None,
+) -> tuple[training.TrainResult, dict]:
+    """Train with as many epochs as the probes fit in the budget; (result, timing record)."""
     sizes = sorted({*params.progressive_sizes, params.image_size})
-    epoch_s = {size: probe_epoch_seconds(x_train, y_train, params, size) for size in sizes}
+    epoch_s = {s: probe_epoch_seconds(x_train, y_train, params, s, views) for s in sizes}
     epochs = plan_epochs(budget_min * 60, epoch_s, params)
     run = params.model_copy(update={"epochs": epochs, "patience": epochs + 1})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = training.train_model(
-            x_train, y_train, run, 10, Path(tmp), progress=False, pretrained=False
+            x_train, y_train, run, 10, Path(tmp), progress=False, pretrained=False, views=views
         )
-    minutes = (time.perf_counter() - start) / 60
-    probs, test_emb = training.predict_batches(result.model, x_test)
-    _, train_emb = training.predict_batches(result.model, x_train)
-    return {
-        **scores(y_test, probs.argmax(1), test_emb, train_emb, y_train),
-        "train_minutes": round(minutes, 2),
+    return result, {
+        "train_minutes": round((time.perf_counter() - start) / 60, 2),
         "epochs": epochs,
         "epoch_sizes": [h["size"] for h in result.history],
         "probe_margin": PROBE_MARGIN,
@@ -121,6 +149,19 @@ def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
             )
             for size in sorted({h["size"] for h in result.history})
         },
+    }
+
+
+def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
+    prepared, views, prepare_s = prepare(data, params)
+    (x_train, y_train), (x_test, y_test) = prepared["train"], prepared["test"]
+    result, timing = train_budgeted(x_train, y_train, params, budget_min, views)
+    probs, test_emb = training.predict_batches(result.model, x_test)
+    _, train_emb = training.predict_batches(result.model, x_train)
+    return {
+        **scores(y_test, probs.argmax(1), test_emb, train_emb, y_train),
+        **timing,
+        "prepare_minutes": round(prepare_s / 60, 2),
     }
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from scipy import ndimage
 
 MEAN, SCALE = 127.0, 128.0
 
@@ -68,68 +69,132 @@ FOREGROUND_MIN = 24.0
 LOCATE_MAX_SIDE = 256  # larger photos are box-reduced before locating (the output is 28-64 px)
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # luminance of RGB
 ROW_SHARE = 0.02  # a row / column is part of the product with at least this share of its pixels
+# A busy background (clutter, tiles: the ring's spread above BUSY_SPREAD) is told apart by
+# colour instead: the product is what differs by more than PALETTE_MIN (RGB distance) from
+# every colour of the ring, located on a copy of at most BUSY_SIDE px.
+BUSY_SPREAD = 25.0
+PALETTE_MIN = 22.0
+PALETTE_SIZE = 64  # the ring's most frequent colours (quantised to steps of 8)
+BUSY_SIDE = 64
+
+
+def _ring(arr: np.ndarray) -> np.ndarray:
+    """The outermost ring (1/28 of the short side wide) of an H×W(×C) array, as N(×C)."""
+    h, w = arr.shape[:2]
+    r = max(1, round(min(h, w) / 28))
+    tail = arr.shape[2:]
+    return np.concatenate(
+        [
+            arr[:r].reshape(-1, *tail),
+            arr[-r:].reshape(-1, *tail),
+            arr[:, :r].reshape(-1, *tail),
+            arr[:, -r:].reshape(-1, *tail),
+        ]
+    )
 
 
 def product_box(lum: np.ndarray) -> tuple[float, float, tuple[int, int, int, int] | None]:
     """(background level, background spread, (top, bottom, left, right) or None) of a
-    luminance array: the background is the median of the outermost ring (1/28 of the short side
-    wide), its spread the 75th percentile of the ring's distance to it (0 on a plain
-    background, large on a textured one); the box holds the rows and columns with enough
-    pixels farther than spread + FOREGROUND_MIN from the background."""
-    h, w = lum.shape
-    r = max(1, round(min(h, w) / 28))
-    ring = np.concatenate(
-        [lum[:r].ravel(), lum[-r:].ravel(), lum[:, :r].ravel(), lum[:, -r:].ravel()]
-    )
+    luminance array: the background is the median of the outermost ring, its spread the 75th
+    percentile of the ring's distance to it (0 on a plain background, large on a textured
+    one); the box holds the rows and columns with enough pixels farther than
+    spread + FOREGROUND_MIN from the background."""
+    ring = _ring(lum)
     background = float(np.median(ring))
     spread = float(np.percentile(np.abs(ring - background), 75))
-    mask = np.abs(lum - background) > spread + FOREGROUND_MIN
+    return background, spread, mask_box(np.abs(lum - background) > spread + FOREGROUND_MIN)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the rows and columns with at least ROW_SHARE product."""
+    h, w = mask.shape
     rows = np.flatnonzero(mask.sum(axis=1) >= max(1, ROW_SHARE * w))
     cols = np.flatnonzero(mask.sum(axis=0) >= max(1, ROW_SHARE * h))
     if len(rows) == 0 or len(cols) == 0:
-        return background, spread, None
-    return background, spread, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def canonicalise(image: Image.Image, size: int) -> np.ndarray:
-    return canonical_with_frame(image, size)[0]
+def busy_mask(rgb: np.ndarray) -> np.ndarray | None:
+    """The product's pixels (bool H×W) on a busy background, or None where nothing stands out:
+    the pixels farther than PALETTE_MIN from every colour of the ring (a clutter or a pattern
+    shows its colours at the border), in connected regions at least a fifth of the largest
+    one (stray bits of clutter are smaller than the product), holes filled. Works on a copy of
+    at most BUSY_SIDE px; the mask comes back at the input's size."""
+    h, w = rgb.shape[:2]
+    factor = max(1, max(h, w) // BUSY_SIDE)
+    small = rgb
+    if factor > 1:
+        small = np.asarray(Image.fromarray(rgb.astype(np.uint8), "RGB").reduce(factor), np.float32)
+    quantised, counts = np.unique((_ring(small) // 8).astype(np.int32), axis=0, return_counts=True)
+    palette = (quantised[np.argsort(-counts)[:PALETTE_SIZE]] * 8 + 4).astype(np.float32)
+    distance = np.full(small.shape[:2], np.inf, np.float32)
+    for colour in palette:  # ≤ 64 passes over ≤ 64×64 px: well under a millisecond each
+        np.minimum(distance, np.sqrt(((small - colour) ** 2).sum(axis=2)), out=distance)
+    far = distance > PALETTE_MIN
+    labels, count = ndimage.label(far)
+    if count == 0:
+        return None
+    sizes = ndimage.sum(far, labels, range(1, count + 1))
+    keep = ndimage.binary_fill_holes(
+        np.isin(labels, np.flatnonzero(sizes >= 0.2 * sizes.max()) + 1)
+    )
+    if factor > 1:
+        keep = np.asarray(Image.fromarray(keep).resize((w, h), Image.Resampling.NEAREST))
+    return keep
+
+
+def canonicalise(image: Image.Image, size: int, mode: str | None = None) -> np.ndarray:
+    return canonical_with_frame(image, size, mode)[0]
 
 
 def canonical_with_frame(
-    image: Image.Image, size: int
+    image: Image.Image, size: int, mode: str | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A photo of one product, as the catalogue shows products: uint8 size×size (mode L) or
-    size×size×3 (RGB).
+    """A photo of one product (mode L or RGB), as the catalogue shows products: uint8
+    size×size in `mode` (default: the photo's), L or RGB.
 
     1. large photos are box-reduced to at most LOCATE_MAX_SIDE px (cheap; the output is small);
-    2. the product is located against the background (`product_box`);
+    2. the product is located against the background (`product_box`); on a busy background
+       (the ring's spread above BUSY_SPREAD) by its colours instead (`busy_mask`), and what is
+       not the product is blanked to the background;
     3. grayscale (mode L): every pixel becomes its distance from the background minus the
        background's spread, so a dark product on white, a light one on black and one on a
-       textured wall all become a light product on black, as Fashion-MNIST's are; then the
-       contrast is stretched so the product's 99.9th percentile is 255 (Fashion-MNIST's images
-       all reach 255). RGB keeps its colours: only the geometry is canonical;
+       textured wall all become a light product on black, as Fashion-MNIST's are (on a busy
+       background: the product's negative when the background is light, itself when dark);
+       then the contrast is stretched so the product's 99.9th percentile is 255
+       (Fashion-MNIST's images all reach 255). RGB keeps its colours: only the geometry is
+       canonical;
     4. the box is padded to a centred square (with the background) and resized so its longer
        side fills `size`: Fashion-MNIST's own framing (trimmed, longest edge 28 px).
     A photo where no product stands out keeps its whole frame. Also returns the frame: the
     model input's square as (x, y, side) in the photo's own pixels (for explanations)."""
+    mode = mode or image.mode
     factor = max(1, max(image.size) // LOCATE_MAX_SIDE)
     if factor > 1:
         image = image.reduce(factor)
-    arr = np.asarray(image)
-    lum = arr.astype(np.float32) if arr.ndim == 2 else arr.astype(np.float32) @ LUMA
+    arr = np.asarray(image).astype(np.float32)
+    lum = arr if arr.ndim == 2 else arr @ LUMA
     background, spread, box = product_box(lum)
-    if arr.ndim == 2:
-        out = np.clip(np.abs(lum - background) - spread, 0, None)
+    mask = busy_mask(arr) if arr.ndim == 3 and spread > BUSY_SPREAD else None
+    if mask is not None:
+        box = mask_box(mask)
+    if mode == "L":
+        if mask is None:
+            out = np.clip(np.abs(lum - background) - spread, 0, None)
+        else:
+            out = (255.0 - lum if background >= 128 else lum) * mask
         fill: float | tuple = 0.0
     else:
-        out = arr.astype(np.float32)
-        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-        fill = tuple(float(v) for v in np.median(border, axis=0))
+        out = arr if arr.ndim == 3 else arr[..., None].repeat(3, axis=2)
+        fill = tuple(float(v) for v in np.median(_ring(out), axis=0))
+        if mask is not None:
+            out = np.where(mask[..., None], out, np.array(fill, np.float32))
     top, left = 0, 0
     if box is not None:
         top, bottom, left, right = box
         out = out[top:bottom, left:right]
-    if arr.ndim == 2:
+    if mode == "L":
         peak = float(np.percentile(out, 99.9)) if out.size else 0.0
         if peak > 0:
             out = out * (255.0 / peak)
@@ -139,7 +204,7 @@ def canonical_with_frame(
     canvas[...] = fill
     y, x = (side - bh) // 2, (side - bw) // 2
     canvas[y : y + bh, x : x + bw] = out
-    square = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), image.mode)
+    square = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode)
     if side != size:
         square = square.resize(
             (size, size), Image.Resampling.BOX if side > size else Image.Resampling.BILINEAR
@@ -148,15 +213,21 @@ def canonical_with_frame(
     return np.asarray(square), frame
 
 
+def _located(image: Image.Image, channels: int) -> Image.Image:
+    """The decoded photo canonicalise locates the product on: its colours kept (a busy
+    background is told apart by colour) unless it is grayscale already."""
+    grey = image.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
+    return canonical_image(image, 1 if grey else 3)
+
+
 def image_to_uint8(
     image: Image.Image, size: int, channels: int = 1, canonical: bool = False
 ) -> np.ndarray:
     """The model input for one photo: size×size×channels uint8 (see the module docstring)."""
-    image = canonical_image(image, channels)
     if canonical:
-        arr = canonicalise(image, size)
+        arr = canonicalise(_located(image, channels), size, "L" if channels == 1 else "RGB")
     else:
-        arr = np.asarray(square_resize(image, size), dtype=np.uint8)
+        arr = np.asarray(square_resize(canonical_image(image, channels), size), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -165,7 +236,8 @@ def input_frame(image: Image.Image, model: object) -> tuple[float, float, float]
     square may reach past the photo's edges, where it was padded)."""
     if getattr(model, "preprocess", "plain") == "canonical":
         channels, size = model.in_channels, model.image_size  # type: ignore[attr-defined]
-        return canonical_with_frame(canonical_image(image, channels), size)[1]
+        mode = "L" if channels == 1 else "RGB"
+        return canonical_with_frame(_located(image, channels), size, mode)[1]
     w, h = image.size
     side = max(w, h)
     return (-((side - w) // 2), -((side - h) // 2), side)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from components.config import SHOPPER_SHIFTS
-from components.model import shopper
+from components.model import shopper, transforms
 from components.model.evaluation import pick_shopper_rows
 from components.model.transforms import image_to_uint8, input_frame
 
@@ -78,6 +78,41 @@ def test_canonical_preprocessing_brings_a_shoppers_photo_back_to_the_catalogue_l
         plain.append(similarity(image_to_uint8(photo, 28, 1)[..., 0].astype(float), target))
     assert np.median(canonical) > 0.85, canonical
     assert np.median(plain) < 0.2, plain
+
+
+def test_on_a_busy_background_the_product_is_told_apart_by_colour(products, monkeypatch):
+    """Clutter of many colours behind the product: locating it by the ring's colours brings
+    the photo much closer to the catalogue image than the plain background rule does."""
+
+    def median_similarity() -> float:
+        return float(
+            np.median(
+                [
+                    similarity(
+                        catalogue_view(
+                            shopper.render(p, "busy_background", shopper.shift_rng(0, "busy", i))
+                        ),
+                        catalogue_view(p),
+                    )
+                    for i, p in enumerate(products)
+                ]
+            )
+        )
+
+    by_colour = median_similarity()
+    monkeypatch.setattr(transforms, "BUSY_SPREAD", float("inf"))  # the plain rule only
+    by_level = median_similarity()
+    assert by_colour > 0.35 and by_colour > by_level + 0.2, (by_colour, by_level)
+
+
+def test_busy_mask_keeps_the_product_and_drops_the_clutter():
+    photo = np.zeros((120, 120, 3), np.uint8)
+    photo[:, :60], photo[:, 60:] = (230, 200, 60), (60, 160, 230)  # two walls
+    photo[:30, 20:100] = (200, 60, 160)  # a shelf touching the top edge
+    photo[40:100, 35:85] = (90, 90, 90)  # the product
+    mask = transforms.busy_mask(photo.astype(np.float32))
+    assert mask[45:95, 40:80].all()
+    assert mask.sum() < 1.1 * 60 * 50
 
 
 def test_canonical_preprocessing_keeps_a_catalogue_image(products):
