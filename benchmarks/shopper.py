@@ -35,11 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train import prepare, scores, train_budgeted  # noqa: E402
+from train import load_splits, train_and_score  # noqa: E402
 
-from components.config import TrainParams, load_params  # noqa: E402
-from components.data.catalogue import load_fashion_mnist  # noqa: E402
-from components.model import training  # noqa: E402
+from components.config import TrainParams  # noqa: E402
 from components.model.evaluation import evaluate_shopper, pick_shopper_rows  # noqa: E402
 
 GOAL_ACCURACY_RATIO = 0.90  # every shift's accuracy against in-domain
@@ -49,17 +47,14 @@ GOAL_IN_DOMAIN = 0.94
 
 def measure(name: str, data: dict, params: TrainParams, budget: float, shopper_set: dict) -> dict:
     """Train one configuration in the budget; its in-domain and per-shift scores."""
-    prepared, views, prepare_s = prepare(data, params)
-    (x_train, y_train), (x_test, y_test) = prepared["train"], prepared["test"]
-    print(f"{name}: prepared in {prepare_s / 60:.1f} min; training", flush=True)
-    result, timing = train_budgeted(x_train, y_train, params, budget, views)
-    probs, test_emb = training.predict_batches(result.model, x_test)
-    _, train_emb = training.predict_batches(result.model, x_train)
-    in_domain = scores(y_test, probs.argmax(1), test_emb, train_emb, y_train)
+    print(f"{name}: training", flush=True)
+    model, train_emb, row = train_and_score(data, params, budget)
+    in_domain = {k: row.pop(k) for k in ("accuracy", "macro_f1", "recall_at_1")}
+    y_train = data["train"][1]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         shifts = evaluate_shopper(
-            result.model,
+            model,
             shopper_set["photos"],
             shopper_set["labels"],
             shopper_set["ids"],
@@ -85,8 +80,7 @@ def measure(name: str, data: dict, params: TrainParams, budget: float, shopper_s
         },
         "preprocess": params.preprocess,
         "shopper_share": params.shopper_share,
-        **timing,
-        "prepare_minutes": round(prepare_s / 60, 2),
+        **row,
         "shopper_minutes": round((time.perf_counter() - start) / 60, 2),
     }
     print(f"{name}: {row}", flush=True)
@@ -102,12 +96,9 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(training.count_threads())
-    params = load_params(args.params)
-    fm = load_fashion_mnist(params.data.fashion_mnist_dir)
-    data = {split: (x[..., None], y.astype(np.int64)) for split, (x, y) in fm.items()}
+    params, data = load_splits(args.params)
     config = params.evaluation.shopper
-    x_test, y_test = fm["test"]
+    x_test, y_test = data["test"][0][..., 0], data["test"][1]
     rows = pick_shopper_rows(y_test, args.images or config.images, config.seed)
     shopper_set = {
         "photos": [Image.fromarray(x_test[i]) for i in rows],

@@ -39,7 +39,7 @@ from sklearn.metrics import f1_score
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components.config import TrainParams, load_params  # noqa: E402
+from components.config import Params, TrainParams, load_params  # noqa: E402
 from components.data.catalogue import load_fashion_mnist  # noqa: E402
 from components.model import shopper, training  # noqa: E402
 from components.model.evaluation import retrieval_metrics  # noqa: E402
@@ -152,17 +152,35 @@ def train_budgeted(
     }
 
 
-def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
+def train_and_score(
+    data: dict, params: TrainParams, budget_min: float
+) -> tuple[torch.nn.Module, np.ndarray, dict]:
+    """Prepare, train in the budget, score on the test split: (model, the training rows'
+    embeddings (the catalogue searched), test scores + timing)."""
     prepared, views, prepare_s = prepare(data, params)
     (x_train, y_train), (x_test, y_test) = prepared["train"], prepared["test"]
     result, timing = train_budgeted(x_train, y_train, params, budget_min, views)
     probs, test_emb = training.predict_batches(result.model, x_test)
     _, train_emb = training.predict_batches(result.model, x_train)
-    return {
+    row = {
         **scores(y_test, probs.argmax(1), test_emb, train_emb, y_train),
         **timing,
         "prepare_minutes": round(prepare_s / 60, 2),
     }
+    return result.model, train_emb, row
+
+
+def train_vitrine(data: dict, params: TrainParams, budget_min: float) -> dict:
+    return train_and_score(data, params, budget_min)[2]
+
+
+def load_splits(params_path: Path | None) -> tuple[Params, dict]:
+    """(params, {split: (images N×28×28×1 uint8, labels int64)}) of the standard split; torch
+    on every core training uses."""
+    torch.set_num_threads(training.count_threads())
+    params = load_params(params_path)
+    fm = load_fashion_mnist(params.data.fashion_mnist_dir)
+    return params, {split: (x[..., None], y.astype(np.int64)) for split, (x, y) in fm.items()}
 
 
 def scores(y_test, predicted, test_emb, train_emb, y_train) -> dict:
@@ -244,10 +262,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(training.count_threads())
-    params = load_params(args.params)
-    fm = load_fashion_mnist(params.data.fashion_mnist_dir)
-    data = {split: (x[..., None], y.astype(np.int64)) for split, (x, y) in fm.items()}
+    params, data = load_splits(args.params)
     config = params.train.model_dump(exclude={"max_batches_per_epoch"})
     print(f"vitrine default config: {config}; {torch.get_num_threads()} threads", flush=True)
     budgets = args.curve or [args.budget_minutes]
