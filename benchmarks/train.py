@@ -115,7 +115,13 @@ def prepare(data: dict, params: TrainParams) -> tuple[dict, np.ndarray | None, f
     views = None
     if params.shopper_share > 0:
         views = shopper.render_views(
-            list(data["train"][0]), params.seed, 28, 1, canonical, progress=False
+            list(data["train"][0]),
+            params.seed,
+            28,
+            1,
+            canonical,
+            progress=False,
+            weights=params.shopper_weights,
         )
     return out, views, time.perf_counter() - start
 

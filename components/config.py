@@ -89,6 +89,22 @@ class LabelParams(_Strict):
     ] = "prune_by_noise_rate"
 
 
+SHOPPER_SHIFTS = (  # components/model/shopper.py renders these (kept here: config is the base)
+    "white_background",
+    "light_background",
+    "textured_background",
+    "busy_background",
+    "colour_tint",
+    "colour_photo",
+    "phone",
+    "jpeg",
+    "blur_noise",
+    "occlusion",
+    "rotation",
+)
+ShopperShift = Literal[SHOPPER_SHIFTS]  # type: ignore[valid-type]
+
+
 class TrainParams(_Strict):
     backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
     # the compact CNN: conv width and number of conv blocks per stage, a 2x2 max-pool between
@@ -112,6 +128,8 @@ class TrainParams(_Strict):
     preprocess: Literal["plain", "canonical"] = "plain"
     # share of training images swapped for a shopper-style rendering (components/model/shopper.py)
     shopper_share: float = Field(0.0, ge=0, le=1)
+    # how often each shift is drawn for a row's view, relative (a shift not named: 1; 0: never)
+    shopper_weights: dict[ShopperShift, float] = Field(default_factory=dict)
     # side in pixels of a square cutout augmentation; 0 = off (8 measured 0.9388 vs 0.9399, docs/defaults.md)
     cutout: int = Field(0, ge=0)
     # progressive resizing: sides (px) of the earlier epochs, e.g. [20, 24]. The epochs split
@@ -137,28 +155,21 @@ class TrainParams(_Strict):
             )
         return self
 
+    @field_validator("shopper_weights")
+    @classmethod
+    def _weights_not_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"shopper weights must be >= 0, got {weights}")
+        if weights and all(weights.get(s, 1.0) == 0 for s in SHOPPER_SHIFTS):
+            raise ValueError("shopper weights: at least one shift must have a weight above 0")
+        return weights
+
     @field_validator("progressive_sizes")
     @classmethod
     def _sizes_at_least_8(cls, sizes: list[int]) -> list[int]:
         if any(side < 8 for side in sizes):
             raise ValueError(f"progressive sizes must be at least 8 px, got {sizes}")
         return sizes
-
-
-SHOPPER_SHIFTS = (  # components/model/shopper.py renders these (kept here: config is the base)
-    "white_background",
-    "light_background",
-    "textured_background",
-    "busy_background",
-    "colour_tint",
-    "colour_photo",
-    "phone",
-    "jpeg",
-    "blur_noise",
-    "occlusion",
-    "rotation",
-)
-ShopperShift = Literal[SHOPPER_SHIFTS]  # type: ignore[valid-type]
 
 
 class ShopperEvaluationParams(_Strict):

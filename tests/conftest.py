@@ -114,3 +114,64 @@ def write_csv_catalogue(
     csv = folder / "catalogue.csv"
     csv.write_text("product_id,image,label,title,split\n" + "\n".join(rows) + "\n")
     return csv
+
+
+COLOURS = {  # a shop's product colours (RGB), named as /tags names them
+    "red": (200, 30, 40),
+    "navy": (20, 30, 110),
+    "green": (30, 140, 60),
+    "yellow": (230, 200, 40),
+    "pink": (240, 140, 180),
+    "brown": (120, 70, 30),
+    "black": (25, 25, 25),
+    "grey": (128, 128, 128),
+}
+COLOUR_FORMATS = ("jpeg", "webp", "rgba_png", "cmyk_jpeg")
+
+
+def write_colour_catalogue(folder: Path, fmnist: dict, n_train: int, n_test: int) -> Path:
+    """A shop's own colour catalogue (CSV + image files) built from real Fashion-MNIST
+    products: each product dyed one of COLOURS (its shading kept) on a white studio background,
+    80-220 px and not square, saved in turn as JPEG, WebP, RGBA PNG (transparent around the
+    product) and CMYK JPEG, with a title naming its colour and category."""
+    from PIL import Image
+
+    from components.model.shopper import product_layers
+
+    rng = np.random.default_rng(7)
+    names = list(COLOURS)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = fmnist[split]
+        for i in range(n):
+            appearance, alpha = product_layers(Image.fromarray(images[i]))
+            colour_name = names[int(rng.integers(len(names)))]
+            dyed = np.array(COLOURS[colour_name], np.float32) * (0.45 + 0.55 * appearance / 255)
+            w, h = int(rng.integers(80, 221)), int(rng.integers(80, 221))
+            side = int(min(w, h) * rng.uniform(0.7, 0.9))
+            look = Image.fromarray(np.clip(dyed, 0, 255).astype(np.uint8)).resize((side, side))
+            mask = Image.fromarray((alpha * 255).astype(np.uint8)).resize((side, side))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            kind = COLOUR_FORMATS[i % len(COLOUR_FORMATS)]
+            stem = f"img/{split}-{i:05d}"
+            if kind == "rgba_png":
+                photo = Image.new("RGBA", (w, h), (255, 255, 255, 0))
+                photo.paste(look.convert("RGBA"), (x, y), mask)
+                name = f"{stem}.png"
+                photo.save(folder / name)
+            else:
+                photo = Image.new("RGB", (w, h), (250, 250, 248))
+                photo.paste(look, (x, y), mask)
+                if kind == "webp":
+                    name = f"{stem}.webp"
+                    photo.save(folder / name, quality=90)
+                else:
+                    name = f"{stem}.jpg"
+                    photo = photo.convert("CMYK") if kind == "cmyk_jpeg" else photo
+                    photo.save(folder / name, quality=90)
+            category = CATEGORIES[int(labels[i])]
+            rows.append(f"c-{split}-{i:05d},{name},{category},{colour_name} {category} {i},{split}")
+    csv = folder / "catalogue.csv"
+    csv.write_text("product_id,image,label,title,split\n" + "\n".join(rows) + "\n")
+    return csv

@@ -9,6 +9,7 @@ normalised by min(10, number of relevant items in the catalogue).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -272,12 +273,15 @@ def evaluate_shopper(
     seed: int,
     in_domain: dict[str, float],
     out_dir: Path,
+    cache_dir: Path | None = None,
 ) -> ShopperResult:
     """Each test image (`sources`, PIL images of the frozen test split) rendered under every
     shift, then classified and searched against the catalogue like a shopper's upload:
     accuracy, macro-F1 and Recall@1 per shift, and each shift's ratio to the in-domain
     accuracy / Recall@1 of the whole test split (`in_domain`). Image i is seeded by its
-    product id, so two models (challenger, champion) see the same photos."""
+    product id, so two models (challenger, champion) see the same photos. With `cache_dir`,
+    the model inputs of each shift are kept there, keyed by the photos and the model's
+    preprocessing: a second model that preprocesses alike (the gate's champion) reuses them."""
     from components.model import shopper
     from components.model.transforms import model_input
 
@@ -285,8 +289,20 @@ def evaluate_shopper(
     keys = [zlib.crc32(str(pid).encode()) for pid in product_ids]
     rows, metrics, samples = [], {}, {}
     for shift in shifts:
-        photos = shopper.render_set(sources, shift, seed, keys)
-        pixels = np.stack([model_input(photo, model) for photo in photos])
+        cache = (
+            None
+            if cache_dir is None
+            else _shopper_cache(cache_dir, model, sources, keys, shift, seed)
+        )
+        if cache is not None and cache.exists():
+            pixels = np.load(cache)
+            photos = shopper.render_set(sources[:6], shift, seed, keys[:6])  # the grid's only
+        else:
+            photos = shopper.render_set(sources, shift, seed, keys)
+            pixels = np.stack([model_input(photo, model) for photo in photos])
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cache, pixels)
         probs, emb = _predict(model, pixels)
         scores, _ = classification_metrics(labels, probs, categories)
         recall = retrieval_metrics(emb, labels, catalogue_embeddings, catalogue_labels, (1,))
@@ -311,6 +327,19 @@ def evaluate_shopper(
     metrics["shopper_n"] = float(len(labels))
     grid = plot_shopper_grid(samples, labels[:6], categories, Path(out_dir) / "shopper_grid.png")
     return ShopperResult(metrics, table, grid)
+
+
+def _shopper_cache(
+    cache_dir: Path, model: nn.Module, sources: list, keys: list[int], shift: str, seed: int
+) -> Path:
+    """Where one shift's model inputs are cached: named by everything they depend on (the
+    source pixels, their seeds, the shift, the model's size, channels and preprocessing)."""
+    digest = hashlib.sha256(json.dumps([shift, seed, keys]).encode())
+    for image in sources:
+        digest.update(image.mode.encode() + repr(image.size).encode() + image.tobytes())
+    preprocess = getattr(model, "preprocess", "plain")
+    size, channels = model.image_size, model.in_channels  # type: ignore[attr-defined]
+    return Path(cache_dir) / f"{shift}-{preprocess}-{size}-{channels}-{digest.hexdigest()[:16]}.npy"
 
 
 def plot_shopper_grid(

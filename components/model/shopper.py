@@ -268,13 +268,25 @@ def render_set(
     ]
 
 
-def _render_views_chunk(job: tuple[list[str], list[int], int, int, int, bool]) -> np.ndarray:
+def training_shift_odds(weights: dict[str, float] | None) -> np.ndarray:
+    """Probability of each shift (SHIFTS order) for a training view: `weights` relative, a
+    shift not named weighs 1."""
+    odds = np.array([(weights or {}).get(shift, 1.0) for shift in SHIFTS], np.float64)
+    return odds / odds.sum()
+
+
+def training_shift(seed: int, index: int, odds: np.ndarray) -> tuple[str, np.random.Generator]:
+    """(the shift drawn for training row `index`, the generator that goes on to render it)."""
+    rng = shift_rng(seed, "training", index)
+    return SHIFTS[int(rng.choice(len(SHIFTS), p=odds))], rng
+
+
+def _render_views_chunk(job: tuple[list, list[int], int, int, int, bool, np.ndarray]) -> np.ndarray:
     """Worker: open, render under a per-image shift, preprocess; uint8 N×size×size×channels."""
-    paths, indices, seed, size, channels, canonical = job
+    paths, indices, seed, size, channels, canonical, odds = job
     out = []
     for path, i in zip(paths, indices, strict=True):
-        rng = shift_rng(seed, "training", i)
-        shift = SHIFTS[int(rng.integers(len(SHIFTS)))]
+        shift, rng = training_shift(seed, i, odds)
         if isinstance(path, np.ndarray):  # an already decoded catalogue image
             photo = render(Image.fromarray(path.squeeze()), shift, rng)
         else:
@@ -292,9 +304,10 @@ def render_views(
     canonical: bool,
     processes: int | None = None,
     progress: bool = True,
+    weights: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """One shopper-style view per catalogue image (each under a shift drawn for it), as the
-    model takes it: training's augmentation towards the shopper domain (training rows only;
+    """One shopper-style view per catalogue image (each under a shift drawn for it with the
+    odds of `weights`, see training_shift_odds), as the model takes it: training's augmentation towards the shopper domain (training rows only;
     evaluation renders the test split with its own seed). Rendered in `processes` worker
     processes (default: every core), forked: a spawned worker would re-import the caller's
     main module, and the workers use numpy and PIL only (no torch threads)."""
@@ -313,6 +326,7 @@ def render_views(
             size,
             channels,
             canonical,
+            training_shift_odds(weights),
         )
         for i in range(0, len(paths), chunk)
     ]

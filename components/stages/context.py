@@ -91,7 +91,8 @@ def load_views(ctx: RunContext, manifest: pd.DataFrame) -> np.ndarray | None:
     train = ctx.params.train
     if train.shopper_share <= 0:
         return None
-    key = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()[:16]
+    weights = json.dumps(train.shopper_weights, sort_keys=True)
+    key = hashlib.sha256(("".join(manifest["sha256"]) + weights).encode()).hexdigest()[:16]
     name = f"views-{key}-{train.image_size}-{ctx.channels}-{train.preprocess}-{train.seed}.npy"
     cache = ctx.paths.home / "cache" / name
     if cache.exists():
@@ -102,6 +103,7 @@ def load_views(ctx: RunContext, manifest: pd.DataFrame) -> np.ndarray | None:
         size=train.image_size,
         channels=ctx.channels,
         canonical=train.preprocess == "canonical",
+        weights=train.shopper_weights,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, views)

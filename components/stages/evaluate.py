@@ -106,6 +106,7 @@ def evaluate_shopper(
         settings.seed,
         in_domain,
         out_dir,
+        ctx.work / "evaluate" / "shopper-inputs",  # the gate's champion reuses them
     )
     result.table.to_csv(Path(out_dir) / "shopper.csv", index=False)
     return result

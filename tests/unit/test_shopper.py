@@ -158,11 +158,40 @@ def test_training_views_are_seeded_and_cover_many_shifts(fmnist):
     views = shopper.render_views(sources, seed=0, size=28, channels=1, canonical=True, processes=1)
     again = shopper.render_views(sources, seed=0, size=28, channels=1, canonical=True, processes=2)
     assert views.shape == (40, 28, 28, 1) and np.array_equal(views, again)
-    drawn = {
-        shopper.SHIFTS[int(shopper.shift_rng(0, "training", i).integers(len(shopper.SHIFTS)))]
-        for i in range(40)
-    }
+    odds = shopper.training_shift_odds(None)
+    drawn = {shopper.training_shift(0, i, odds)[0] for i in range(40)}
     assert len(drawn) >= 8
+
+
+def test_training_view_weights_set_how_often_each_shift_is_drawn(fmnist):
+    only_two = {shift: 0.0 for shift in SHOPPER_SHIFTS} | {"busy_background": 3, "jpeg": 1}
+    odds = shopper.training_shift_odds(only_two)
+    drawn = [shopper.training_shift(0, i, odds)[0] for i in range(400)]
+    assert set(drawn) == {"busy_background", "jpeg"}
+    assert 0.68 < drawn.count("busy_background") / 400 < 0.82  # 3:1, sampling error ±0.07
+    heavier = shopper.training_shift_odds({"busy_background": 4})
+    assert heavier[SHOPPER_SHIFTS.index("busy_background")] == pytest.approx(4 / 14)
+    # the views follow the odds: with only busy backgrounds every view is a busy rendering
+    images, _ = fmnist["train"]
+    busy_only = {shift: 0.0 for shift in SHOPPER_SHIFTS} | {"busy_background": 1}
+    views = shopper.render_views(list(images[:6, ..., None]), 0, 28, 1, True, 1, False, busy_only)
+    for i in range(6):
+        shift, rng = shopper.training_shift(0, i, shopper.training_shift_odds(busy_only))
+        photo = shopper.render(Image.fromarray(images[i]), shift, rng)
+        assert np.array_equal(views[i], image_to_uint8(photo, 28, 1, canonical=True))
+
+
+def test_training_view_weights_are_validated():
+    from pydantic import ValidationError
+
+    from components.config import TrainParams
+
+    with pytest.raises(ValidationError, match="must be >= 0"):
+        TrainParams(shopper_weights={"busy_background": -1})
+    with pytest.raises(ValidationError, match="at least one shift"):
+        TrainParams(shopper_weights={shift: 0 for shift in SHOPPER_SHIFTS})
+    with pytest.raises(ValidationError):
+        TrainParams(shopper_weights={"fog": 2})
 
 
 def test_shopper_rows_are_a_seeded_stratified_sample():
@@ -173,3 +202,34 @@ def test_shopper_rows_are_a_seeded_stratified_sample():
     counts = np.bincount(labels[rows], minlength=10)
     assert counts[1] == 5 and counts[9] == 15 and counts[0] == 10
     assert len(pick_shopper_rows(labels, 5000, seed=0)) == len(labels)
+
+
+def test_shopper_inputs_are_cached_per_preprocessing(fmnist, tmp_path):
+    """The gate's champion reuses the challenger's shopper-style inputs when it preprocesses
+    alike (same results as rendering afresh), and never another preprocessing's."""
+    import torch
+
+    from components.config import TrainParams
+    from components.model.evaluation import evaluate_shopper
+    from components.model.models import build_model
+
+    torch.manual_seed(0)
+    params = TrainParams(cnn_widths=[4, 4], cnn_depths=[1, 1], embedding_dim=8)
+    canonical = build_model(params.model_copy(update={"preprocess": "canonical"}), 10, False)
+    plain = build_model(params, 10, False)
+    images, labels = fmnist["test"]
+    sources = [Image.fromarray(images[i]) for i in range(12)]
+    catalogue = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    args = (sources, labels[:12], [f"p{i}" for i in range(12)], catalogue, np.arange(20) % 10)
+    args += ([str(c) for c in range(10)], ["busy_background", "jpeg"], 0)
+    in_domain = {"accuracy": 0.5, "recall_at_1": 0.5}
+    cache = tmp_path / "cache"
+    fresh = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path)
+    first = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path, cache)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 2 and all("-canonical-" in name for name in files)
+    again = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path, cache)
+    assert sorted(p.name for p in cache.iterdir()) == files  # read, not written again
+    assert fresh.metrics == first.metrics == again.metrics
+    evaluate_shopper(plain.eval(), *args, in_domain, tmp_path, cache)
+    assert len(list(cache.iterdir())) == 4  # the plain model has inputs of its own
