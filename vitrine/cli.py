@@ -19,6 +19,7 @@ from rich.text import Text
 from components.config import (
     HEADLINE_METRICS,
     PROJECT_ROOT,
+    ConfigError,
     configure_environment,
     load_params,
     state_paths,
@@ -62,6 +63,10 @@ def _setup() -> None:
     global console, err
     console, err = make_console(), make_console(stderr=True)
     configure_environment(state_paths())
+    try:  # a bad params.yaml is one line naming the key, before any command starts
+        load_params()
+    except ConfigError as exc:
+        fail(str(exc), 2)
 
 
 def say(text: str, style: str | None = None) -> None:

@@ -111,8 +111,9 @@ def compute_out_of_fold_probs(
     probs = np.zeros((len(labels), n_classes))
     if out_of_fold_model(params, len(labels)) == "cnn":
         for k, (train, test) in enumerate(splits):
+            label = f"label cleaning: fold {k + 1}/{len(splits)}"
             probs[test] = fit_predict_cnn(
-                images[train], labels[train], images[test], n_classes, params, seed + k
+                images[train], labels[train], images[test], n_classes, params, seed + k, label
             )
     else:
         features = project_pixels(images, params.pca_components)
@@ -143,6 +144,7 @@ def fit_predict_cnn(
     n_classes: int,
     params: LabelParams,
     seed: int,
+    progress: bool | str = False,
 ) -> np.ndarray:
     """Train the compact CNN on one fold's training part (uint8 N×H×W×C); probabilities for
     x_test. The training stage's defaults (augmentation, label smoothing, one-cycle AdamW)
@@ -161,7 +163,7 @@ def fit_predict_cnn(
     )
     with tempfile.TemporaryDirectory(prefix="vitrine-labels-") as tmp:
         result = training.train_model(
-            x_train, y_train, run, n_classes, Path(tmp), progress=False, pretrained=False
+            x_train, y_train, run, n_classes, Path(tmp), progress=progress, pretrained=False
         )
     probs, _ = training.predict_batches(result.model, x_test)
     return probs.astype(np.float64)
@@ -223,11 +225,16 @@ def apply_label_policy(
     drop: flagged rows are removed. relabel: a flagged row whose suggested_confidence is at
     least params.relabel_min_confidence takes the suggested label (the old one kept in
     `original_label`, and `category` renamed when the manifest maps labels to names); the
-    other flagged rows are removed. keep: the manifest is returned unchanged.
+    other flagged rows are removed. keep: the manifest is returned unchanged. Below
+    params.review_below_rows rows, drop and relabel act as keep (policy "review": the flagged
+    rows are a review queue, not trusted to the out-of-fold model) and the summary says why.
     """
     flagged = manifest["product_id"].isin(issues["product_id"])
+    policy = params.policy
+    if policy != "keep" and len(manifest) < params.review_below_rows:
+        policy = "review"
     summary = {
-        "policy": params.policy,
+        "policy": policy,
         "flagged": int(flagged.sum()),
         "dropped": 0,
         "relabelled": 0,
@@ -236,7 +243,13 @@ def apply_label_policy(
         },
     }
     out = manifest.copy()
-    if params.policy == "keep":
+    if policy == "review":
+        summary["review_reason"] = (
+            f"{len(manifest)} training rows < labels.review_below_rows "
+            f"({params.review_below_rows}): {params.policy} not applied, "
+            f"{summary['flagged']} flagged rows kept for review"
+        )
+    if policy in ("keep", "review"):
         return out, summary
     relabel = issues[issues["suggested_confidence"] >= params.relabel_min_confidence]
     if params.policy == "drop":

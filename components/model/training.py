@@ -215,12 +215,23 @@ def evaluate_split(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> 
 def build_optimisation(
     model: nn.Module, params: TrainParams, steps: int, weights: np.ndarray | None
 ) -> Optimisation:
-    """AdamW + OneCycleLR over epochs·steps + (weighted, label-smoothed) cross-entropy."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=params.lr, weight_decay=params.weight_decay
-    )
+    """AdamW + OneCycleLR over epochs·steps + (weighted, label-smoothed) cross-entropy. A
+    pretrained trunk (efficientnet_lite0) learns at params.lr × params.pretrained_lr_scale,
+    the new heads at params.lr: fine-tuning keeps what ImageNet taught the trunk."""
+    if params.backbone == "cnn":
+        groups = [{"params": list(model.parameters()), "lr": params.lr}]
+    else:
+        trunk = {id(p) for p in model.trunk.parameters()}
+        groups = [
+            {
+                "params": list(model.trunk.parameters()),
+                "lr": params.lr * params.pretrained_lr_scale,
+            },
+            {"params": [p for p in model.parameters() if id(p) not in trunk], "lr": params.lr},
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=params.lr, total_steps=params.epochs * steps
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=params.epochs * steps
     )
     weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
@@ -258,14 +269,18 @@ def fit_epoch(
     steps: int,
     opt: Optimisation,
     generator: torch.Generator,
-    progress: bool,
+    progress: bool | str,
     views: np.ndarray | None = None,
 ) -> dict:
     """Train one epoch (at its progressive size), validate at full size, and return the
-    epoch's history record."""
+    epoch's history record. `progress`: False silent, True a bar per epoch, a string a bar
+    labelled with it (e.g. "fold 2/4")."""
     t0 = time.perf_counter()
     size = epoch_size(params, epoch)
-    desc = f"epoch {epoch + 1}/{params.epochs}" + (f" {size}px" if params.progressive_sizes else "")
+    desc = f"{progress} " if isinstance(progress, str) else ""
+    desc += f"epoch {epoch + 1}/{params.epochs}" + (
+        f" {size}px" if params.progressive_sizes else ""
+    )
     with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
         train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar, size, views)
         val_loss, val_acc = evaluate_split(model, *val)
@@ -277,7 +292,7 @@ def fit_epoch(
         "val_loss": val_loss,
         "val_accuracy": val_acc,
         "seconds": time.perf_counter() - t0,
-        "lr": opt[1].get_last_lr()[0],
+        "lr": opt[1].get_last_lr()[-1],  # the heads' (a pretrained trunk: × pretrained_lr_scale)
     }
 
 
@@ -303,7 +318,7 @@ def train_model(
     num_classes: int,
     checkpoint_dir: Path,
     *,
-    progress: bool = True,
+    progress: bool | str = True,
     pretrained: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
     views: np.ndarray | None = None,
@@ -336,7 +351,7 @@ def _train_model(
     params: TrainParams,
     num_classes: int,
     checkpoint_dir: Path,
-    progress: bool,
+    progress: bool | str,
     pretrained: bool,
     on_epoch_end: Callable[[dict], None] | None,
     views: np.ndarray | None,

@@ -23,6 +23,7 @@ def summarize_run(
         "label_policy": label_summary.get("policy"),
         "label_dropped": label_summary.get("dropped", 0),
         "label_relabelled": label_summary.get("relabelled", 0),
+        "label_review": label_summary.get("review_reason"),
         "version": registered["version"],
         "run_id": registered["run_id"],
         "metrics": {k: metrics[k] for k in SUMMARY_METRICS if k in metrics},
@@ -47,6 +48,7 @@ def format_summary(s: dict) -> str:
         f"{s['quarantined']} quarantined ({by_reason or 'none'})",
         f"  label issues   {s['label_issues']} found (policy {s['label_policy']}: "
         f"{s['label_dropped']} dropped, {s['label_relabelled']} relabelled)",
+        *([f"                 {s['label_review']}"] if s.get("label_review") else []),
         f"  model          version {s['version']} (trained {s['train_seconds']} s, "
         f"best epoch {s['best_epoch']})",
         "  metrics        " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()),
@@ -54,21 +56,39 @@ def format_summary(s: dict) -> str:
         f"(vs champion {s['champion_before'] or 'none yet'})",
         *reasons,
     ]
-    if s["promoted"]:
-        lines.append(
-            f"  promoted       version {s['version']} is now champion (no champion before)"
-        )
-    elif s["gate"]["passed"]:
-        lines.append(
-            f"  promotion      waiting for approval (tag approved_by on version {s['version']})"
-        )
-    else:
-        lines.append("  promotion      none: the challenger failed the gate")
-    lines += [
-        "next:",
-        "  vitrine ui                              # MLflow UI + Prefect UI on 127.0.0.1",
-        f"  vitrine approve {s['version']} --by NAME            # or tag approved_by in the MLflow UI",
-        "  vitrine promote                         # moves champion to the approved version",
-        "  vitrine status                          # champion, challenger, verdict, approval",
-    ]
+    lines += next_steps(s)
     return "\n".join(lines)
+
+
+def next_steps(s: dict) -> list[str]:
+    """The promotion line and what to do next, following the verdict: serve a new champion,
+    approve a passed challenger, or (a failed gate) fix what the reasons name; never approve
+    a version that failed."""
+    v = s["version"]
+    if s["promoted"]:
+        return [
+            f"  promoted       version {v} is now champion (no champion before)",
+            "next:",
+            "  vitrine serve                           # the API + page on 127.0.0.1:3000",
+            "  vitrine status                          # champion, challenger, verdict, approval",
+            "  vitrine ui                              # MLflow UI + Prefect UI on 127.0.0.1",
+        ]
+    if s["gate"]["passed"]:
+        return [
+            f"  promotion      waiting for approval (tag approved_by on version {v})",
+            "next:",
+            "  vitrine ui                              # compare it with the champion in MLflow",
+            f"  vitrine approve {v} --by NAME            # or tag approved_by in the MLflow UI",
+            "  vitrine promote                         # moves champion to the approved version",
+            "  vitrine status                          # champion, challenger, verdict, approval",
+        ]
+    champion = s.get("champion_before")
+    keeps = f"version {champion} stays champion" if champion else "no champion is served"
+    return [
+        f"  promotion      none: version {v} failed the gate and cannot be approved; {keeps}",
+        "next:",
+        "  fix what the FAIL lines above name: more training (train.epochs), the data "
+        "(quarantine, label issues), or the gate's policy in params.yaml if it is wrong",
+        "  vitrine run                             # then train and gate again",
+        f"  vitrine ui                              # version {v}'s run: metrics, per-class, shopper photos",
+    ]

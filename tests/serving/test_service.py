@@ -187,6 +187,44 @@ def test_page_is_served_at_the_root(server):
     assert "/search_text" in page.text and "/classify" in page.text
 
 
+def phone_photo(catalogue_png: bytes, index: int) -> bytes:
+    """The catalogue product as a shopper photographs it: its real look (dark on white), dyed
+    a colour, small (40% of the short side) and off-centre in a 720x960 frame, JPEG 85."""
+    from components.model.shopper import composite, product_layers
+
+    appearance, alpha = product_layers(Image.open(io.BytesIO(catalogue_png)))
+    dye = np.array([(40, 60, 170), (170, 40, 50), (40, 130, 60)][index % 3], np.float32)
+    look = dye * (0.35 + 0.65 * appearance / 255.0)
+    frame = np.full((960, 720, 3), 246.0, np.float32)
+    x, y = 60 + 47 * (index % 7), 180 + 61 * (index % 5)
+    buf = io.BytesIO()
+    Image.fromarray(composite(frame, look, alpha, (x, y, 288)).astype(np.uint8)).save(
+        buf, format="JPEG", quality=85
+    )
+    return buf.getvalue()
+
+
+def test_a_shoppers_phone_photo_is_classified_and_found_like_the_catalogue_image(
+    server, champion, products
+):
+    """A dark product on white, in colour, at phone size (the issue's 0.28 / 0.22 case): the
+    service answers it as it answers the catalogue image of the same product."""
+    rows = products[products["split"] == "test"].head(20)
+    same_category, found, top1 = 0, 0, 0
+    for i, (_, row) in enumerate(rows.iterrows()):
+        catalogue = post_image(server, "/classify", photo(champion, row)).json()["category"]
+        shot = phone_photo(photo(champion, row), i)
+        assert Image.open(io.BytesIO(shot)).size == (720, 960)
+        answer = post_image(server, "/classify", shot, "image/jpeg")
+        assert answer.status_code == 200, answer.text
+        same_category += answer.json()["category"] == catalogue
+        results = post_image(server, "/search", shot, "image/jpeg", k="5").json()["results"]
+        found += row["product_id"] in [r["product_id"] for r in results]
+        top1 += results[0]["product_id"] == row["product_id"]
+    assert same_category >= 18, same_category  # of 20
+    assert found >= 17 and top1 >= 14, (found, top1)
+
+
 def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, products):
     body = post_image(server, "/tags", photo(champion, products.iloc[9])).json()
     tags = body["tags"]

@@ -99,7 +99,9 @@ def test_clean_labels_is_the_three_steps(fmnist_slice) -> None:
     images, labels = fmnist_slice
     images, labels = images[:600], labels[:600]
     manifest = pd.DataFrame({"product_id": [f"p{i:04d}" for i in range(600)], "label": labels})
-    params = LabelParams(folds=3, pca_components=16, filter_by="prune_by_class")
+    params = LabelParams(
+        folds=3, pca_components=16, filter_by="prune_by_class", review_below_rows=0
+    )
     cleaned, issues, summary = clean_labels(manifest, images, params, seed=2)
     probs = compute_out_of_fold_probs(images, labels, params, seed=2)
     expected = find_label_issues(manifest, probs, filter_by="prune_by_class")
@@ -155,7 +157,9 @@ def small_manifest() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_policy_drop(small_manifest) -> None:
     manifest, issues = small_manifest
-    out, summary = apply_label_policy(manifest, issues, LabelParams(policy="drop"))
+    out, summary = apply_label_policy(
+        manifest, issues, LabelParams(policy="drop", review_below_rows=0)
+    )
     assert out["product_id"].tolist() == ["a", "b", "d"]
     assert summary == {
         "policy": "drop",
@@ -169,7 +173,7 @@ def test_policy_drop(small_manifest) -> None:
 
 def test_policy_relabel(small_manifest) -> None:
     manifest, issues = small_manifest
-    params = LabelParams(policy="relabel", relabel_min_confidence=0.9)
+    params = LabelParams(policy="relabel", relabel_min_confidence=0.9, review_below_rows=0)
     out, summary = apply_label_policy(manifest, issues, params)
     assert out["product_id"].tolist() == ["a", "b", "c", "d"]  # e: too unsure, dropped
     row = out.set_index("product_id").loc["c"]
@@ -177,7 +181,7 @@ def test_policy_relabel(small_manifest) -> None:
     assert (out["label"] == out["original_label"]).sum() == 3
     assert out["label"].dtype == np.int64
     assert (summary["flagged"], summary["dropped"], summary["relabelled"]) == (2, 1, 1)
-    loose = LabelParams(policy="relabel", relabel_min_confidence=0.5)
+    loose = LabelParams(policy="relabel", relabel_min_confidence=0.5, review_below_rows=0)
     out, summary = apply_label_policy(manifest, issues, loose)
     assert out.set_index("product_id").loc["e", "label"] == 1
     assert (summary["dropped"], summary["relabelled"]) == (0, 2)
@@ -188,6 +192,19 @@ def test_policy_keep(small_manifest) -> None:
     out, summary = apply_label_policy(manifest, issues, LabelParams(policy="keep"))
     pd.testing.assert_frame_equal(out, manifest)
     assert (summary["flagged"], summary["dropped"], summary["relabelled"]) == (2, 0, 0)
+
+
+@pytest.mark.parametrize("policy", ["drop", "relabel"])
+def test_small_catalogues_get_a_review_queue_instead(small_manifest, policy) -> None:
+    manifest, issues = small_manifest
+    params = LabelParams(policy=policy, review_below_rows=6)  # 5 rows: below
+    out, summary = apply_label_policy(manifest, issues, params)
+    pd.testing.assert_frame_equal(out, manifest)
+    assert summary["policy"] == "review" and (summary["dropped"], summary["relabelled"]) == (0, 0)
+    assert summary["flagged"] == 2 and f"{policy} not applied" in summary["review_reason"]
+    acting = LabelParams(policy=policy, review_below_rows=5)  # 5 rows: at the threshold
+    out, summary = apply_label_policy(manifest, issues, acting)
+    assert summary["policy"] == policy and len(out) < len(manifest)
 
 
 @pytest.fixture(scope="module")

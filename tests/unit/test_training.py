@@ -344,3 +344,16 @@ def test_cutout_blacks_out_one_square_per_image():
     assert len(centres) > 20  # drawn per image
     off = augment(x, torch.Generator().manual_seed(0), max_shift=0)
     assert not torch.any(off == -MEAN / SCALE)
+
+
+def test_a_pretrained_trunk_fine_tunes_at_a_smaller_learning_rate():
+    effnet = TrainParams(backbone="efficientnet_lite0", image_size=32, lr=0.004)
+    model = build_model(effnet, 10, pretrained=False)
+    optimizer, scheduler, _ = training.build_optimisation(model, effnet, steps=10, weights=None)
+    trunk, heads = optimizer.param_groups
+    assert len(trunk["params"]) == len(list(model.trunk.parameters()))
+    assert len(trunk["params"]) + len(heads["params"]) == len(list(model.parameters()))
+    assert trunk["max_lr"] == pytest.approx(0.0004) and heads["max_lr"] == pytest.approx(0.004)
+    cnn = TrainParams(lr=0.004)
+    optimizer, _, _ = training.build_optimisation(build_model(cnn, 10), cnn, 10, None)
+    assert [g["max_lr"] for g in optimizer.param_groups] == [pytest.approx(0.004)]

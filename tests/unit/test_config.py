@@ -1,0 +1,58 @@
+"""A bad params.yaml: one line naming the file, the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from components.config import DEFAULT_PARAMS, ConfigError, load_params
+from vitrine.cli import app
+
+
+def params_with(tmp_path, section: str, key: str, value) -> str:
+    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "lr", -1, "train.lr = -1: Input should be greater than 0"),
+        ("train", "preprocess", "fancy", "train.preprocess = 'fancy': Input should be 'plain' or"),
+        ("train", "lr_typo", 0.1, "train.lr_typo: unknown key"),
+        ("labels", "policy", "burn", "labels.policy = 'burn': Input should be 'drop', 'relabel'"),
+        ("train", "shopper_weights", {"fog": 1}, "train.shopper_weights.fog"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key(tmp_path, section, key, value, expected):
+    path = params_with(tmp_path, section, key, value)
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert "\n" not in message
+
+
+def test_unreadable_and_broken_files_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_params(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  lr: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_params(broken)
+    broken.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected sections"):
+        load_params(broken)
+
+
+def test_the_cli_prints_the_line_and_exits_2_without_a_traceback(tmp_path):
+    path = params_with(tmp_path, "train", "lr", -1)
+    result = CliRunner().invoke(app, ["status"], env={"VITRINE_PARAMS": path})
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: {path}: train.lr = -1: Input should be greater than 0"]
+    assert "Traceback" not in result.output
