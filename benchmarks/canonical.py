@@ -6,8 +6,9 @@ components/model/shopper.py renders the photo. The photo and the catalogue image
 through the shared preprocessing to the default model's input (28 px grayscale). The score is
 the Pearson correlation of the two inputs: 1.0 means that the model sees the catalogue image
 again. The benchmark prints the median and the share below 0.8 for canonical and for plain
-preprocessing, and the gain of the medians (canonical - plain; plain is the baseline). A shift where canonical stays low is one that
-training's shopper-style views must teach (train.shopper_weights, docs/shopper.md).
+preprocessing, and the gain of the medians (canonical - plain; plain is the baseline). A
+shift where canonical stays low is one that training's shopper-style views must teach
+(train.shopper_weights, docs/shopper.md).
 
     python benchmarks/canonical.py --images 300 --json bench-canonical.json
 """

