@@ -288,11 +288,10 @@ def evaluate_shopper(
     labels = np.asarray(labels, dtype=np.int64)
     keys = [zlib.crc32(str(pid).encode()) for pid in product_ids]
     rows, metrics, samples = [], {}, {}
+    photos_digest = _sources_digest(sources, keys, seed) if cache_dir is not None else ""
     for shift in shifts:
         cache = (
-            None
-            if cache_dir is None
-            else _shopper_cache(cache_dir, model, sources, keys, shift, seed)
+            None if cache_dir is None else _shopper_cache(cache_dir, model, photos_digest, shift)
         )
         if cache is not None and cache.exists():
             pixels = np.load(cache)
@@ -329,17 +328,20 @@ def evaluate_shopper(
     return ShopperResult(metrics, table, grid)
 
 
-def _shopper_cache(
-    cache_dir: Path, model: nn.Module, sources: list, keys: list[int], shift: str, seed: int
-) -> Path:
-    """Where one shift's model inputs are cached: named by everything they depend on (the
-    source pixels, their seeds, the shift, the model's size, channels and preprocessing)."""
-    digest = hashlib.sha256(json.dumps([shift, seed, keys]).encode())
+def _sources_digest(sources: list, keys: list[int], seed: int) -> str:
+    """What the shopper-style photos depend on: the source pixels and their seeds."""
+    digest = hashlib.sha256(json.dumps([seed, keys]).encode())
     for image in sources:
         digest.update(image.mode.encode() + repr(image.size).encode() + image.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _shopper_cache(cache_dir: Path, model: nn.Module, photos_digest: str, shift: str) -> Path:
+    """Where one shift's model inputs are cached: named by the photos, the shift and the
+    model's size, channels and preprocessing."""
     preprocess = getattr(model, "preprocess", "plain")
     size, channels = model.image_size, model.in_channels  # type: ignore[attr-defined]
-    return Path(cache_dir) / f"{shift}-{preprocess}-{size}-{channels}-{digest.hexdigest()[:16]}.npy"
+    return Path(cache_dir) / f"{shift}-{preprocess}-{size}-{channels}-{photos_digest}.npy"
 
 
 def plot_shopper_grid(
