@@ -221,13 +221,12 @@ def build_optimisation(
     if params.backbone == "cnn":
         groups = [{"params": list(model.parameters()), "lr": params.lr}]
     else:
-        trunk = {id(p) for p in model.trunk.parameters()}
+        trunk = list(model.trunk.parameters())
+        in_trunk = {id(p) for p in trunk}
+        heads = [p for p in model.parameters() if id(p) not in in_trunk]
         groups = [
-            {
-                "params": list(model.trunk.parameters()),
-                "lr": params.lr * params.pretrained_lr_scale,
-            },
-            {"params": [p for p in model.parameters() if id(p) not in trunk], "lr": params.lr},
+            {"params": trunk, "lr": params.lr * params.pretrained_lr_scale},
+            {"params": heads, "lr": params.lr},
         ]
     optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
