@@ -19,7 +19,7 @@ from components.stages import register as register_stage
 from components.stages import train as train_stage
 from components.stages import validate as validate_stage
 from components.stages.context import RunContext
-from components.stages.summary import summarize_run
+from components.stages.summary import summarize_run, summarize_unchanged
 
 stage = task(cache_policy=NO_CACHE)  # stages are cheap to re-run and their inputs are files
 
@@ -34,6 +34,11 @@ def refresh_catalogue(ctx: RunContext) -> dict:
     return ingest_stage.refresh(ctx)
 
 
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def unchanged_since(ctx: RunContext) -> dict | None:
+    return register_stage.unchanged_since(ctx)
+
+
 @stage
 def validate(ctx: RunContext) -> dict:
     return validate_stage.run(ctx)
@@ -45,8 +50,8 @@ def clean_labels(ctx: RunContext) -> dict:
 
 
 @stage
-def train(ctx: RunContext) -> dict:
-    return train_stage.run(ctx)
+def train(ctx: RunContext, fresh: bool) -> dict:
+    return train_stage.run(ctx, fresh=fresh)
 
 
 @stage
@@ -76,11 +81,16 @@ def retrain(
     cause: str = "manual",
     params_path: str | None = None,
     refresh_data: bool = False,
+    force: bool = False,
 ) -> dict:
     """ingest (when no catalogue yet; with refresh_data also when its source changed, see
     components/data/sources.py: scheduled and drift-triggered runs pass it) → validate → clean
     labels → train → evaluate → register (challenger, tagged with `cause`) → gate vs
-    champion → bootstrap promotion only with no champion at all (else it awaits approval)."""
+    champion → bootstrap promotion only with no champion at all (else it awaits approval).
+
+    A run on the data and params of an already gated version is a no-op: it returns that
+    version's summary ("unchanged since version N") and registers nothing. `force` retrains
+    anyway, from scratch (no resume of a finished checkpoint)."""
     params = load_params(params_path)
     params.data.limit = limit or params.data.limit
     params.train.epochs = epochs or params.train.epochs
@@ -90,9 +100,13 @@ def retrain(
         refresh_catalogue(ctx)
     elif not (ctx.catalogue_dir / catalogue.MANIFEST).exists():
         ingest(ctx)
+    if not force:
+        found = unchanged_since(ctx)
+        if found is not None:
+            return summarize_unchanged(found)
     report = validate(ctx)
     label_summary = clean_labels(ctx)
-    train_summary = train(ctx)
+    train_summary = train(ctx, fresh=force)
     metrics = evaluate(ctx)
     registered = register(ctx, cause)
     verdict = gate(ctx)

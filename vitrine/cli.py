@@ -127,18 +127,23 @@ def run(
     limit: Annotated[int | None, typer.Option(help="Stratified slice of N products.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
     cause: Annotated[str, typer.Option(help="Why this run happens (tagged).")] = "manual",
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain even when data and params are unchanged.")
+    ] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """The whole retrain flow (Prefect): validate through gate; promotes only a first champion.
 
     validate → clean labels → train → evaluate → register → gate → (first champion only) promote.
+    On the data and params of an already gated version it says "unchanged since version N"
+    and registers nothing; --force retrains from scratch.
     """
     from components.stages.summary import format_summary
     from flows.retrain import retrain
 
     started = time.time()
     try:
-        summary = retrain(limit=limit, epochs=epochs, cause=cause)
+        summary = retrain(limit=limit, epochs=epochs, cause=cause, force=force)
     except Exception as exc:  # the flow already logged the traceback; say it plainly
         fail(f"retrain failed: {type(exc).__name__}: {exc}")
     summary["wall_seconds"] = round(time.time() - started, 1)

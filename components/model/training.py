@@ -321,8 +321,10 @@ def train_model(
     pretrained: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
     views: np.ndarray | None = None,
+    resume: bool = True,
 ) -> TrainResult:
-    """Train with a stratified validation split, early stopping and per-epoch checkpoints.
+    """Train with a stratified validation split, early stopping and per-epoch checkpoints
+    (a matching checkpoint is resumed unless `resume` is False).
 
     `on_epoch_end(record)` is called after each epoch's checkpoint is written (e.g. to log
     metrics); an exception from it interrupts the run like a crash would. `views`: one
@@ -341,6 +343,7 @@ def train_model(
             pretrained,
             on_epoch_end,
             views,
+            resume,
         )
 
 
@@ -354,6 +357,7 @@ def _train_model(
     pretrained: bool,
     on_epoch_end: Callable[[dict], None] | None,
     views: np.ndarray | None,
+    resume: bool,
 ) -> TrainResult:
     started = time.perf_counter()
     labels, checkpoint_dir = np.asarray(labels, dtype=np.int64), Path(checkpoint_dir)
@@ -375,7 +379,8 @@ def _train_model(
     steps = math.ceil(len(x_train) / params.batch_size)
     steps = min(steps, params.max_batches_per_epoch or steps)
     opt = build_optimisation(model, params, steps, weights)
-    run = restore_run(load_checkpoint(checkpoint_dir, fingerprint), model, opt, generator)
+    found = load_checkpoint(checkpoint_dir, fingerprint) if resume else None
+    run = restore_run(found, model, opt, generator)
     resumed_from = None if run["epoch"] < 0 else run["epoch"]
 
     for epoch in range(run["epoch"] + 1, params.epochs):

@@ -3,12 +3,14 @@ with its index, drift reference and accepted compressed variants as one MLflow v
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from components.config import HEADLINE_METRICS, Params
+from components.data import catalogue
 from components.model.compress import ARTIFACT_DIR
 from components.model.transforms import to_tensor
 from components.release.registry import Registry, open_registry
@@ -22,6 +24,41 @@ from components.stages.context import (
     write_json,
 )
 from components.stages.context import data_version as read_data_version
+
+FINGERPRINT_TAG = "run_fingerprint"
+UNTRACKED_SECTIONS = ("schedules",)  # when the loop runs, not what it makes
+
+
+def run_fingerprint(ctx: RunContext) -> str:
+    """What a run's outcome is made of: the data version, the catalogue's manifest (rows,
+    labels, image hashes, splits) and every param the loop reads. Two runs with the same
+    fingerprint train the same model (seeded), so the second one is a no-op."""
+    manifest = catalogue.read_manifest(ctx.catalogue_dir)
+    rows = manifest[["product_id", "label", "sha256", "split"]].astype(str)
+    params = ctx.params.model_dump_json(exclude=set(UNTRACKED_SECTIONS))
+    digest = hashlib.sha256()
+    for part in (read_data_version(ctx), rows.to_csv(index=False), params):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def unchanged_since(ctx: RunContext, registry: Registry | None = None) -> dict | None:
+    """The newest gated version registered from the same data and params (same
+    run_fingerprint), or None when this run would make something new. A version whose run
+    stopped before its gate verdict does not count: the rerun finishes the job."""
+    registry = registry or open_registry(ctx.paths, ctx.params)
+    fingerprint = run_fingerprint(ctx)
+    for row in registry.list_versions():
+        tags = row["tags"]
+        if tags.get(FINGERPRINT_TAG) == fingerprint and "gate_passed" in tags:
+            return {
+                "version": row["version"],
+                "tags": tags,
+                "fingerprint": fingerprint,
+                "champion": registry.alias_version("champion"),
+            }
+    return None
 
 
 def flatten_params(params: Params) -> dict[str, str]:
@@ -68,6 +105,7 @@ def run(ctx: RunContext, registry: Registry | None = None, cause: str = "manual"
         "git_commit": git_commit(ctx.repo),
         "backbone": model.backbone_name,
         "cause": cause,
+        FINGERPRINT_TAG: run_fingerprint(ctx),
         **{name: f"{metrics[name]:.4f}" for name in HEADLINE_METRICS},
     }
     compression = compress.run(ctx, model)  # variants gated on the frozen test split

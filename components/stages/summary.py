@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from components.config import SUMMARY_METRICS
 
 
@@ -37,7 +39,52 @@ def summarize_run(
     }
 
 
+def summarize_unchanged(found: dict) -> dict:
+    """The summary of a rerun on unchanged data and params: which version it would make
+    again, that version's verdict and approval, and nothing trained or registered."""
+    tags = found["tags"]
+    return {
+        "unchanged_since": found["version"],
+        "version": found["version"],
+        "data_version": tags.get("data_version"),
+        "run_fingerprint": found["fingerprint"],
+        "metrics": {k: float(tags[k]) for k in SUMMARY_METRICS if k in tags},
+        "gate": {
+            "passed": tags.get("gate_passed") == "true",
+            "reasons": json.loads(tags.get("gate_reasons", "[]")),
+        },
+        "approved_by": tags.get("approved_by"),
+        "champion": found["champion"],
+        "promoted": False,
+    }
+
+
+def format_unchanged(s: dict) -> str:
+    v, champion = s["version"], s["champion"]
+    verdict = "PASSED" if s["gate"]["passed"] else "FAILED"
+    if champion == v:
+        where = "it is the champion"
+    elif s["gate"]["passed"]:
+        where = f"approved by {s['approved_by']}" if s["approved_by"] else "awaiting approval"
+    else:
+        where = "it cannot be promoted"
+    lines = [
+        "vitrine retrain — nothing to do",
+        f"  unchanged since version {v}: same data ({s['data_version']}) and params; "
+        "nothing trained, nothing registered",
+        "  metrics        " + ", ".join(f"{k} {x:.4f}" for k, x in s["metrics"].items()),
+        f"  gate           {verdict} for version {v}; {where} (champion: {champion or 'none'})",
+        *[f"    - {r}" for r in s["gate"]["reasons"] if not s["gate"]["passed"]],
+        "next:",
+        "  vitrine status                          # champion, challenger, verdict, approval",
+        "  vitrine run --force                     # retrain anyway (e.g. vitrine's code changed)",
+    ]
+    return "\n".join(lines)
+
+
 def format_summary(s: dict) -> str:
+    if s.get("unchanged_since"):
+        return format_unchanged(s)
     m = s["metrics"]
     reasons = [f"    - {r}" for r in s["gate"]["reasons"]]
     by_reason = ", ".join(f"{k}: {v}" for k, v in sorted(s["quarantined_by_reason"].items()))

@@ -14,8 +14,9 @@ from components.stages.context import (
 )
 
 
-def run(ctx: RunContext) -> dict:
-    """Train on the cleaned training rows; checkpoints make a re-run resume after a crash."""
+def run(ctx: RunContext, fresh: bool = False) -> dict:
+    """Train on the cleaned training rows; checkpoints make a re-run resume after a crash
+    (`fresh`: start from scratch whatever the checkpoint holds)."""
     train = pd.read_parquet(ctx.work / "labels" / "train_manifest.parquet")
     images = load_images(ctx, train)
     result = training.train_model(
@@ -25,6 +26,7 @@ def run(ctx: RunContext) -> dict:
         num_classes=len(ctx.params.data.categories),
         checkpoint_dir=ctx.paths.home / "checkpoints",
         views=load_views(ctx, train),  # shopper-style renderings of the same rows
+        resume=not fresh,
     )
     out = ctx.stage_dir("train")
     torch.save(result.model, out / "model.pt")

@@ -73,7 +73,7 @@ def test_retrain_approve_promote_rollback(world):
     registry = open_registry(world["ctx"].paths, world["ctx"].params)
     assert registry.alias_version("champion") == "1"
 
-    second = retrain(epochs=3)
+    second = retrain(epochs=4)  # other params than the first run (3 epochs): a new version
     assert second["version"] == "2" and not second["promoted"]
     status = registry.status()
     assert status["champion"]["version"] == "1"
@@ -94,6 +94,30 @@ def test_retrain_approve_promote_rollback(world):
             registry.promote("2")
     audit = [json.loads(line) for line in world["ctx"].paths.audit_log.read_text().splitlines()]
     assert audit[0]["action"] == "promote" and audit[0]["to"] == "1"
+
+
+def test_a_rerun_on_unchanged_data_and_params_registers_nothing(world, tmp_path):
+    """`vitrine run` with version 2's data and params (epochs 4, above) is a no-op."""
+    registry = open_registry(world["ctx"].paths, world["ctx"].params)
+    versions_before = registry.list_versions()
+    runs_before = sorted(world["ctx"].paths.runs.iterdir())
+    out = tmp_path / "rerun.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "vitrine.cli", "run", "--epochs", "4", "--json", str(out)],
+        cwd=PROJECT_ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unchanged since version 2" in done.stdout and "vitrine run --force" in done.stdout
+    summary = json.loads(out.read_text())
+    assert summary["unchanged_since"] == "2"
+    tags = versions_before[0]["tags"]
+    assert summary["metrics"]["accuracy"] == float(tags["accuracy"])
+    assert summary["gate"]["passed"] == (tags["gate_passed"] == "true")
+    assert registry.list_versions() == versions_before  # nothing registered or re-tagged
+    assert sorted(world["ctx"].paths.runs.iterdir()) == runs_before  # no stage ran
 
 
 def test_label_issues_and_reports_are_written(world):

@@ -295,6 +295,10 @@ def test_other_fingerprint_or_damaged_checkpoint_starts_fresh(fmnist, tmp_path: 
         images[:599], labels[:599], other, 10, tmp_path / "shared", progress=False
     )
     assert changed.resumed_from_epoch is None
+    forced = train_model(
+        images, labels, other, 10, tmp_path / "shared", progress=False, resume=False
+    )  # `vitrine run --force`: the finished checkpoint above is not resumed
+    assert forced.resumed_from_epoch is None and len(forced.history) == 2
     (tmp_path / "fresh" / CHECKPOINT).write_bytes(b"not a checkpoint")
     damaged = train_model(images, labels, other, 10, tmp_path / "fresh", progress=False)
     assert damaged.resumed_from_epoch is None and same_weights(damaged.model, fresh.model)
