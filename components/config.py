@@ -511,3 +511,6 @@ def configure_environment(paths: StatePaths) -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     # MLflow's "Downloading artifacts" bars would interleave with vitrine's own output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # ... as would transformers' "Loading weights" bar when the text model loads (it reads
+    # huggingface_hub's switch once, at import)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

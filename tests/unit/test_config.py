@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from components.config import DEFAULT_PARAMS, ConfigError, load_params
+from components.config import DEFAULT_PARAMS, PROJECT_ROOT, ConfigError, load_params
 from vitrine.cli import app
 
 
@@ -56,3 +60,22 @@ def test_the_cli_prints_the_line_and_exits_2_without_a_traceback(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [f"error: {path}: train.lr = -1: Input should be greater than 0"]
     assert "Traceback" not in result.output
+
+
+def test_third_party_progress_bars_are_off_in_vitrine_processes(tmp_path):
+    """MLflow's download bars and transformers' "Loading weights" bar would interleave with
+    vitrine's own progress lines; a process that configured its environment shows neither."""
+    code = (
+        "import os\n"
+        "from components.config import configure_environment, state_paths\n"
+        f"configure_environment(state_paths({str(tmp_path)!r}))\n"
+        "from transformers.utils import logging\n"
+        "from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as bar\n"
+        "print(logging.is_progress_bar_enabled(), bar.get())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BAR" not in k}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]
