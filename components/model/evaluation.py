@@ -274,6 +274,7 @@ def evaluate_shopper(
     in_domain: dict[str, float],
     out_dir: Path,
     cache_dir: Path | None = None,
+    progress: bool = False,
 ) -> ShopperResult:
     """Each test image (`sources`, PIL images of the frozen test split) rendered under every
     shift, then classified and searched against the catalogue like a shopper's upload:
@@ -281,7 +282,10 @@ def evaluate_shopper(
     accuracy / Recall@1 of the whole test split (`in_domain`). Image i is seeded by its
     product id, so two models (challenger, champion) see the same photos. With `cache_dir`,
     the model inputs of each shift are kept there, keyed by the photos and the model's
-    preprocessing: a second model that preprocesses alike (the gate's champion) reuses them."""
+    preprocessing: a second model that preprocesses alike (the gate's champion) reuses them.
+    `progress`: a bar over the shifts (the evaluate stage's longest silent step)."""
+    from tqdm import tqdm
+
     from components.model import shopper
     from components.model.transforms import model_input
 
@@ -289,7 +293,9 @@ def evaluate_shopper(
     keys = [zlib.crc32(str(pid).encode()) for pid in product_ids]
     rows, metrics, samples = [], {}, {}
     photos_digest = _sources_digest(sources, keys, seed) if cache_dir is not None else ""
-    for shift in shifts:
+    bar = tqdm(shifts, desc="shopper-style photos", unit="shift", disable=not progress)
+    for shift in bar:
+        bar.set_postfix_str(shift)
         cache = (
             None if cache_dir is None else _shopper_cache(cache_dir, model, photos_digest, shift)
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -241,7 +242,7 @@ def photo_colours(image: Image.Image) -> list[tuple[str, float]]:
     return colours_of(colour_pixels(image))
 
 
-def catalogue_colours(paths: list) -> list[str]:
+def catalogue_colours(paths: Iterable) -> list[str]:
     """Each catalogue image's colours as one comma-joined string ("navy,white"), for the index:
     the images are read with colour_pixels and named in batches of equal size."""
     arrays = []

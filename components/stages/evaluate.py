@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from components.model import evaluation, training
 from components.model.models import VitrineNet
@@ -31,7 +32,10 @@ def build_index(ctx: RunContext, model: VitrineNet, products: pd.DataFrame) -> P
     np.save(out / "embeddings.npy", emb.astype(np.float32))
     cols = ["product_id", "label", "category", "title", "path", "split"]
     table = products[cols].reset_index(drop=True)
-    table["colours"] = catalogue_colours([ctx.catalogue_dir / p for p in table["path"]])
+    paths = [ctx.catalogue_dir / p for p in table["path"]]
+    table["colours"] = catalogue_colours(
+        tqdm(paths, desc="colour tags", unit="img", mininterval=2)  # reads every photo again
+    )
     table.to_parquet(out / "products.parquet", index=False)
     return out
 
@@ -107,6 +111,7 @@ def evaluate_shopper(
         in_domain,
         out_dir,
         ctx.work / "evaluate" / "shopper-inputs",  # the gate's champion reuses them
+        progress=True,
     )
     result.table.to_csv(Path(out_dir) / "shopper.csv", index=False)
     return result

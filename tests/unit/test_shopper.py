@@ -204,7 +204,7 @@ def test_shopper_rows_are_a_seeded_stratified_sample():
     assert len(pick_shopper_rows(labels, 5000, seed=0)) == len(labels)
 
 
-def test_shopper_inputs_are_cached_per_preprocessing(fmnist, tmp_path):
+def test_shopper_inputs_are_cached_per_preprocessing(fmnist, tmp_path, capsys):
     """The gate's champion reuses the challenger's shopper-style inputs when it preprocesses
     alike (same results as rendering afresh), and never another preprocessing's."""
     import torch
@@ -225,7 +225,10 @@ def test_shopper_inputs_are_cached_per_preprocessing(fmnist, tmp_path):
     in_domain = {"accuracy": 0.5, "recall_at_1": 0.5}
     cache = tmp_path / "cache"
     fresh = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path)
-    first = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path, cache)
+    assert "shopper-style photos" not in capsys.readouterr().err
+    first = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path, cache, progress=True)
+    bar = capsys.readouterr().err  # the evaluate stage's progress: shifts done, the current one
+    assert "shopper-style photos" in bar and "2/2" in bar and "jpeg" in bar
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and all("-canonical-" in name for name in files)
     again = evaluate_shopper(canonical.eval(), *args, in_domain, tmp_path, cache)
