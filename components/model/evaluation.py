@@ -30,6 +30,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from components.config import EvaluationParams  # noqa: E402
 from components.model.training import predict_batches
@@ -284,8 +285,6 @@ def evaluate_shopper(
     the model inputs of each shift are kept there, keyed by the photos and the model's
     preprocessing: a second model that preprocesses alike (the gate's champion) reuses them.
     `progress`: a bar over the shifts (the evaluate stage's longest silent step)."""
-    from tqdm import tqdm
-
     from components.model import shopper
     from components.model.transforms import model_input
 

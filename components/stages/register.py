@@ -13,6 +13,7 @@ from components.config import HEADLINE_METRICS, Params
 from components.data import catalogue
 from components.model.compress import ARTIFACT_DIR
 from components.model.transforms import to_tensor
+from components.release.gate import read_gate_passed
 from components.release.registry import Registry, open_registry
 from components.stages import compress
 from components.stages.context import (
@@ -51,7 +52,7 @@ def unchanged_since(ctx: RunContext, registry: Registry | None = None) -> dict |
     fingerprint = run_fingerprint(ctx)
     for row in registry.list_versions():
         tags = row["tags"]
-        if tags.get(FINGERPRINT_TAG) == fingerprint and "gate_passed" in tags:
+        if tags.get(FINGERPRINT_TAG) == fingerprint and read_gate_passed(tags) is not None:
             return {
                 "version": row["version"],
                 "tags": tags,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from components.config import SUMMARY_METRICS
+from components.release.gate import read_gate_passed
 
 
 def summarize_run(
@@ -50,7 +51,7 @@ def summarize_unchanged(found: dict) -> dict:
         "run_fingerprint": found["fingerprint"],
         "metrics": {k: float(tags[k]) for k in SUMMARY_METRICS if k in tags},
         "gate": {
-            "passed": tags.get("gate_passed") == "true",
+            "passed": read_gate_passed(tags) is True,
             "reasons": json.loads(tags.get("gate_reasons", "[]")),
         },
         "approved_by": tags.get("approved_by"),
