@@ -5,9 +5,10 @@ For each size, benchmarks/champion.py builds (or reuses, under --root) a champio
 architecture whose index holds that many products. The benchmark starts `bentoml serve
 bentos.service:Vitrine` on it, then drives /search from this (separate) process at each
 --concurrency with --requests real catalogue photos per level, every photo distinct (the
-sha256 cache never helps: these are cold-path figures). Then it does the same against
+sha256 cache never helps: these are cold-path figures), and the same photos against
 benchmarks/naive_server.py (one request -> one model call, no batching, no cache, exact numpy
-search) and prints p50/p95/p99 latency, throughput and errors for both, and the ratios. Last,
+search), the two taking turns in --rounds rounds per level so that both share the machine's
+drift in speed. It prints p50/p95/p99 latency, throughput and errors for both, and the ratios. Last,
 where the time of one request goes: decode, preprocess, model, search and logging timed in
 this process with the service's own code on --profile photos (medians), and the rest of the
 service's p50 at concurrency 1 (HTTP, multipart parsing, routing, thread hops: "framework").
@@ -18,6 +19,7 @@ service's p50 at concurrency 1 (HTTP, multipart parsing, routing, thread hops: "
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import json
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -93,8 +96,19 @@ def multipart(photo: bytes, k: int) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+@contextlib.contextmanager
+def serving(name: str, command: list[str], port: int, args, env) -> Iterator[str]:
+    url = f"http://127.0.0.1:{port}"
+    proc = start(command, url, Path(args.log_dir) / f"{name}.log", env)
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
 def drive(url: str, photos: list[bytes], concurrency: int, k: int) -> dict:
-    """len(photos) POST /search at `concurrency` in flight; latency percentiles, rps, errors.
+    """len(photos) POST /search at `concurrency` in flight: every latency (s), the wall time
+    and the error count.
 
     The client shares the machine's cores with the server, so it is kept light: bodies are
     encoded before the clock starts, and each worker thread holds one keep-alive
@@ -131,32 +145,43 @@ def drive(url: str, photos: list[bytes], concurrency: int, k: int) -> dict:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
+    return {"latencies": latencies, "wall": time.perf_counter() - start, "errors": errors[0]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Percentiles over every latency of the runs; throughput = requests / summed wall time."""
+    ms = np.concatenate([r["latencies"] for r in runs]) * 1000
     return {
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "rps": round(len(latencies) / wall, 1),
-        "errors": errors[0],
-        "requests": len(latencies),
+        "rps": round(len(ms) / sum(r["wall"] for r in runs), 1),
+        "errors": sum(r["errors"] for r in runs),
+        "requests": len(ms),
     }
 
 
-def run_side(name: str, command: list[str], port: int, photos: list[bytes], args, env) -> dict:
-    url = f"http://127.0.0.1:{port}"
-    log = Path(args.log_dir) / f"{name}.log"
-    proc = start(command, url, log, env)
-    try:
+def compare(sides: dict[str, str], photos: list[bytes], args) -> dict[str, dict]:
+    """Each concurrency level in --rounds rounds, the sides taking turns within a round: the
+    machine's speed drifts over minutes (seen here: the same request 40% slower five minutes
+    later), and alternating puts both sides under the same drift. Each side sees every photo
+    once per level (its cache never helps)."""
+    for url in sides.values():
         drive(url, photos[: args.warmup], 4, args.k)  # warm up (these photos are not reused)
-        used, out = args.warmup, {}
-        for c in args.concurrency:
-            out[str(c)] = drive(url, photos[used : used + args.requests], c, args.k)
-            used += args.requests
-            print(f"  {name:<9} c={c:<3} {out[str(c)]}", flush=True)
-        return out
-    finally:
-        stop(proc)
+    out: dict[str, dict] = {name: {} for name in sides}
+    used = args.warmup
+    for c in args.concurrency:
+        level = photos[used : used + args.requests]
+        used += args.requests
+        runs: dict[str, list] = {name: [] for name in sides}
+        for part in np.array_split(np.arange(len(level)), args.rounds):
+            chunk = [level[i] for i in part]
+            for name, url in sides.items():
+                runs[name].append(drive(url, chunk, c, args.k))
+        for name in sides:
+            out[name][str(c)] = summarise(runs[name])
+            print(f"  {name:<9} c={c:<3} {out[name][str(c)]}", flush=True)
+    return out
 
 
 def load_photos(n: int, params_path: str) -> list[bytes]:
@@ -229,24 +254,22 @@ def run_size(size: int, args, bin_dir: Path) -> dict:
         "VITRINE_POLL_SECONDS": "0",
         "BENTOML_HOME": str(Path(args.log_dir) / "bentoml"),
     }
-    port = free_port()
-    service_cmd = [
-        str(bin_dir / "bentoml"),
-        "serve",
-        "bentos.service:Vitrine",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    print(f"[{size} products] vitrine service (bentoml, micro-batching, cache, FAISS) on :{port}")
-    service = run_side(f"vitrine-{size}", service_cmd, port, photos, args, env)
-    port = free_port()
-    naive_cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_server.py"), "--port", str(port)]
+    service_port, naive_port = free_port(), free_port()
+    service_cmd = [str(bin_dir / "bentoml"), "serve", "bentos.service:Vitrine"]
+    service_cmd += ["--host", "127.0.0.1", "--port", str(service_port)]
+    naive_cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_server.py")]
+    naive_cmd += ["--port", str(naive_port)]
+    print(f"[{size} products] vitrine (bentoml, micro-batching, cache, FAISS) on :{service_port}")
     print(
-        f"[{size} products] naive baseline (uvicorn, one call per request, numpy search) on :{port}"
+        f"[{size} products] naive baseline (uvicorn, one call per request, numpy search) on "
+        f":{naive_port}; {args.rounds} alternating rounds per concurrency level"
     )
-    baseline = run_side(f"baseline-{size}", naive_cmd, port, photos, args, env)
+    with (
+        serving(f"vitrine-{size}", service_cmd, service_port, args, env) as service_url,
+        serving(f"baseline-{size}", naive_cmd, naive_port, args, env) as naive_url,
+    ):
+        measured = compare({"vitrine": service_url, "baseline": naive_url}, photos, args)
+    service, baseline = measured["vitrine"], measured["baseline"]
     steps = breakdown(env, photos[: args.profile], args.k)
     top = str(max(args.concurrency))
     result = {
@@ -301,6 +324,9 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
     )
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternations of the two sides per concurrency"
+    )
     parser.add_argument("--profile", type=int, default=300, help="photos of the time breakdown")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--log-dir", default="/tmp")
