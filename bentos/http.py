@@ -231,4 +231,5 @@ class ProbesAndLimits:
                 {"status": "ok", "model_version": bundle.version if bundle else None}
             )
         status, body = service.loader.readiness()
+        body["workers"] = len(service.peers.peers())  # live worker processes of this server
         return JSONResponse(body, status_code=status)

@@ -29,6 +29,7 @@ from bentos.http import (
     require_admin,
 )
 from bentos.loader import Bundle, ModelLoader
+from bentos.peers import Peers
 from bentos.predictor import Analysis, Predictor
 from bentos.settings import ServiceSettings
 from components.serving.ab import ABRouter
@@ -43,10 +44,13 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 # BentoML's own request metrics and access log are off: /metrics is vitrine's (bentos/http.py),
 # and they cost ~0.3 ms of the event loop per request (benchmarks/serve.py). So are its
 # OpenTelemetry spans (no exporter is configured): excluding every URL skips the middleware's
-# per-request work, c=1 p50 8.2-8.6 -> 6.8-7.5 ms, c=16 157-158 -> 170-193 req/s (2 runs each)
+# per-request work, c=1 p50 8.2-8.6 -> 6.8-7.5 ms, c=16 157-158 -> 170-193 req/s (2 runs each).
+# One worker process per core: one process is bound by its GIL (0.94 of a core busy, 0.77 idle
+# at c=16), two serve 1.9x its requests (benchmarks/serve.py). serving.workers / `vitrine serve
+# --workers` override it (BENTOML_CONFIG_OVERRIDES); bentos/peers.py keeps the workers in step.
 @bentoml.service(
     name="vitrine",
-    workers=1,
+    workers="cpu_count",
     traffic={"timeout": 60},
     metrics={"enabled": False},
     logging={"access": {"enabled": False}},
@@ -75,9 +79,12 @@ class Vitrine:
         self.ab = ABRouter(cfg.ab_mode, cfg.ab_share, self.paths.home / "requests", m)
         self.loader = ModelLoader(self.paths, self.params, m, cfg.variant, cfg.ab_mode)
         self.loader.start(cfg.poll_seconds)
+        self.peers = Peers.for_server(self.paths.home, self.loader.reload_both)
+        self.peers.start()
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
+        self.peers.close()
         self.loader.stop()
         self.predictor.close()
 
@@ -199,7 +206,7 @@ class Vitrine:
     @app.post("/admin/reload")
     async def admin_reload(self, request: Request) -> JSONResponse:
         require_admin(request, self.settings.admin_token)
-        outcome = await run_in_threadpool(self.loader.reload_both)
+        outcome = await run_in_threadpool(self.peers.reload_all)  # every worker, not just this one
         return JSONResponse(outcome, status_code=500 if outcome.get("error") else 200)
 
 

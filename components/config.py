@@ -263,6 +263,7 @@ class ServingParams(_Strict):
     max_pixels: int = Field(36_000_000, ge=1)
     max_batch_size: int = Field(64, ge=1)
     threads: int = Field(1, ge=0)  # torch / FAISS / ONNX Runtime threads per call; 0 = every core
+    workers: int = Field(0, ge=0)  # BentoML worker processes (`vitrine serve`); 0 = one per core
     poll_seconds: float = Field(30.0, ge=0)  # 0 = no polling of the champion alias
     variant: Literal["fp32", "onnx", "int8"] = "fp32"  # an accepted compressed variant, or fp32
     ab: ABParams = Field(default_factory=ABParams)

@@ -286,10 +286,24 @@ def rollback(
     say(f"champion: {record['from']} → {record['to']} (rollback)")
 
 
+def worker_env(env: dict[str, str], workers: int) -> dict[str, str]:
+    """The environment of `bentoml serve` with `workers` processes (0: the service's default,
+    one per core), through BentoML's JSON override variable (merged with one already set)."""
+    if workers > 0:
+        overrides = json.loads(env.get("BENTOML_CONFIG_OVERRIDES") or "{}")
+        overrides.setdefault("services", {}).setdefault("vitrine", {})["workers"] = workers
+        env["BENTOML_CONFIG_OVERRIDES"] = json.dumps(overrides)
+    return env
+
+
 @app.command()
 def serve(
     port: Annotated[int | None, typer.Option(help="Default: serving.port in params.yaml.")] = None,
     host: Annotated[str | None, typer.Option(help="Default: serving.host (127.0.0.1).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Service processes. Default: serving.workers (0 = one per core)."),
+    ] = None,
 ) -> None:
     """Serve the champion and its index with BentoML (API, metrics and the web page)."""
     serving = load_params().serving
@@ -302,7 +316,7 @@ def serve(
     done = subprocess.run(
         [str(bentoml), "serve", "bentos.service:Vitrine", "--host", host, "--port", str(port)],
         cwd=PROJECT_ROOT,
-        env=dict(os.environ),
+        env=worker_env(dict(os.environ), serving.workers if workers is None else workers),
     )
     raise typer.Exit(done.returncode)
 

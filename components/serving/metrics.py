@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,6 +12,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -65,7 +68,11 @@ class ServingMetrics:
             registry=r,
         )
         self.model_info = Gauge(
-            "vitrine_model_info", "1 for the model version being served", ["version"], registry=r
+            "vitrine_model_info",
+            "1 for the model version being served (by any worker)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -84,7 +91,24 @@ class ServingMetrics:
         self.model_info.labels(version).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition. Under BentoML's workers (PROMETHEUS_MULTIPROC_DIR set) every
+        worker's values are summed from the shared folder, so /metrics tells the same totals
+        whichever worker answers; vitrine_* families only (the folder holds BentoML's too)."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder or not os.path.isdir(folder):
+            return generate_latest(self.registry)
+        merged = MultiProcessCollector(None, path=folder).collect()
+        return generate_latest(_Families([f for f in merged if f.name.startswith("vitrine_")]))
+
+
+class _Families:
+    """Metric families already collected, in the shape generate_latest reads."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self) -> list:
+        return self.families
 
 
 ENDPOINTS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,12 @@ def test_third_party_progress_bars_are_off_in_vitrine_processes(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_serve_sets_the_worker_count_through_bentomls_overrides():
+    from vitrine.cli import worker_env
+
+    assert "BENTOML_CONFIG_OVERRIDES" not in worker_env({}, 0)  # the service's default: per core
+    env = worker_env({"BENTOML_CONFIG_OVERRIDES": '{"api_server": {"workers": 9}}'}, 3)
+    overrides = json.loads(env["BENTOML_CONFIG_OVERRIDES"])
+    assert overrides == {"api_server": {"workers": 9}, "services": {"vitrine": {"workers": 3}}}
