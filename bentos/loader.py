@@ -44,6 +44,16 @@ class Bundle:
         return self.text
 
 
+def serving_example(model: Any) -> Any:
+    """One blank photo as the service feeds it to `model` (the compiled model's trace input)."""
+    from PIL import Image
+
+    from components.model.transforms import model_input, to_tensor
+
+    blank = Image.new("L", (model.image_size, model.image_size))
+    return to_tensor(model_input(blank, model)[None])
+
+
 class ModelLoader:
     """The champion (and challenger) bundles of one service process."""
 
@@ -86,7 +96,7 @@ class ModelLoader:
         return self._registry
 
     def load_bundle(self, registry: Any, version: str) -> Bundle:
-        from components.model.models import serving_layout
+        from components.model.models import compile_for_inference, serving_layout
         from components.retrieval.index import CatalogueIndex
 
         start = time.perf_counter()
@@ -109,6 +119,8 @@ class ModelLoader:
         from components.model.compress import load_served_model
 
         served, variant, note = load_served_model(registry, version, model, self.variant)
+        if variant == "fp32":  # the registered weights, compiled for inference (not for /explain)
+            served = compile_for_inference(model, serving_example(model))
         loaded_at = datetime.now(UTC).isoformat()
         return Bundle(
             version,

@@ -94,7 +94,7 @@ class Predictor:
         if self.metrics:
             self.metrics.cache.labels("hit" if cached is not None else "miss").inc()
         if cached is None:
-            cached = self.batcher.submit((bundle, pixels)).result(timeout=30)
+            cached = self.batcher.run((bundle, pixels), timeout=30)
             self.cache.put(key, cached)
         probs, embedding = cached
         best = int(np.argmax(probs))

@@ -80,6 +80,8 @@ class MicroBatcher:
     A worker thread takes whatever is queued (up to max_batch_size), waiting at most
     max_wait_ms for more after the first item: with max_wait_ms=0 a lone request runs at once
     and requests arriving while a batch runs form the next batch (adaptive under load).
+    `run(item)` skips the hand-off when nothing is queued or running: the caller's thread runs
+    the lone item itself (two thread wake-ups less per request at low load).
     """
 
     def __init__(
@@ -93,13 +95,32 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0  # items submitted and not answered yet, or run inline now
         self._thread = threading.Thread(target=self._loop, name="vitrine-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, item: Any) -> Future:
         future: Future = Future()
+        with self._lock:
+            self._pending += 1
         self._queue.put((item, future))
         return future
+
+    def run(self, item: Any, timeout: float = 30.0) -> Any:
+        """The item's result: run here when the batcher is idle, else batched with the rest."""
+        with self._lock:
+            idle = self._pending == 0
+            self._pending += 1 if idle else 0
+        if not idle:
+            return self.submit(item).result(timeout=timeout)
+        try:
+            if self.on_batch:
+                self.on_batch(1)
+            return self.run_batch([item])[0]
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def close(self) -> None:
         self._queue.put(None)
@@ -139,3 +160,6 @@ class MicroBatcher:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
+            finally:
+                with self._lock:
+                    self._pending -= len(batch)

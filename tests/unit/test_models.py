@@ -133,3 +133,35 @@ def test_pickle_round_trip(params: TrainParams) -> None:
         3,
         params.embedding_dim,
     )
+
+
+def test_the_compiled_serving_model_answers_like_the_model_at_any_batch_size(monkeypatch) -> None:
+    from components.model import models
+
+    torch.manual_seed(0)
+    model = models.serving_layout(build_model(CNN, num_classes=4, pretrained=False).eval())
+    with torch.no_grad():  # non-trivial batch norms, so folding them changes the weights
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    monkeypatch.setattr(models, "seconds_per_call", lambda m, x: 0.0 if m is not model else 1.0)
+    compiled = models.compile_for_inference(model, grayscale_batch(1))
+    assert isinstance(compiled, models.CompiledNet)
+    assert all(getattr(compiled, a) == getattr(model, a) for a in models.SERVED_ATTRIBUTES)
+    for n in (1, 5, 16):
+        x = grayscale_batch(n, seed=n)
+        with torch.inference_mode():
+            (logits, emb), (c_logits, c_emb) = model(x), compiled(x)
+        assert torch.allclose(logits, c_logits, atol=1e-4) and torch.allclose(emb, c_emb, atol=1e-5)
+
+
+def test_compiling_keeps_the_model_when_it_is_not_faster_or_cannot_be_traced(monkeypatch) -> None:
+    from components.model import models
+
+    model = build_model(CNN, num_classes=4, pretrained=False).eval()
+    monkeypatch.setattr(models, "seconds_per_call", lambda m, x: 1.0 if m is not model else 0.0)
+    assert models.compile_for_inference(model, grayscale_batch(1)) is model  # slower: eager
+    monkeypatch.setattr(models, "seconds_per_call", lambda m, x: 0.0 if m is not model else 1.0)
+    wrong_channels = to_tensor(np.zeros((1, 28, 28, 2), np.uint8))  # adapt_input refuses it
+    assert models.compile_for_inference(model, wrong_channels) is model

@@ -193,6 +193,43 @@ def test_micro_batcher_fails_every_caller_of_a_failing_batch():
     batcher.close()
 
 
+def test_micro_batcher_runs_a_lone_call_in_the_callers_thread_and_batches_under_load():
+    threads_seen: list[tuple[int, int]] = []  # (thread, batch size) of each model call
+    release = threading.Event()
+
+    def record(items: list[int]) -> list[int]:
+        threads_seen.append((threading.get_ident(), len(items)))
+        if items[0] == 0:
+            release.wait(5)  # the first call holds the model while others arrive
+        return [x + 1 for x in items]
+
+    batcher = MicroBatcher(record, max_batch_size=8)
+    assert batcher.run(41) == 42 and threads_seen == [(threading.get_ident(), 1)]  # idle: here
+    threads_seen.clear()
+    results: dict[int, int] = {}
+    first = threading.Thread(target=lambda: results.update({0: batcher.run(0)}))
+    first.start()
+    while not threads_seen:  # the lone first call is running (inline, in its own thread)
+        time.sleep(0.001)
+    others = [
+        threading.Thread(target=lambda x=x: results.update({x: batcher.run(x)})) for x in (1, 2, 3)
+    ]
+    for t in others:
+        t.start()
+    while batcher._queue.qsize() < 3 and len(threads_seen) < 2:  # queued behind the busy one
+        time.sleep(0.001)
+    time.sleep(0.05)
+    release.set()
+    for t in [first, *others]:
+        t.join(timeout=10)
+    batcher.close()
+    assert results == {0: 1, 1: 2, 2: 3, 3: 4}
+    assert threads_seen[0][0] == first.ident  # the lone call ran in its caller's thread
+    later = threads_seen[1:]
+    assert sum(size for _, size in later) == 3 and len({ident for ident, _ in later}) == 1
+    assert later[0][0] not in {t.ident for t in others}  # those were the batcher's work
+
+
 def test_request_log_writes_sampled_records_without_images(tmp_path):
     stats = {"width": 112, "height": 90, "brightness": 0.4, "contrast": 0.2}
     full = RequestLog(tmp_path / "all", 1.0)
