@@ -45,12 +45,12 @@ def vitrine(env: dict, *args: str) -> Result:
     return CliRunner().invoke(app, list(args), env=env)
 
 
-def simulate_then_drift(served, shift: str, tmp_path) -> tuple[Result, dict]:
+def simulate_then_drift(served, shift: str, tmp_path, n: int = N) -> tuple[Result, dict]:
     champion, server, env = served
     since = datetime.now(UTC).isoformat()
-    sent = vitrine(env, "simulate", "--shift", shift, "--n", str(N), "--url", server.url)
+    sent = vitrine(env, "simulate", "--shift", shift, "--n", str(n), "--url", server.url)
     assert sent.exit_code == 0, sent.output
-    assert f"{N} ok, 0 errors" in sent.output
+    assert f"{n} ok, 0 errors" in sent.output
     out = tmp_path / f"{shift}.json"
     judged = vitrine(env, "drift", "--since", since, "--json", str(out))
     return judged, json.loads(out.read_text())
@@ -84,7 +84,11 @@ def test_darkened_photos_drift_in_brightness(served, tmp_path):
 
 
 def test_a_new_category_drifts(served, tmp_path):
-    judged, data = simulate_then_drift(served, "new-category", tmp_path)
+    # A quarter of the window is the unknown category. In a window of 250 the tiny champion's
+    # signals sat at the edge and moved with the CPU's training precision (on an AVX512-BF16
+    # machine: embeddings MMD 0.0091 < 0.01, category chi-square p 0.011 > 0.001; no drift).
+    # 500 requests, as a day of shop traffic would give, make the category shift plain.
+    judged, data = simulate_then_drift(served, "new-category", tmp_path, n=2 * N)
     assert judged.exit_code == 1, judged.output
     assert data["drifted"] is True and data["details"]["signals"]
 
