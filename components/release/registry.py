@@ -7,8 +7,12 @@ Every store failure surfaces as RegistryUnavailable naming the tracking URI.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -45,6 +49,10 @@ class RegistryUnavailable(RuntimeError):
 
 class PromotionRefused(RuntimeError):
     """A promotion or rollback that the rules do not allow; the message says why."""
+
+
+class PromotionBusy(PromotionRefused):
+    """Another process holds the promotion lock (a promote or rollback in progress)."""
 
 
 def _is_outage(error: BaseException) -> bool:
@@ -97,6 +105,7 @@ class Registry:
         self.artifact_root = Path(artifact_root)
         self.model_name = model_name
         self.audit_log = Path(audit_log)
+        self.lock_wait_seconds = 10.0  # how long a promote or rollback waits for another one
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             self.experiment_id = self._ensure_experiment()
@@ -307,6 +316,55 @@ class Registry:
     def _tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.model_name, str(version), key, value)
 
+    # ----------------------------------------------------------------- the promotion lock
+    @property
+    def lock_name(self) -> str:
+        return f"{self.model_name}.promotion-lock"
+
+    @contextmanager
+    def promotion_lock(self, wait_seconds: float = 10.0, stale_seconds: float = 600.0):
+        """The one right to move the `champion` alias, across processes and hosts.
+
+        Creating a registered model is atomic in every MLflow store (the name is the key of
+        its table, on SQLite as on PostgreSQL, and over a tracking server's HTTP API), so the
+        lock is a registered model named `<model>.promotion-lock` whose description names its
+        holder; it exists only while a promote or rollback runs. A lock older than
+        `stale_seconds` (its holder died) is taken over. Waits up to `wait_seconds`, then
+        raises PromotionBusy naming the holder."""
+        holder = f"{socket.gethostname()} pid {os.getpid()} since {_now().isoformat()}"
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                self.client.create_registered_model(self.lock_name, description=holder)
+                break
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            if (held := self._lock_holder(stale_seconds)) is None:
+                continue  # released, or stale and removed: try again at once
+            if time.monotonic() > deadline:
+                raise PromotionBusy(f"another promotion is in progress ({held})")
+            time.sleep(0.1)
+        try:
+            yield
+        finally:
+            self.client.delete_registered_model(self.lock_name)
+
+    def _lock_holder(self, stale_seconds: float) -> str | None:
+        """The lock's holder, or None if it is gone or was stale (then it is removed)."""
+        try:
+            lock = self.client.get_registered_model(self.lock_name)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        age = time.time() - lock.creation_timestamp / 1000
+        if age <= stale_seconds:
+            return lock.description
+        with contextlib.suppress(MlflowException):  # another contender may remove it first
+            self.client.delete_registered_model(self.lock_name)
+        return None
+
     # ----------------------------------------------------------------- promotion
     @_guarded
     def promote(
@@ -322,7 +380,19 @@ class Registry:
         Without a champion and with `bootstrap_without_approval`, a version that passed the
         floors needs no approval. `extra_check(version)` may refuse with a reason (e.g. an
         unfinished A/B period). Returns the audit record, or None if nothing is eligible.
+        Under the promotion lock: of two promotions at once, one moves the alias and the other
+        then finds nothing to promote (or raises PromotionBusy after waiting).
         """
+        with self.promotion_lock(self.lock_wait_seconds):
+            return self._promote(version, bootstrap_without_approval, floors_passed, extra_check)
+
+    def _promote(
+        self,
+        version: str | None,
+        bootstrap_without_approval: bool,
+        floors_passed: bool | None,
+        extra_check: Callable[[str], str | None] | None,
+    ) -> dict | None:
         champion = self.alias_version(CHAMPION)
         bootstrap = champion is None and bootstrap_without_approval
         if version is None:
@@ -344,7 +414,12 @@ class Registry:
 
     @_guarded
     def rollback(self, to: str | None = None) -> dict:
-        """Champion back to previous_champion (or to `to`); the demoted version is marked."""
+        """Champion back to previous_champion (or to `to`); the demoted version is marked.
+        Under the promotion lock, like promote."""
+        with self.promotion_lock(self.lock_wait_seconds):
+            return self._rollback(to)
+
+    def _rollback(self, to: str | None) -> dict:
         champion = self.alias_version(CHAMPION)
         target = str(to) if to is not None else self.alias_version(PREVIOUS)
         if target is None:

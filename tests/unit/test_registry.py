@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +19,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from components.release.registry import PromotionRefused, Registry, RegistryUnavailable
+from components.config import PROJECT_ROOT
+from components.release.registry import (
+    PromotionBusy,
+    PromotionRefused,
+    Registry,
+    RegistryUnavailable,
+)
 
 MODEL = "vitrine-product"
 PASS = {"passed": True, "reasons": ["accuracy 0.93 >= floor 0.85"]}
@@ -241,3 +250,66 @@ def test_registered_model_has_an_explicit_signature(registry: Registry):
     inputs, outputs = info.signature.inputs.to_dict(), info.signature.outputs.to_dict()
     assert inputs[0]["name"] == "pixels" and inputs[0]["tensor-spec"]["dtype"] == "float32"
     assert list(outputs[0]["tensor-spec"]["shape"]) == [-1, 2]
+
+
+PROMOTE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from components.release.registry import PromotionRefused, Registry
+
+    uri, artifacts, audit = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    registry = Registry(uri, artifacts, "vitrine-product", audit)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": both processes promote at the same moment
+    try:
+        print(json.dumps({"record": registry.promote()}))
+    except PromotionRefused as error:
+        print(json.dumps({"refused": str(error)}))
+    """
+)
+
+
+def test_two_promotions_at_once_move_the_alias_once(registry: Registry):
+    registry.record_verdict("2", PASS)
+    registry.approve("2", "owner")
+    args = [registry.tracking_uri, str(registry.artifact_root), str(registry.audit_log)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROMOTE, *args],
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outcomes = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    moved = [o["record"] for o in outcomes if o.get("record")]
+    assert len(moved) == 1 and moved[0]["to"] == "2" and moved[0]["from"] is None, outcomes
+    other = next(o for o in outcomes if not o.get("record"))
+    assert other == {"record": None} or "another promotion" in other["refused"], outcomes
+    assert len(audit_lines(registry)) == 1 and registry.alias_version("champion") == "2"
+    assert registry.alias_version("previous_champion") is None
+
+
+def test_a_held_lock_refuses_a_promotion_and_a_stale_one_is_taken_over(registry: Registry):
+    registry.record_verdict("2", PASS)
+    registry.approve("2", "owner")
+    with registry.promotion_lock():
+        registry.lock_wait_seconds = 0.3
+        with pytest.raises(PromotionBusy, match="another promotion is in progress .*pid"):
+            registry.promote()
+    assert registry.alias_version("champion") is None and not registry.audit_log.exists()
+    registry.client.create_registered_model(registry.lock_name, description="a dead holder")
+    with pytest.raises(PromotionBusy, match="a dead holder"):
+        registry.promote()  # young: it is honoured
+    with registry.promotion_lock(wait_seconds=0, stale_seconds=0):  # old: taken over
+        assert registry.client.get_registered_model(registry.lock_name).description != (
+            "a dead holder"
+        )
+    assert registry.promote()["to"] == "2"  # and released after use
