@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from components.config import (
     load_params,
     state_paths,
 )
+from vitrine.children import run_children
 
 app = typer.Typer(
     help="vitrine: visual search for e-commerce, and the loop that keeps it good.",
@@ -313,12 +313,12 @@ def serve(
         f"serving the champion on http://{host}:{port}/ (page), "
         f"http://{host}:{port}/readyz (model version); Ctrl-C stops"
     )
-    done = subprocess.run(
-        [str(bentoml), "serve", "bentos.service:Vitrine", "--host", host, "--port", str(port)],
-        cwd=PROJECT_ROOT,
+    code = run_children(
+        [[str(bentoml), "serve", "bentos.service:Vitrine", "--host", host, "--port", str(port)]],
         env=worker_env(dict(os.environ), serving.workers if workers is None else workers),
+        cwd=PROJECT_ROOT,
     )
-    raise typer.Exit(done.returncode)
+    raise typer.Exit(code)
 
 
 @ab_app.command("report")
@@ -383,45 +383,14 @@ def ui(
     paths.artifacts.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PREFECT_HOME": str(paths.prefect_home)}
-    procs = [
-        subprocess.Popen(
-            [
-                str(bin_dir / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                paths.tracking_uri,
-                "--default-artifact-root",
-                paths.artifacts.as_uri(),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-            ],
-            env=env,
-        ),
-        subprocess.Popen(
-            [
-                str(bin_dir / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-            ],
-            env=env,
-        ),
-    ]
+    mlflow_server = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", paths.tracking_uri]
+    mlflow_server += ["--default-artifact-root", paths.artifacts.as_uri()]
+    mlflow_server += ["--host", "127.0.0.1", "--port", str(mlflow_port)]
+    prefect_server = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    prefect_server += ["--port", str(prefect_port)]
     say(f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)")
     say(f"Prefect UI  http://127.0.0.1:{prefect_port}")
-    if not wait:
-        return
-    try:
-        for proc in procs:
-            proc.wait()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
+    raise typer.Exit(run_children([mlflow_server, prefect_server], env=env, wait=wait))
 
 
 @app.command()
