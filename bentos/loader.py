@@ -63,6 +63,7 @@ class ModelLoader:
         self.bundle: Bundle | None = None
         self.challenger: Bundle | None = None
         self.last_error: str | None = None
+        self.refused: str | None = None  # why the champion alias is not followed, if it is not
         self.challenger_error: str | None = None
         self.last_check_at: str | None = None
         self._reload_lock = threading.Lock()
@@ -146,7 +147,10 @@ class ModelLoader:
             self.last_check_at = datetime.now(UTC).isoformat()
             try:
                 registry = self._open_registry()
-                target = registry.alias_version("champion")
+                target, self.refused = registry.served_champion()  # audited promotions only
+                self.metrics.set_refused(self.refused and registry.alias_version("champion"))
+                if self.refused:
+                    log.warning("champion alias refused: %s", self.refused)
                 if target is None:
                     raise LookupError("no version has the `champion` alias yet")
                 if target == old:
@@ -194,6 +198,7 @@ class ModelLoader:
             "loaded_at": bundle.loaded_at if bundle else None,
             "load_seconds": bundle.load_seconds if bundle else None,
             "last_reload_error": self.last_error,
+            "champion_alias_refused": self.refused,
             "last_check_at": self.last_check_at,
             "text_search": bool(bundle and bundle.text is not None),
             "variant": bundle.variant if bundle else None,

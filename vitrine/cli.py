@@ -208,6 +208,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             say(f"  - {reason}")
     say(f"previous champion: {data.get('previous_champion') or 'none'}")
     say(f"data version: {data.get('data_version') or 'unknown'}")
+    if refused := data.get("champion_refused"):
+        console.print(Text(f"REFUSED: {refused}", style="bold red"))
 
 
 def _shopper_table(data: dict):

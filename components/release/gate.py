@@ -6,6 +6,7 @@ inputs from the registry, calls `decide`, and records the verdict on the version
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -266,3 +267,37 @@ def pick_promotion_candidate(
     if bootstrap and newer and floors_passed is not False:
         return str(newer[0]["version"])
     return None
+
+
+AUDIT_TAG_PREFIX = "audit_"  # version tags written by vitrine's promote / rollback (registry.py)
+
+
+def last_audited(versions: list[dict]) -> dict | None:
+    """The newest audit record (a promote or rollback by vitrine) in the versions' tags."""
+    records = [
+        json.loads(value)
+        for row in versions
+        for key, value in row["tags"].items()
+        if key.startswith(AUDIT_TAG_PREFIX)
+    ]
+    return max(records, key=lambda record: record["at"], default=None)
+
+
+def alias_refusal(alias: str | None, audited: dict | None) -> str | None:
+    """Why the version the `champion` alias names may not be served, or None when it may.
+
+    Only vitrine's promotion moves the alias after the gate and an owner's approval, and it
+    writes an audit record; an alias that does not name the last audited promotion's version
+    was moved some other way (the MLflow UI's alias editor, the API)."""
+    if audited is None:
+        if alias is None:
+            return None
+        return f"the champion alias names version {alias}, but vitrine never promoted a version"
+    if alias == audited["to"]:
+        return None
+    moved = f"moved to version {alias}" if alias is not None else "removed"
+    return (
+        f"the champion alias was {moved} outside vitrine's promotion; the last audited "
+        f"{audited['action']} (at {audited['at']}) made version {audited['to']} champion, "
+        "which is served; `vitrine promote` or `vitrine rollback` repairs the alias"
+    )

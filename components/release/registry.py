@@ -32,7 +32,10 @@ from mlflow.types import Schema, TensorSpec
 
 from components.config import Params, StatePaths
 from components.release.gate import (
+    AUDIT_TAG_PREFIX,
+    alias_refusal,
     find_promotion_refusal,
+    last_audited,
     pick_promotion_candidate,
     read_gate_passed,
 )
@@ -288,6 +291,19 @@ class Registry:
             raise
 
     @_guarded
+    def served_champion(self) -> tuple[str | None, str | None]:
+        """(the version to serve as champion, why the alias is refused or None).
+
+        The version the `champion` alias names, if vitrine's promotion (or rollback) put it
+        there; else the last audited champion, with the reason (gate.alias_refusal)."""
+        alias = self.alias_version(CHAMPION)
+        audited = last_audited(self.list_versions())
+        refusal = alias_refusal(alias, audited)
+        if refusal is None:
+            return alias, None
+        return (audited["to"] if audited else None), refusal
+
+    @_guarded
     def list_versions(self) -> list[dict]:
         """Every version of the model, newest first, with its tags."""
         found = self.client.search_model_versions(f"name='{self.model_name}'")
@@ -393,7 +409,7 @@ class Registry:
         floors_passed: bool | None,
         extra_check: Callable[[str], str | None] | None,
     ) -> dict | None:
-        champion = self.alias_version(CHAMPION)
+        champion, refused = self.served_champion()  # an alias moved outside vitrine is ignored
         bootstrap = champion is None and bootstrap_without_approval
         if version is None:
             versions = self.list_versions()
@@ -401,7 +417,7 @@ class Registry:
                 versions, champion, bootstrap=bootstrap, floors_passed=floors_passed
             )
             if version is None:
-                return None
+                return self._repair_alias(champion) if refused and champion else None
         tags = self.version_info(version)["tags"]
         refusal = find_promotion_refusal(
             str(version), champion, tags, bootstrap=bootstrap, floors_passed=floors_passed
@@ -420,7 +436,7 @@ class Registry:
             return self._rollback(to)
 
     def _rollback(self, to: str | None) -> dict:
-        champion = self.alias_version(CHAMPION)
+        champion, _ = self.served_champion()
         target = str(to) if to is not None else self.alias_version(PREVIOUS)
         if target is None:
             raise PromotionRefused("nothing to roll back to: no previous_champion")
@@ -432,6 +448,11 @@ class Registry:
         if champion is not None:
             self._tag(champion, "rolled_back", "true")
         return self._move_champion(target, champion, "rollback", tags)
+
+    def _repair_alias(self, champion: str) -> dict:
+        """Point the `champion` alias back at the audited champion, and audit that."""
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, champion)
+        return self._audit("repair", champion, champion, self.version_info(champion)["tags"])
 
     def _move_champion(self, version: str, old: str | None, action: str, tags: dict) -> dict:
         self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
@@ -445,6 +466,11 @@ class Registry:
             self.client.delete_registered_model_alias(self.model_name, PREVIOUS)
         if self.alias_version(CHALLENGER) == version:
             self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        return self._audit(action, old, version, tags)
+
+    def _audit(self, action: str, old: str | None, version: str, tags: dict) -> dict:
+        """The audit record of a move of the champion alias: in the audit log and as a tag of
+        the version (the tag is what the service checks the alias against)."""
         at = _now()
         record = {
             "action": action,
@@ -460,7 +486,9 @@ class Registry:
         self.audit_log.parent.mkdir(parents=True, exist_ok=True)
         with self.audit_log.open("a") as log:
             log.write(json.dumps(record) + "\n")
-        self._tag(version, f"audit_{at.strftime('%Y%m%dT%H%M%S%fZ')}", json.dumps(record))
+        self._tag(
+            version, f"{AUDIT_TAG_PREFIX}{at.strftime('%Y%m%dT%H%M%S%fZ')}", json.dumps(record)
+        )
         return record
 
     # ----------------------------------------------------------------- status
@@ -491,6 +519,7 @@ class Registry:
             },
             "previous_champion": self.alias_version(PREVIOUS),
             "data_version": source["tags"].get("data_version") if source else None,
+            "champion_refused": self.served_champion()[1],
         }
 
 

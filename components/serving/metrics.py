@@ -74,6 +74,22 @@ class ServingMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.refused = Gauge(
+            "vitrine_champion_alias_refused",
+            "1 for a version the champion alias names but vitrine did not promote (not served)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._refused: str | None = None
+
+    def set_refused(self, version: str | None) -> None:
+        """1 for the version the champion alias names while it is refused (not audited)."""
+        if self._refused is not None and self._refused != version:
+            self.refused.labels(self._refused).set(0)
+        if version is not None:
+            self.refused.labels(version).set(1)
+        self._refused = version
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

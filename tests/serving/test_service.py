@@ -391,6 +391,33 @@ def test_request_log_holds_sampled_records_without_images(server, champion):
     assert not any(isinstance(v, str) and len(v) > 200 for v in record.values())  # no raw bytes
 
 
+def test_a_champion_alias_moved_outside_vitrine_is_refused_by_every_worker(
+    server, champion, products
+):
+    from components.stages import register
+
+    serving = httpx.get(f"{server.url}/readyz").json()["model_version"]
+    failed = register.run(champion.ctx, champion.registry, cause="test")["version"]
+    champion.registry.record_verdict(failed, {"passed": False, "reasons": ["FAIL: test"]})
+    name = champion.registry.model_name
+    champion.registry.client.set_registered_model_alias(name, "champion", failed)  # the UI's way
+    admin = {"x-admin-token": ADMIN_TOKEN}
+    reload = httpx.post(f"{server.url}/admin/reload", headers=admin, timeout=120)
+    assert reload.status_code == 200 and reload.json()["model_version"] == serving
+    for _ in range(4):  # whichever worker answers
+        ready = httpx.get(f"{server.url}/readyz").json()
+        assert ready["model_version"] == serving
+        assert f"moved to version {failed} outside" in ready["champion_alias_refused"]
+        answer = post_image(server, "/classify", photo(champion, products.iloc[0]))
+        assert answer.json()["model_version"] == serving
+    refused = ("vitrine_champion_alias_refused", (("version", failed),))
+    assert metric_samples(server)[refused] == 1
+    assert champion.registry.promote()["action"] == "repair"  # nothing newer: alias put back
+    assert httpx.post(f"{server.url}/admin/reload", headers=admin, timeout=120).status_code == 200
+    assert httpx.get(f"{server.url}/readyz").json()["champion_alias_refused"] is None
+    assert metric_samples(server)[refused] == 0
+
+
 def test_hot_swap_under_traffic_changes_the_version_without_errors(server, champion, products):
     data = [photo(champion, products.iloc[i]) for i in range(20)]
     seen: list[tuple[int, str | None]] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -353,3 +355,43 @@ def test_decide_on_shopper_shifts(challenger, champion, passed, fragment):
         assert any(fragment in reason for reason in verdict.reasons), verdict.reasons
     else:
         assert any(reason.startswith("shopper-style:") for reason in verdict.reasons)
+
+
+def audit_tag(action: str, to: str, at: str) -> dict:
+    record = {"action": action, "from": None, "to": to, "at": at}
+    return {f"audit_{at}": json.dumps(record)}
+
+
+@pytest.mark.parametrize(
+    ("alias", "tags_by_version", "refused"),
+    [
+        (None, {}, None),  # nothing promoted, no alias: nothing to refuse
+        ("1", {"1": audit_tag("promote", "1", "2026-12-01T10:00")}, None),
+        ("2", {"1": audit_tag("promote", "1", "2026-12-01T10:00")}, "moved to version 2"),
+        (None, {"1": audit_tag("promote", "1", "2026-12-01T10:00")}, "removed"),
+        ("3", {}, "vitrine never promoted"),
+        (  # promoted to 2, then rolled back to 1: the rollback is the newest record
+            "1",
+            {
+                "1": audit_tag("promote", "1", "2026-12-01T10:00")
+                | audit_tag("rollback", "1", "2026-12-03T10:00"),
+                "2": audit_tag("promote", "2", "2026-12-02T10:00"),
+            },
+            None,
+        ),
+        (  # an older audited version is not enough: 2's promotion is the newest record
+            "1",
+            {
+                "1": audit_tag("promote", "1", "2026-12-01T10:00"),
+                "2": audit_tag("promote", "2", "2026-12-02T10:00"),
+            },
+            "moved to version 1",
+        ),
+    ],
+)
+def test_only_the_last_audited_promotion_is_served(alias, tags_by_version, refused):
+    from components.release.gate import alias_refusal, last_audited
+
+    versions = [{"version": v, "tags": tags} for v, tags in tags_by_version.items()]
+    reason = alias_refusal(alias, last_audited(versions))
+    assert (reason is None) if refused is None else (refused in reason)

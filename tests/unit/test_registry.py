@@ -313,3 +313,31 @@ def test_a_held_lock_refuses_a_promotion_and_a_stale_one_is_taken_over(registry:
             "a dead holder"
         )
     assert registry.promote()["to"] == "2"  # and released after use
+
+
+def test_a_champion_alias_moved_outside_vitrine_is_refused_and_promote_repairs_it(
+    registry: Registry,
+):
+    registry.record_verdict("1", PASS)
+    registry.approve("1", "owner")
+    registry.promote("1", bootstrap_without_approval=True)
+    registry.record_verdict("2", FAIL)
+    assert registry.served_champion() == ("1", None)
+    # the MLflow UI's alias editor (or the API) moves `champion` to the version that failed
+    registry.client.set_registered_model_alias(MODEL, "champion", "2")
+    served, refusal = registry.served_champion()
+    assert served == "1" and "moved to version 2 outside vitrine's promotion" in refusal
+    assert registry.status()["champion_refused"] == refusal
+    with pytest.raises(PromotionRefused, match="failed the gate"):
+        registry.promote("2")  # the bypassed version is still judged as what it is
+    repaired = registry.promote()  # nothing newer to promote: the alias is put back
+    assert repaired["action"] == "repair" and repaired["to"] == "1"
+    assert registry.alias_version("champion") == "1"
+    assert registry.served_champion() == ("1", None)
+    assert [line["action"] for line in audit_lines(registry)] == ["promote", "repair"]
+
+
+def test_a_champion_alias_set_before_any_promotion_is_refused(registry: Registry):
+    registry.client.set_registered_model_alias(MODEL, "champion", "2")
+    served, refusal = registry.served_champion()
+    assert served is None and "vitrine never promoted a version" in refusal
