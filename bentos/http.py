@@ -127,11 +127,10 @@ def _service() -> Any:
         return None
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     bundle = getattr(getattr(_service(), "loader", None), "bundle", None)
-    return JSONResponse(
-        {"error": message, "model_version": bundle.version if bundle else None}, status_code=status
-    )
+    body = {"error": message, "model_version": bundle.version if bundle else None}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @app.exception_handler(ApiError)
@@ -147,7 +146,7 @@ async def on_validation_error(_: Request, error: RequestValidationError) -> JSON
 
 @app.exception_handler(HTTPException)
 async def on_http_error(_: Request, error: HTTPException) -> JSONResponse:
-    return error_response(error.status_code, str(error.detail))
+    return error_response(error.status_code, str(error.detail), error.headers)  # 405: Allow
 
 
 @app.exception_handler(Exception)

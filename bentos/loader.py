@@ -178,6 +178,8 @@ class ModelLoader:
             target = self._open_registry().alias_version("challenger")
             if target in (None, self.bundle.version):
                 self.challenger, self.challenger_error = None, None
+            elif refusal := self.challenger_refusal(target):
+                self.challenger, self.challenger_error = None, refusal
             elif self.challenger is None or self.challenger.version != target:
                 self.challenger = self.load_bundle(self._open_registry(), target)
                 self.challenger_error = None
@@ -186,6 +188,17 @@ class ModelLoader:
         except Exception as error:
             self.challenger_error = f"{type(error).__name__}: {str(error)[:500]}"
             log.exception("loading the challenger failed; A/B paused")
+
+    def challenger_refusal(self, version: str) -> str | None:
+        """Why shoppers may not see `version` under A/B: only a version that passed the gate
+        is routed or shadowed, wherever its `challenger` alias came from."""
+        from components.release.gate import read_gate_passed
+
+        passed = read_gate_passed(self._open_registry().version_info(version)["tags"])
+        if passed is True:
+            return None
+        state = "failed the gate" if passed is False else "has no gate verdict"
+        return f"the challenger alias names version {version}, which {state}: A/B paused"
 
     def readiness(self) -> tuple[int, dict]:
         """GET /readyz: 200 once a champion is loaded, with what is served and the last errors."""

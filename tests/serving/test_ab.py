@@ -93,6 +93,26 @@ def test_shadow_returns_the_champion_and_records_both_arms(
     assert all(e["agrees"] in (True, False) and e["model_version"] == challenger for e in shadow)
 
 
+def test_a_challenger_that_failed_the_gate_never_answers(champion, challenger, photos, tmp_path):
+    from components.stages import register
+
+    failed = register.run(champion.ctx, champion.registry, cause="test")["version"]
+    champion.registry.record_verdict(failed, {"passed": False, "reasons": ["FAIL: test"]})
+    assert champion.registry.alias_version("challenger") == failed  # registration moved it
+    env = {**champion.env, "VITRINE_AB_MODE": "route", "VITRINE_AB_SHARE": "1.0"}
+    server = start_server({**env, "VITRINE_POLL_SECONDS": "0"}, tmp_path / "serve.log")
+    try:
+        ab = httpx.get(f"{server.url}/readyz").json()["ab"]
+        answers = {classify(server.url, photos[i], f"shopper-{i}") for i in range(10)}
+    finally:
+        stop_server(server.proc)
+        name = champion.registry.model_name  # the module's other tests use the good challenger
+        champion.registry.client.set_registered_model_alias(name, "challenger", challenger)
+    assert ab["challenger_version"] is None
+    assert f"version {failed}, which failed the gate" in ab["challenger_error"]
+    assert {a.json()["model_version"] for a in answers} == {champion.version}
+
+
 def test_route_is_sticky_per_client(champion, challenger, photos, tmp_path_factory):
     env = {
         **champion.env,

@@ -322,6 +322,13 @@ def test_bad_inputs_get_a_4xx_json_message_and_the_service_stays_up(server, cham
     assert post_image(server, "/classify", good).status_code == 200
 
 
+def test_a_wrong_method_is_a_405_that_names_the_allowed_one(server):
+    for path, allowed in (("/classify", "POST"), ("/search_text", "POST"), ("/", "GET")):
+        reply = httpx.request("PUT" if allowed == "GET" else "GET", f"{server.url}{path}")
+        assert reply.status_code == 405 and reply.json()["error"], (path, reply.text)
+        assert reply.headers["allow"] == allowed, path
+
+
 def test_admin_reload_needs_the_token(server):
     assert httpx.post(f"{server.url}/admin/reload").status_code == 403
     wrong = httpx.post(f"{server.url}/admin/reload", headers={"x-admin-token": "guess"})
