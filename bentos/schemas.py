@@ -226,3 +226,55 @@ def explain_answer(version: str, ex: Any, answer: str) -> ExplainResponse | Resp
         "X-Region": ",".join(str(ex.box[k]) for k in ("x0", "y0", "x1", "y1")),
     }
     return Response(ex.png, media_type="image/png", headers=headers)
+
+
+# ----------------------------------------------------------------- the OpenAPI contract
+class ErrorResponse(BaseModel):
+    """Every 4xx / 5xx answer: what was wrong, and the version being served (or null)."""
+
+    error: str
+    model_version: str | None
+
+
+ERRORS = {
+    400: "A bad field (k, category, group, format), an empty upload or no `image` field",
+    403: "The admin token is missing or wrong, or the admin endpoint is disabled",
+    404: "No such product",
+    409: "The served version has no text search",
+    413: "The body or the image is too large (bytes or pixels; decompression bombs)",
+    415: "Not a JPEG, PNG, WebP, GIF or BMP image, or an unsupported request content type",
+    422: "An invalid JSON body or an unknown colour (the message lists the palette)",
+    500: "The reload failed; the previous version keeps serving",
+    503: "No model loaded yet",
+}
+UPLOAD_ERRORS = (400, 413, 415, 503)
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route: each code with its meaning and the error body."""
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+def image_upload(**fields: dict[str, Any]) -> dict[str, Any]:
+    """The request body of an image endpoint, for `openapi_extra`: multipart/form-data with the
+    photo in field `image` (and `fields`, also accepted as query parameters), or the photo as
+    the raw body with its image content type."""
+    photo = {
+        "type": "string",
+        "format": "binary",
+        "description": "The photo: JPEG, PNG, WebP, GIF or BMP, at most 10 MiB",
+    }
+    form = {"type": "object", "required": ["image"], "properties": {"image": photo, **fields}}
+    raw = {"schema": {"type": "string", "format": "binary"}}
+    content = {"multipart/form-data": {"schema": form}} | {t: raw for t in IMAGE_TYPES}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+SEARCH_FIELDS = {
+    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+    "category": {"type": "string", "description": "Only products of this category"},
+    "group": {"type": "string", "description": "Only products of this group"},
+    "colour": {"type": "string", "description": COLOUR_HELP},
+}
+EXPLAIN_FIELDS = {"format": {"type": "string", "enum": ["json", "png"], "default": "json"}}

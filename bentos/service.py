@@ -120,12 +120,12 @@ class Vitrine:
 
         return bundle, await self.ab.answer(bundle, shadow, request.state.ab, run), extra[0]
 
-    @app.post("/classify")
+    @app.post("/classify", openapi_extra=s.image_upload(), responses=s.errors(*s.UPLOAD_ERRORS))
     async def classify(self, request: Request) -> s.ClassifyResponse:
         bundle, r, _ = await self.infer(request, "/classify")
         return s.ClassifyResponse.of(bundle.version, r, self.categories)
 
-    @app.post("/tags")
+    @app.post("/tags", openapi_extra=s.image_upload(), responses=s.errors(*s.UPLOAD_ERRORS))
     async def tags(self, request: Request) -> s.TagsResponse:
         from components.retrieval.colours import photo_colours
         from components.retrieval.tags import tag_answer
@@ -137,7 +137,11 @@ class Vitrine:
         tags = tag_answer(*answer)
         return s.TagsResponse(model_version=bundle.version, tags=tags)
 
-    @app.post("/search")
+    @app.post(
+        "/search",
+        openapi_extra=s.image_upload(**s.SEARCH_FIELDS),
+        responses=s.errors(*s.UPLOAD_ERRORS, 422),
+    )
     async def search(self, request: Request) -> s.SearchResponse:
         upload = data, ctype, fields = await read_upload(request)
         k = parse_k_or_400(fields.get("k", 10))  # a bad k is a 400 before the model runs
@@ -148,13 +152,13 @@ class Vitrine:
         bundle, r, hits = await self.infer(request, "/search", upload, then=similar)
         return s.SearchResponse.of(bundle.version, k, filters, r, hits)
 
-    @app.post("/embed")
+    @app.post("/embed", openapi_extra=s.image_upload(), responses=s.errors(*s.UPLOAD_ERRORS))
     async def embed(self, request: Request) -> s.EmbedResponse:
         bundle, r, _ = await self.infer(request, "/embed")
         vector = [round(float(v), 7) for v in r.embedding]
         return s.EmbedResponse(model_version=bundle.version, dim=len(vector), embedding=vector)
 
-    @app.post("/search_text")
+    @app.post("/search_text", responses=s.errors(400, 409, 422, 503))
     async def search_text(self, request: Request, body: s.TextQuery) -> s.TextSearchResponse:
         bundle, _ = self.pick(request)
         space = bundle.text_space()  # 409 for a version registered without text search
@@ -168,7 +172,12 @@ class Vitrine:
         hits = await guarded(bundle.index.search_space, space, vector, body.k, **kwargs)
         return s.TextSearchResponse.of(bundle.version, query, body.k, filters, hits, text, prefer)
 
-    @app.post("/explain", response_model=None)
+    @app.post(
+        "/explain",
+        response_model=s.ExplainResponse,
+        openapi_extra=s.image_upload(**s.EXPLAIN_FIELDS),
+        responses=s.errors(*s.UPLOAD_ERRORS) | {200: {"content": {"image/png": {}}}},
+    )
     async def explain(self, request: Request) -> s.ExplainResponse | Response:
         """Grad-CAM of the predicted category (components/model/explain.py): the heatmap as a
         PNG (base64 in JSON, or the PNG itself with ?format=png) and the driving region."""
@@ -183,27 +192,27 @@ class Vitrine:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
 
-    @app.post("/recommend")
+    @app.post("/recommend", responses=s.errors(400, 404, 422, 503))
     async def recommend(self, request: Request, body: s.RecommendRequest) -> s.RecommendResponse:
         bundle, _ = self.pick(request)
         recommend = bundle.index.recommend
         hits = await guarded(recommend, body.history, body.k, diversify=body.diversify)
         return s.RecommendResponse.of(bundle.version, body, hits)
 
-    @app.get("/products/{product_id}")
+    @app.get("/products/{product_id}", responses=s.errors(404, 503))
     async def product(self, product_id: str) -> s.ProductResponse:
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)
         return s.ProductResponse.of(bundle.version, product_id, record)
 
-    @app.get("/products/{product_id}/image")
+    @app.get("/products/{product_id}/image", responses=s.errors(404, 503))
     async def product_image(self, product_id: str) -> FileResponse:
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)
         path = catalogue_file(self.catalogue_dir, record, product_id)  # 404 outside the folder
         return FileResponse(path, headers={"X-Model-Version": bundle.version})
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses=s.errors(403, 500))
     async def admin_reload(self, request: Request) -> JSONResponse:
         require_admin(request, self.settings.admin_token)
         outcome = await run_in_threadpool(self.peers.reload_all)  # every worker, not just this one

@@ -322,6 +322,29 @@ def test_bad_inputs_get_a_4xx_json_message_and_the_service_stays_up(server, cham
     assert post_image(server, "/classify", good).status_code == 200
 
 
+def test_the_openapi_contract_declares_the_uploads_and_every_error(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    for path in ("/classify", "/tags", "/search", "/embed", "/explain"):
+        post = spec["paths"][path]["post"]
+        content = post["requestBody"]["content"]
+        form = content["multipart/form-data"]["schema"]
+        assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
+        assert {"image/png", "image/jpeg", "image/webp"} <= set(content), path
+        for code in ("400", "413", "415", "503"):
+            error = post["responses"][code]["content"]["application/json"]["schema"]
+            assert error == {"$ref": "#/components/schemas/ErrorResponse"}, (path, code)
+    assert (
+        "k"
+        in spec["paths"]["/search"]["post"]["requestBody"]["content"]["multipart/form-data"][
+            "schema"
+        ]["properties"]
+    )
+    assert "image/png" in spec["paths"]["/explain"]["post"]["responses"]["200"]["content"]
+    assert "409" in spec["paths"]["/search_text"]["post"]["responses"]
+    assert "403" in spec["paths"]["/admin/reload"]["post"]["responses"]
+    assert "404" in spec["paths"]["/products/{product_id}"]["get"]["responses"]
+
+
 def test_a_wrong_method_is_a_405_that_names_the_allowed_one(server):
     for path, allowed in (("/classify", "POST"), ("/search_text", "POST"), ("/", "GET")):
         reply = httpx.request("PUT" if allowed == "GET" else "GET", f"{server.url}{path}")
