@@ -278,3 +278,16 @@ SEARCH_FIELDS = {
     "colour": {"type": "string", "description": COLOUR_HELP},
 }
 EXPLAIN_FIELDS = {"format": {"type": "string", "enum": ["json", "png"], "default": "json"}}
+
+
+# the keyword arguments of the image routes' decorators (bentos/service.py)
+UPLOAD_ROUTE = {"openapi_extra": image_upload(), "responses": errors(*UPLOAD_ERRORS)}
+SEARCH_ROUTE = {
+    "openapi_extra": image_upload(**SEARCH_FIELDS),
+    "responses": errors(*UPLOAD_ERRORS, 422),
+}
+EXPLAIN_ROUTE = {
+    "response_model": ExplainResponse,
+    "openapi_extra": image_upload(**EXPLAIN_FIELDS),
+    "responses": errors(*UPLOAD_ERRORS) | {200: {"content": {"image/png": {}}}},
+}

@@ -120,12 +120,12 @@ class Vitrine:
 
         return bundle, await self.ab.answer(bundle, shadow, request.state.ab, run), extra[0]
 
-    @app.post("/classify", openapi_extra=s.image_upload(), responses=s.errors(*s.UPLOAD_ERRORS))
+    @app.post("/classify", **s.UPLOAD_ROUTE)
     async def classify(self, request: Request) -> s.ClassifyResponse:
         bundle, r, _ = await self.infer(request, "/classify")
         return s.ClassifyResponse.of(bundle.version, r, self.categories)
 
-    @app.post("/tags", openapi_extra=s.image_upload(), responses=s.errors(*s.UPLOAD_ERRORS))
+    @app.post("/tags", **s.UPLOAD_ROUTE)
     async def tags(self, request: Request) -> s.TagsResponse:
         from components.retrieval.colours import photo_colours
         from components.retrieval.tags import tag_answer
@@ -137,11 +137,7 @@ class Vitrine:
         tags = tag_answer(*answer)
         return s.TagsResponse(model_version=bundle.version, tags=tags)
 
-    @app.post(
-        "/search",
-        openapi_extra=s.image_upload(**s.SEARCH_FIELDS),
-        responses=s.errors(*s.UPLOAD_ERRORS, 422),
-    )
+    @app.post("/search", **s.SEARCH_ROUTE)
     async def search(self, request: Request) -> s.SearchResponse:
         upload = data, ctype, fields = await read_upload(request)
         k = parse_k_or_400(fields.get("k", 10))  # a bad k is a 400 before the model runs
@@ -152,7 +148,7 @@ class Vitrine:
         bundle, r, hits = await self.infer(request, "/search", upload, then=similar)
         return s.SearchResponse.of(bundle.version, k, filters, r, hits)
 
-    @app.post("/embed", openapi_extra=s.image_upload(), responses=s.errors(*s.UPLOAD_ERRORS))
+    @app.post("/embed", **s.UPLOAD_ROUTE)
     async def embed(self, request: Request) -> s.EmbedResponse:
         bundle, r, _ = await self.infer(request, "/embed")
         vector = [round(float(v), 7) for v in r.embedding]
@@ -172,12 +168,7 @@ class Vitrine:
         hits = await guarded(bundle.index.search_space, space, vector, body.k, **kwargs)
         return s.TextSearchResponse.of(bundle.version, query, body.k, filters, hits, text, prefer)
 
-    @app.post(
-        "/explain",
-        response_model=s.ExplainResponse,
-        openapi_extra=s.image_upload(**s.EXPLAIN_FIELDS),
-        responses=s.errors(*s.UPLOAD_ERRORS) | {200: {"content": {"image/png": {}}}},
-    )
+    @app.post("/explain", **s.EXPLAIN_ROUTE)
     async def explain(self, request: Request) -> s.ExplainResponse | Response:
         """Grad-CAM of the predicted category (components/model/explain.py): the heatmap as a
         PNG (base64 in JSON, or the PNG itself with ?format=png) and the driving region."""
