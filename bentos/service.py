@@ -75,7 +75,9 @@ class Vitrine:
         self.predictor = Predictor(
             self.categories, self.limits, cfg.cache_size, cfg.max_batch_size, m
         )
-        self.request_log = RequestLog(self.paths.home / "requests", cfg.sample_rate)
+        self.request_log = RequestLog(
+            self.paths.home / "requests", cfg.sample_rate, on_error=m.log_write_failed
+        )
         self.ab = ABRouter(cfg.ab_mode, cfg.ab_share, self.paths.home / "requests", m)
         self.loader = ModelLoader(self.paths, self.params, m, cfg.variant, cfg.ab_mode)
         self.loader.start(cfg.poll_seconds)

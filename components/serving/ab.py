@@ -51,8 +51,8 @@ class ABEvent:
 class ABLog:
     """The A/B events: <folder>/ab-YYYYMMDD.jsonl (components/serving/logs.py JsonlLog)."""
 
-    def __init__(self, folder: Path):
-        self.log = JsonlLog(folder, "ab")
+    def __init__(self, folder: Path, on_error: Any = None):
+        self.log = JsonlLog(folder, "ab", on_error)
 
     def write(self, event: ABEvent) -> None:
         self.log.append(dict(event.__dict__))
@@ -72,7 +72,7 @@ class ABRouter:
 
     def __init__(self, mode: str, share: float, folder: Path, metrics: Any):
         self.mode, self.share, self.metrics = mode, share, metrics
-        self.log = ABLog(folder)
+        self.log = ABLog(folder, metrics.log_write_failed if metrics else None)
 
     def pick(self, champion: Any, challenger: Any, client_id: str | None) -> tuple:
         """(the bundle that answers, the one shadowing it or None, the arm note or None)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,10 +15,14 @@ import numpy as np
 
 class JsonlLog:
     """Append-only JSON lines, one file per UTC day: <folder>/<prefix>-YYYYMMDD.jsonl.
-    Thread-safe; every record gets a `timestamp` (UTC, ISO 8601) first."""
+    Thread-safe; every record gets a `timestamp` (UTC, ISO 8601) first. With `on_error`, a
+    failed write (a full disk, a read-only folder) is passed to it and the record dropped,
+    instead of raising: the service answers shoppers whether or not its logs can be written."""
 
-    def __init__(self, folder: Path, prefix: str):
-        self.folder, self.prefix = Path(folder), prefix
+    def __init__(
+        self, folder: Path, prefix: str, on_error: Callable[[str, OSError], None] | None = None
+    ):
+        self.folder, self.prefix, self.on_error = Path(folder), prefix, on_error
         self._lock = threading.Lock()
 
     def path_for(self, when: datetime) -> Path:
@@ -27,10 +31,15 @@ class JsonlLog:
     def append(self, record: dict) -> None:
         now = datetime.now(UTC)
         line = json.dumps({"timestamp": now.isoformat(), **record}) + "\n"
-        with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with self.path_for(now).open("a") as out:
-                out.write(line)
+        try:
+            with self._lock:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with self.path_for(now).open("a") as out:
+                    out.write(line)
+        except OSError as error:
+            if self.on_error is None:
+                raise
+            self.on_error(self.prefix, error)
 
     def files(self, since: datetime | None = None, until: datetime | None = None) -> Iterator[Path]:
         """The day files that may hold records in [since, until], oldest first."""
@@ -58,10 +67,16 @@ class RequestLog:
 
     PREFIX = "requests"
 
-    def __init__(self, folder: Path, sample_rate: float = 1.0, seed: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        sample_rate: float = 1.0,
+        seed: int | None = None,
+        on_error: Callable[[str, OSError], None] | None = None,
+    ):
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate must be in 0..1, got {sample_rate}")
-        self.log, self.sample_rate = JsonlLog(folder, self.PREFIX), sample_rate
+        self.log, self.sample_rate = JsonlLog(folder, self.PREFIX, on_error), sample_rate
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 

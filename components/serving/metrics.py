@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from prometheus_client import (
@@ -82,6 +83,20 @@ class ServingMetrics:
             multiprocess_mode="livemax",
         )
         self._refused: str | None = None
+        self._warned: set[str] = set()
+        self.log_errors = Counter(
+            "vitrine_log_write_errors",
+            "Records dropped because a log could not be written (full disk, …), by log",
+            ["log"],
+            registry=r,
+        )
+
+    def log_write_failed(self, log: str, error: OSError) -> None:
+        """A dropped log record: counted; the first of each log said in the service's log."""
+        if log not in self._warned:
+            self._warned.add(log)
+            logging.getLogger("vitrine.service").warning("%s log not written: %s", log, error)
+        self.log_errors.labels(log).inc()
 
     def set_refused(self, version: str | None) -> None:
         """1 for the version the champion alias names while it is refused (not audited)."""

@@ -345,6 +345,33 @@ def test_the_openapi_contract_declares_the_uploads_and_every_error(server):
     assert "404" in spec["paths"]["/products/{product_id}"]["get"]["responses"]
 
 
+def test_a_full_disk_under_the_request_log_still_answers_and_counts_the_lost_records(
+    server, champion, products
+):
+    from datetime import UTC, datetime
+
+    folder = champion.ctx.paths.home / "requests"
+    folder.mkdir(parents=True, exist_ok=True)
+    today = folder / f"requests-{datetime.now(UTC):%Y%m%d}.jsonl"
+    kept = today.with_suffix(".kept")
+    if today.exists():
+        today.rename(kept)
+    today.symlink_to("/dev/full")  # every write: ENOSPC, "No space left on device"
+    lost = ("vitrine_log_write_errors_total", (("log", "requests"),))
+    before = metric_samples(server).get(lost, 0)
+    try:
+        answers = [
+            post_image(server, "/search", photo(champion, products.iloc[i]), k="3")
+            for i in range(6)
+        ]
+    finally:
+        today.unlink()
+        if kept.exists():
+            kept.rename(today)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert metric_samples(server)[lost] - before == 6
+
+
 def test_a_wrong_method_is_a_405_that_names_the_allowed_one(server):
     for path, allowed in (("/classify", "POST"), ("/search_text", "POST"), ("/", "GET")):
         reply = httpx.request("PUT" if allowed == "GET" else "GET", f"{server.url}{path}")
