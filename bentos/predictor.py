@@ -4,7 +4,6 @@ request (components/serving/runtime.py). bentos/service.py only routes HTTP to i
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +54,6 @@ class Predictor:
         self.categories, self.limits, self.metrics = categories, limits, metrics
         Image.MAX_IMAGE_PIXELS = limits.max_pixels  # PIL's decompression-bomb guard
         self.cache = LRUCache(cache_size)
-        self._lock, self._active = threading.Lock(), 0  # requests inside the model call
         self.text_cache = LRUCache(1024)  # query text -> MiniLM embedding
         on_batch = metrics.batch_size.observe if metrics else None
         self.batcher = MicroBatcher(
@@ -96,7 +94,7 @@ class Predictor:
         if self.metrics:
             self.metrics.cache.labels("hit" if cached is not None else "miss").inc()
         if cached is None:
-            cached = self._infer((bundle, pixels))
+            cached = self.batcher.run((bundle, pixels), timeout=30)
             self.cache.put(key, cached)
         probs, embedding = cached
         best = int(np.argmax(probs))
@@ -109,22 +107,6 @@ class Predictor:
             compute_image_stats(image, pixels),
             image,
         )
-
-    def _infer(self, item: tuple) -> tuple:
-        """(probs, embedding) of one photo. A request alone at the model step of this worker
-        runs the model in its own thread (MicroBatcher.run: no hand-off, the c=1 latency);
-        with another one there it joins the batcher's queue, so that concurrent requests form
-        batches (an inline call beside the batcher split them into batches of 1)."""
-        with self._lock:
-            self._active += 1
-            alone = self._active == 1
-        try:
-            if alone:
-                return self.batcher.run(item, timeout=30)
-            return self.batcher.submit(item).result(timeout=30)
-        finally:
-            with self._lock:
-                self._active -= 1
 
     def encode_text(self, query: str) -> np.ndarray:
         """The query's MiniLM embedding (components/retrieval/text.py), cached by its text."""

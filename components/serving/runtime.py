@@ -80,8 +80,8 @@ class MicroBatcher:
     A worker thread takes whatever is queued (up to max_batch_size), waiting at most
     max_wait_ms for more after the first item: with max_wait_ms=0 a lone request runs at once
     and requests arriving while a batch runs form the next batch (adaptive under load).
-    `run(item)` skips the hand-off when nothing is queued or running: the caller's thread runs
-    the lone item itself (two thread wake-ups less per request at low load).
+    `run(item)` skips the hand-off for a caller alone in it: the caller's thread runs the item
+    itself (two thread wake-ups less per request at low load).
     """
 
     def __init__(
@@ -96,31 +96,32 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
-        self._pending = 0  # items submitted and not answered yet, or run inline now
+        self._callers = 0  # callers inside run()
         self._thread = threading.Thread(target=self._loop, name="vitrine-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, item: Any) -> Future:
         future: Future = Future()
-        with self._lock:
-            self._pending += 1
         self._queue.put((item, future))
         return future
 
     def run(self, item: Any, timeout: float = 30.0) -> Any:
-        """The item's result: run here when the batcher is idle, else batched with the rest."""
+        """The item's result. A caller alone in run() runs it in its own thread (no hand-off:
+        the c=1 latency); with another caller there it joins the queue, so that concurrent
+        calls form batches (inlining whenever the worker was idle split them into batches of
+        1)."""
         with self._lock:
-            idle = self._pending == 0
-            self._pending += 1 if idle else 0
-        if not idle:
-            return self.submit(item).result(timeout=timeout)
+            self._callers += 1
+            alone = self._callers == 1
         try:
+            if not alone:
+                return self.submit(item).result(timeout=timeout)
             if self.on_batch:
                 self.on_batch(1)
             return self.run_batch([item])[0]
         finally:
             with self._lock:
-                self._pending -= 1
+                self._callers -= 1
 
     def close(self) -> None:
         self._queue.put(None)
@@ -160,6 +161,3 @@ class MicroBatcher:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
-            finally:
-                with self._lock:
-                    self._pending -= len(batch)
