@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +101,21 @@ def _signature(model: torch.nn.Module, example: np.ndarray) -> ModelSignature:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _holder_died(holder: str) -> bool:
+    """Whether the lock's holder ("<host> pid <pid> since …") was a process of this host that
+    no longer runs (a promote killed mid-way): its lock is stale at once, whatever its age."""
+    match = re.fullmatch(r"(\S+) pid (\d+) since .*", holder)
+    if match is None or match[1] != socket.gethostname():
+        return False  # another host's holder: only its age can tell
+    try:
+        os.kill(int(match[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Registry:
@@ -345,7 +361,8 @@ class Registry:
         its table, on SQLite as on PostgreSQL, and over a tracking server's HTTP API), so the
         lock is a registered model named `<model>.promotion-lock` whose description names its
         holder; it exists only while a promote or rollback runs. A lock older than
-        `stale_seconds` (its holder died) is taken over. Waits up to `wait_seconds`, then
+        `stale_seconds` (its holder died on another host), or held by a process of this host
+        that is gone (killed mid-promotion), is taken over. Waits up to `wait_seconds`, then
         raises PromotionBusy naming the holder."""
         holder = f"{socket.gethostname()} pid {os.getpid()} since {_now().isoformat()}"
         deadline = time.monotonic() + wait_seconds
@@ -375,7 +392,7 @@ class Registry:
                 return None
             raise
         age = time.time() - lock.creation_timestamp / 1000
-        if age <= stale_seconds:
+        if age <= stale_seconds and not _holder_died(lock.description or ""):
             return lock.description
         with contextlib.suppress(MlflowException):  # another contender may remove it first
             self.client.delete_registered_model(self.lock_name)

@@ -341,3 +341,47 @@ def test_a_champion_alias_set_before_any_promotion_is_refused(registry: Registry
     registry.client.set_registered_model_alias(MODEL, "champion", "2")
     served, refusal = registry.served_champion()
     assert served is None and "vitrine never promoted a version" in refusal
+
+
+KILLED_PROMOTE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from components.release.registry import Registry
+
+    def killed(*args, **kwargs):  # the moment after the alias moved, before the audit record
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    Registry._audit = killed
+    uri, artifacts, audit = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    Registry(uri, artifacts, "vitrine-product", audit).promote("2")
+    """
+)
+
+
+def test_a_promote_killed_between_the_alias_move_and_the_audit_is_detected_and_repaired(
+    registry: Registry,
+):
+    registry.record_verdict("1", PASS)
+    registry.promote("1", bootstrap_without_approval=True)
+    registry.record_verdict("2", PASS)
+    registry.approve("2", "owner")
+    args = [registry.tracking_uri, str(registry.artifact_root), str(registry.audit_log)]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_PROMOTE, *args], cwd=PROJECT_ROOT, timeout=120
+    )
+    assert killed.returncode == -9  # SIGKILL: no finally ran, the lock is left behind
+    assert registry.alias_version("champion") == "2"  # moved, but never audited
+    assert registry.client.get_registered_model(registry.lock_name)  # held by the dead process
+    served, refusal = registry.served_champion()
+    assert served == "1" and "moved to version 2 outside vitrine's promotion" in refusal
+    assert registry.status()["champion_refused"] == refusal  # `vitrine status` flags it
+    registry.lock_wait_seconds = 0  # the dead holder's lock is taken over at once, not waited on
+    record = registry.promote()
+    assert (record["action"], record["from"], record["to"]) == ("promote", "1", "2")
+    assert registry.served_champion() == ("2", None)
+    assert registry.alias_version("previous_champion") == "1"
+    assert [(line["action"], line["to"]) for line in audit_lines(registry)] == [
+        ("promote", "1"),
+        ("promote", "2"),
+    ]
