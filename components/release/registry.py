@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,6 +59,27 @@ class PromotionRefused(RuntimeError):
 
 class PromotionBusy(PromotionRefused):
     """Another process holds the promotion lock (a promote or rollback in progress)."""
+
+
+class ArtifactCorrupt(ValueError):
+    """A version's stored artifact is missing or differs from what was registered."""
+
+
+INTEGRITY_TAG = "artifact_sha256"  # {"model/…" | "index/…": sha256} written at registration
+WRITTEN_ON_DOWNLOAD = {"registered_model_meta"}  # MLflow writes it into each models:/ download
+
+
+def file_digests(folder: Path, prefix: str) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by "<prefix>/<path inside folder>"."""
+    digests = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name not in WRITTEN_ON_DOWNLOAD:
+            digest = hashlib.sha256()
+            with path.open("rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
+            digests[f"{prefix}/{path.relative_to(folder).as_posix()}"] = digest.hexdigest()
+    return digests
 
 
 def _is_outage(error: BaseException) -> bool:
@@ -258,6 +281,10 @@ class Registry:
         )
         for artifact_path, path in extra_artifacts.items():
             self.log_artifact(Path(path), artifact_path=artifact_path)
+        tags = {
+            **tags,
+            INTEGRITY_TAG: json.dumps(self._stored_digests(info, run_id, extra_artifacts)),
+        }
         version = self.client.create_model_version(
             self.model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id
         ).version
@@ -266,15 +293,58 @@ class Registry:
         self.client.set_registered_model_alias(self.model_name, CHALLENGER, version)
         return str(version)
 
+    def _stored_digests(self, info: Any, run_id: str, extra: dict[str, Path]) -> dict[str, str]:
+        """The digests of the model and the extra artifacts as the store holds them (read back
+        after logging, so that they describe exactly what a later download returns)."""
+        with tempfile.TemporaryDirectory(prefix="vitrine-digests-") as tmp:
+            model = mlflow.artifacts.download_artifacts(
+                artifact_uri=info.model_uri, dst_path=str(Path(tmp) / "model")
+            )
+            digests = file_digests(Path(model), "model")
+            for artifact_path in extra:
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run_id,
+                    artifact_path=artifact_path,
+                    dst_path=str(Path(tmp) / "extra"),
+                    tracking_uri=self.tracking_uri,
+                )
+                digests.update(file_digests(Path(local), artifact_path))
+        return digests
+
+    def verify_artifacts(self, version: str, folder: Path, prefix: str) -> None:
+        """Raise ArtifactCorrupt unless `folder` (a download of `prefix`) holds every file
+        recorded at registration with the same sha256. Versions registered before the record
+        existed are not checked."""
+        recorded = self.client.get_model_version(self.model_name, version).tags.get(INTEGRITY_TAG)
+        if recorded is None:
+            return
+        expected = {k: v for k, v in json.loads(recorded).items() if k.startswith(f"{prefix}/")}
+        found = file_digests(folder, prefix)
+        for name, digest in expected.items():
+            if name not in found:
+                raise ArtifactCorrupt(f"version {version}: artifact {name} is missing")
+            if found[name] != digest:
+                raise ArtifactCorrupt(
+                    f"version {version}: artifact {name} is corrupted (sha256 "
+                    f"{found[name][:12]}… on disk, {digest[:12]}… at registration)"
+                )
+
     # ----------------------------------------------------------------- reading
     @_guarded
     def load_model(self, version: str) -> torch.nn.Module:
+        """The version's model, from a download checked against its registration digests."""
         self._activate()
-        return mlflow.pytorch.load_model(f"models:/{self.model_name}/{version}")
+        with tempfile.TemporaryDirectory(prefix=f"vitrine-model-v{version}-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.model_name}/{version}", dst_path=tmp
+            )
+            self.verify_artifacts(version, Path(local), "model")
+            return mlflow.pytorch.load_model(local)
 
     @_guarded
     def download_artifacts(self, version: str, artifact_path: str, dst: Path) -> Path:
-        """Download `artifact_path` of the run that produced `version` into `dst`."""
+        """Download `artifact_path` of the run that produced `version` into `dst`, checked
+        against the version's registration digests (ArtifactCorrupt if it differs)."""
         run_id = self.client.get_model_version(self.model_name, version).run_id
         Path(dst).mkdir(parents=True, exist_ok=True)
         local = mlflow.artifacts.download_artifacts(
@@ -283,6 +353,7 @@ class Registry:
             dst_path=str(dst),
             tracking_uri=self.tracking_uri,
         )
+        self.verify_artifacts(version, Path(local), artifact_path)
         return Path(local)
 
     @_guarded

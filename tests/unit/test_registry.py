@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from components.config import PROJECT_ROOT
 from components.release.registry import (
+    ArtifactCorrupt,
     PromotionBusy,
     PromotionRefused,
     Registry,
@@ -385,3 +386,25 @@ def test_a_promote_killed_between_the_alias_move_and_the_audit_is_detected_and_r
         ("promote", "1"),
         ("promote", "2"),
     ]
+
+
+def test_a_version_whose_stored_artifacts_changed_is_refused_on_load(tmp_path: Path):
+    """Registration records the sha256 of every stored file; a download that differs (a disk
+    error, a hand edit, a truncated copy) raises instead of serving other weights."""
+    registry = make_registry(tmp_path)  # its own artifact store: this test damages it
+    version = register_version(registry, tmp_path, 0.90, "data-v1")
+    recorded = json.loads(registry.version_info(version)["tags"]["artifact_sha256"])
+    assert {name.split("/")[0] for name in recorded} == {"model", "index"}
+    assert "index/embeddings.npy" in recorded
+    registry.load_model(version)  # intact: loads
+    registry.download_artifacts(version, "index", tmp_path / "ok")
+    stored = tmp_path / "artifacts"
+    weights = next(path for path in stored.rglob("*.pth"))
+    data = bytearray(weights.read_bytes())
+    data[-200] ^= 0xFF  # one flipped byte inside the tensor data: torch would still load it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorrupt, match=r"artifact model/.*model\.pth is corrupted"):
+        registry.load_model(version)
+    next(stored.rglob("embeddings.npy")).unlink()
+    with pytest.raises(ArtifactCorrupt, match="artifact index/embeddings.npy is missing"):
+        registry.download_artifacts(version, "index", tmp_path / "damaged")
