@@ -17,10 +17,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from components.config import DEFAULT_PARAMS  # noqa: E402
+from components.config import DEFAULT_PARAMS, load_params, state_paths  # noqa: E402
 from components.data.catalogue import load_fashion_mnist  # noqa: E402
+from components.data.sources import fashion_mnist_dir  # noqa: E402
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# wherever `make dataset` put it: Debian's folder (params data.fashion_mnist_dir), or without
+# root the copy it unpacks into the state folder ($VITRINE_HOME or .vitrine/debian/...); the
+# lookup the ingest stage itself uses
+FMNIST_DIR = fashion_mnist_dir(load_params().data, state_paths())
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,11 @@ import pytest
 from components.config import FASHION_MNIST_CATEGORIES, ValidationParams
 from components.data.catalogue import ingest_fashion_mnist, load_fashion_mnist
 from components.data.validation import check_quarantine_share, validate_catalogue
+from tests.conftest import FMNIST_DIR
 
 pytestmark = pytest.mark.data
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = FMNIST_DIR
 SLICE = 5000
 
 

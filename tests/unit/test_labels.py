@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,8 +17,9 @@ from components.data.labels import (
     out_of_fold_model,
 )
 from components.data.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
+from tests.conftest import FMNIST_DIR
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = FMNIST_DIR
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist missing")
 
 

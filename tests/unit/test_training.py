@@ -28,8 +28,9 @@ from components.model.training import (
     split_validation,
     train_model,
 )
+from tests.conftest import FMNIST_DIR
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = FMNIST_DIR
 REPO = Path(__file__).resolve().parents[2]
 SMALL = TrainParams(cnn_widths=[8, 16, 32], epochs=2, batch_size=32, lr=0.02, val_fraction=0.1)
 TINY = TrainParams(cnn_widths=[8, 16, 32], epochs=3, batch_size=32, lr=0.02, val_fraction=0.1)

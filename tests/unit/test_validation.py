@@ -24,8 +24,9 @@ from components.data.validation import (
     validate_catalogue,
     write_validation_outputs,
 )
+from tests.conftest import FMNIST_DIR
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = FMNIST_DIR
 CATEGORIES = FASHION_MNIST_CATEGORIES
 
 
