@@ -6,6 +6,7 @@ Nothing runs at import time: call `load_params()` and `state_paths()` explicitly
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -234,9 +236,41 @@ class GatePolicy(_Strict):
     shopper: ShopperGatePolicy = Field(default_factory=ShopperGatePolicy)
 
 
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
 class PromotionParams(_Strict):
     bootstrap_without_approval: bool = True
     require_ab: bool = False  # promote only after a finished online A/B period (serving.ab)
+    # the name vitrine's own processes (retrain, gate, promote) act under: never an owner
+    loop_account: str = "vitrine"
+    # the model owners: only an `approved_by` naming one of them counts (their MLflow accounts:
+    # `vitrine users add NAME --owner`); declared after loop_account, which it is checked against
+    owners: list[str] = Field(default_factory=list)
+
+    @field_validator("loop_account")
+    @classmethod
+    def _loop_account_name(cls, value: str) -> str:
+        if not ACCOUNT_NAME.fullmatch(value):
+            raise ValueError("an account name: letters, digits and . _ @ - (at most 64)")
+        return value
+
+    @field_validator("owners")
+    @classmethod
+    def _owner_names(cls, owners: list[str], info: ValidationInfo) -> list[str]:
+        bad = [name for name in owners if not ACCOUNT_NAME.fullmatch(str(name))]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not an account name (letters, digits and . _ @ -, at most 64)"
+            )
+        if len(set(owners)) != len(owners):
+            raise ValueError("each owner once")
+        loop = info.data.get("loop_account")
+        if loop in owners:
+            raise ValueError(
+                f"{loop!r} is the loop's own account (loop_account): it cannot approve"
+            )
+        return owners
 
 
 class TextSearchParams(_Strict):
@@ -482,6 +516,12 @@ class StatePaths:
     @property
     def audit_log(self) -> Path:
         return self.home / "audit.jsonl"
+
+    @property
+    def auth(self) -> Path:
+        """The MLflow server's accounts (`vitrine ui`): its config, user database and the admin
+        credentials (admin.json, mode 0600)."""
+        return self.home / "auth"
 
 
 def state_paths(home: Path | str | None = None) -> StatePaths:

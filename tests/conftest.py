@@ -53,6 +53,8 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
         "min_recall_at_1": 0.0,
         "max_regression": {"accuracy": 0.5, "recall_at_1": 0.5},
     }
+    # the names tests approve with (`registry.approve(v, by=...)`) are model owners
+    params["promotion"]["owners"] = ["owner", "test"]
     for section, values in overrides.items():
         params[section].update(values)
     return params

@@ -7,6 +7,7 @@ inputs from the registry, calls `decide`, and records the verdict on the version
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -212,6 +213,28 @@ def read_gate_passed(tags: dict[str, str]) -> bool | None:
     return {"true": True, "false": False}.get(tags.get("gate_passed", ""))
 
 
+def owner_approval(tags: dict[str, str], owners: Collection[str]) -> str | None:
+    """The owner who approved (the `approved_by` tag), or None: unapproved, or the name is not
+    in `owners` (params.yaml promotion.owners). Only an owner's approval counts."""
+    name = tags.get("approved_by")
+    return name if name and name in owners else None
+
+
+def approver_refusal(name: str, owners: Collection[str], loop_account: str) -> str | None:
+    """Why `name` may not approve a version, or None when it may (an owner, never the loop)."""
+    if name == loop_account:
+        return (
+            f"{name!r} is the loop's own account (promotion.loop_account): it cannot approve; "
+            "an owner must"
+        )
+    return None if name in owners else f"{not_an_owner(name, owners)}: only an owner can approve"
+
+
+def not_an_owner(name: str, owners: Collection[str]) -> str:
+    listed = ", ".join(sorted(owners)) or "none listed"
+    return f"{name!r} is not an owner (params.yaml promotion.owners: {listed})"
+
+
 def find_promotion_refusal(
     version: str,
     champion: str | None,
@@ -219,33 +242,45 @@ def find_promotion_refusal(
     *,
     bootstrap: bool,
     floors_passed: bool | None,
+    owners: Collection[str],
 ) -> str | None:
     """Why `version` may not become champion, or None when it may.
 
-    `bootstrap` means: no champion exists yet and the policy allows a first promotion without
-    approval, provided the floors passed (`floors_passed`, else the recorded verdict).
+    It needs the gate and the approval of one of `owners`. `bootstrap` means: no champion
+    exists yet and the policy allows a first promotion without approval, provided the floors
+    passed (`floors_passed`, else the recorded verdict).
     """
     gate = read_gate_passed(tags)
     if version == champion:
         return f"version {version} is already the champion"
     if gate is False:
         return f"version {version} failed the gate: {tags.get('gate_reasons', '')}"
-    if gate is True and tags.get("approved_by"):
+    if gate is True and owner_approval(tags, owners):
         return None
     if bootstrap and (floors_passed if floors_passed is not None else gate is True):
         return None
     if gate is None:
         return f"version {version} has no gate verdict yet"
+    if tags.get("approved_by"):
+        return (
+            f"version {version} is not approved by an owner: approved_by "
+            f"{not_an_owner(tags['approved_by'], owners)}; an owner must approve it"
+        )
     return (
-        f"version {version} is not approved: set the version tag approved_by "
+        f"version {version} is not approved: an owner sets the version tag approved_by "
         "(MLflow UI or `vitrine approve`) before promotion"
     )
 
 
 def pick_promotion_candidate(
-    versions: list[dict], champion: str | None, *, bootstrap: bool, floors_passed: bool | None
+    versions: list[dict],
+    champion: str | None,
+    *,
+    bootstrap: bool,
+    floors_passed: bool | None,
+    owners: Collection[str],
 ) -> str | None:
-    """Newest version newer than the champion that passed the gate and is approved.
+    """Newest version newer than the champion that passed the gate and an owner approved.
 
     `versions` holds {"version", "tags"} rows. Rolled-back versions are skipped (only an
     explicit promote brings them back). With `bootstrap`, an unapproved one qualifies too.
@@ -261,7 +296,7 @@ def pick_promotion_candidate(
         key=lambda row: int(row["version"]),
         reverse=True,
     )
-    approved = [row["version"] for row in newer if row["tags"].get("approved_by")]
+    approved = [row["version"] for row in newer if owner_approval(row["tags"], owners)]
     if approved:
         return str(approved[0])
     if bootstrap and newer and floors_passed is not False:

@@ -16,7 +16,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +37,11 @@ from components.config import Params, StatePaths
 from components.release.gate import (
     AUDIT_TAG_PREFIX,
     alias_refusal,
+    approver_refusal,
     find_promotion_refusal,
     last_audited,
+    not_an_owner,
+    owner_approval,
     pick_promotion_candidate,
     read_gate_passed,
 )
@@ -59,6 +62,14 @@ class PromotionRefused(RuntimeError):
 
 class PromotionBusy(PromotionRefused):
     """Another process holds the promotion lock (a promote or rollback in progress)."""
+
+
+class AccessDenied(PromotionRefused):
+    """A tracking server with authentication refused the call (401 or 403): no login, or the
+    account lacks the permission (only owners may tag or alias the model)."""
+
+
+_ACCESS_ERRORS = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
 class ArtifactCorrupt(ValueError):
@@ -98,6 +109,8 @@ def _guarded(method: F) -> F:
         except (PromotionRefused, RegistryUnavailable):
             raise
         except Exception as error:
+            if isinstance(error, MlflowException) and error.error_code in _ACCESS_ERRORS:
+                raise self.access_denied(error) from error
             if _is_outage(error):
                 raise self.unavailable(error) from error
             raise
@@ -142,11 +155,22 @@ def _holder_died(holder: str) -> bool:
 
 
 class Registry:
-    def __init__(self, tracking_uri: str, artifact_root: Path, model_name: str, audit_log: Path):
+    def __init__(
+        self,
+        tracking_uri: str,
+        artifact_root: Path,
+        model_name: str,
+        audit_log: Path,
+        *,
+        owners: Collection[str] = (),
+        loop_account: str = "vitrine",
+    ):
         self.tracking_uri = tracking_uri
         self.artifact_root = Path(artifact_root)
         self.model_name = model_name
         self.audit_log = Path(audit_log)
+        self.owners = tuple(owners)  # only their approval counts (params promotion.owners)
+        self.loop_account = loop_account  # the loop's own name: never an approver
         self.lock_wait_seconds = 10.0  # how long a promote or rollback waits for another one
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -156,6 +180,15 @@ class Registry:
             if _is_outage(error) or isinstance(error, OSError):
                 raise self.unavailable(error) from error
             raise
+
+    def access_denied(self, error: MlflowException) -> AccessDenied:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = f"account {user!r}" if user else "an anonymous call (no MLFLOW_TRACKING_USERNAME)"
+        what = "not logged in" if error.error_code == "UNAUTHENTICATED" else "permission denied"
+        return AccessDenied(
+            f"MLflow tracking server {self.tracking_uri} refused {who}: {what} (only owners may "
+            f"tag or alias {self.model_name}; `vitrine users add NAME --owner`)"
+        )
 
     def unavailable(self, error: BaseException) -> RegistryUnavailable:
         return RegistryUnavailable(
@@ -408,6 +441,9 @@ class Registry:
 
     @_guarded
     def approve(self, version: str, by: str) -> None:
+        """Tag the version approved_by=`by`, who must be an owner (never the loop itself)."""
+        if refusal := approver_refusal(by, self.owners, self.loop_account):
+            raise PromotionRefused(f"version {version} cannot be approved by {refusal}")
         gate = read_gate_passed(self.version_info(version)["tags"])
         if gate is not True:
             state = "failed the gate" if gate is False else "has no gate verdict yet"
@@ -502,13 +538,22 @@ class Registry:
         if version is None:
             versions = self.list_versions()
             version = pick_promotion_candidate(
-                versions, champion, bootstrap=bootstrap, floors_passed=floors_passed
+                versions,
+                champion,
+                bootstrap=bootstrap,
+                floors_passed=floors_passed,
+                owners=self.owners,
             )
             if version is None:
                 return self._repair_alias(champion) if refused and champion else None
         tags = self.version_info(version)["tags"]
         refusal = find_promotion_refusal(
-            str(version), champion, tags, bootstrap=bootstrap, floors_passed=floors_passed
+            str(version),
+            champion,
+            tags,
+            bootstrap=bootstrap,
+            floors_passed=floors_passed,
+            owners=self.owners,
         )
         if not refusal and extra_check is not None and champion is not None:
             refusal = extra_check(str(version))
@@ -564,7 +609,7 @@ class Registry:
             "action": action,
             "from": old,
             "to": version,
-            "approved_by": tags.get("approved_by"),
+            "approved_by": owner_approval(tags, self.owners),  # None: bootstrap, no owner's
             "at": at.isoformat(),
             "verdict": {
                 "passed": read_gate_passed(tags),
@@ -603,20 +648,29 @@ class Registry:
                     "passed": read_gate_passed(chall_info["tags"]),
                     "reasons": json.loads(chall_info["tags"].get("gate_reasons", "[]")),
                 },
-                "approval": "approved" if chall_info["tags"].get("approved_by") else "pending",
+                "approval": self._approval_state(chall_info["tags"]),
             },
             "previous_champion": self.alias_version(PREVIOUS),
             "data_version": source["tags"].get("data_version") if source else None,
             "champion_refused": self.served_champion()[1],
         }
 
+    def _approval_state(self, tags: dict[str, str]) -> str:
+        """approved (by an owner), pending, or why an approved_by does not count."""
+        if owner_approval(tags, self.owners):
+            return "approved"
+        name = tags.get("approved_by")
+        return f"refused: approved_by {not_an_owner(name, self.owners)}" if name else "pending"
+
 
 def open_registry(paths: StatePaths, params: Params) -> Registry:
     """The project's registry: the one place a `Registry` is built from the state paths and
-    params (tracking URI, artifact root, model name, audit log)."""
+    params (tracking URI, artifact root, model name, audit log, owners, the loop's account)."""
     return Registry(
         tracking_uri=paths.tracking_uri,
         artifact_root=paths.artifacts,
         model_name=params.registry.model_name,
         audit_log=paths.audit_log,
+        owners=params.promotion.owners,
+        loop_account=params.promotion.loop_account,
     )

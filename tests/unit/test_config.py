@@ -31,6 +31,11 @@ def params_with(tmp_path, section: str, key: str, value) -> str:
         ("train", "lr_typo", 0.1, "train.lr_typo: unknown key"),
         ("labels", "policy", "burn", "labels.policy = 'burn': Input should be 'drop', 'relabel'"),
         ("train", "shopper_weights", {"fog": 1}, "train.shopper_weights.fog"),
+        ("promotion", "owners", "alice", "promotion.owners = 'alice': Input should be a valid list"),
+        ("promotion", "owners", ["vitrine"], "promotion.owners = ['vitrine']: 'vitrine' is the loop"),
+        ("promotion", "owners", ["al ice"], "promotion.owners = ['al ice']: 'al ice' is not an account"),
+        ("promotion", "owners", ["ana", "ana"], "promotion.owners = ['ana', 'ana']: each owner once"),
+        ("promotion", "loop_account", "", "promotion.loop_account = '': an account name"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key(tmp_path, section, key, value, expected):

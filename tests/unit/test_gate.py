@@ -12,9 +12,11 @@ from components.config import GatePolicy, ShopperGatePolicy
 from components.release.gate import (
     Candidate,
     Verdict,
+    approver_refusal,
     decide,
     find_promotion_refusal,
     mcnemar_p_value,
+    owner_approval,
     pick_promotion_candidate,
 )
 
@@ -215,16 +217,25 @@ def test_mcnemar_rejects_mismatched_lengths():
 
 PASSED = {"gate_passed": "true", "approval": "pending"}
 APPROVED = {**PASSED, "approved_by": "alice"}
+BY_NON_OWNER = {**PASSED, "approved_by": "mallory"}
+BY_LOOP = {**PASSED, "approved_by": "vitrine"}
 FAILED = {"gate_passed": "false", "gate_reasons": '["FAIL: accuracy 0.5 < floor 0.85"]'}
+OWNERS = ("alice", "bob")
+NOT_OWNER = "is not an owner (params.yaml promotion.owners: alice, bob)"
 
 # id, version, champion, tags, bootstrap, floors_passed, expected refusal fragment (None = ok)
 PROMOTION_CASES = [
     ("approved", "2", "1", APPROVED, False, None, None),
-    ("not_approved", "2", "1", PASSED, False, None, "not approved"),
+    ("approved_by_other_owner", "2", "1", {**PASSED, "approved_by": "bob"}, False, None, None),
+    ("not_approved", "2", "1", PASSED, False, None, "not approved: an owner sets"),
+    ("non_owner", "2", "1", BY_NON_OWNER, False, None, f"approved_by 'mallory' {NOT_OWNER}"),
+    ("loop_account", "2", "1", BY_LOOP, False, None, f"approved_by 'vitrine' {NOT_OWNER}"),
+    ("owner_case_differs", "2", "1", {**PASSED, "approved_by": "Alice"}, False, None, "'Alice'"),
     ("failed_gate", "2", "1", {**FAILED, "approved_by": "alice"}, False, None, "failed the gate"),
     ("failed_gate_bootstrap", "1", None, FAILED, True, True, "failed the gate"),
     ("never_gated", "2", "1", {"approved_by": "alice"}, False, None, "no gate verdict"),
     ("bootstrap", "1", None, PASSED, True, True, None),
+    ("bootstrap_non_owner_tag", "1", None, BY_NON_OWNER, True, True, None),
     ("bootstrap_from_recorded_verdict", "1", None, PASSED, True, None, None),
     ("bootstrap_floors_failed", "1", None, PASSED, True, False, "not approved"),
     ("bootstrap_off", "1", None, PASSED, False, True, "not approved"),
@@ -239,7 +250,7 @@ PROMOTION_CASES = [
 )
 def test_find_promotion_refusal(version, champion, tags, bootstrap, floors, fragment):
     refusal = find_promotion_refusal(
-        version, champion, tags, bootstrap=bootstrap, floors_passed=floors
+        version, champion, tags, bootstrap=bootstrap, floors_passed=floors, owners=OWNERS
     )
     if fragment is None:
         assert refusal is None
@@ -247,19 +258,59 @@ def test_find_promotion_refusal(version, champion, tags, bootstrap, floors, frag
         assert fragment in refusal
 
 
+def test_with_no_owners_listed_no_approval_counts():
+    refusal = find_promotion_refusal(
+        "2", "1", APPROVED, bootstrap=False, floors_passed=None, owners=()
+    )
+    assert "'alice' is not an owner (params.yaml promotion.owners: none listed)" in refusal
+
+
+# name, expected refusal fragment (None = may approve)
+APPROVER_CASES = [
+    ("alice", None),
+    ("mallory", "'mallory' is not an owner (params.yaml promotion.owners: alice, bob): only an"),
+    ("vitrine", "'vitrine' is the loop's own account (promotion.loop_account): it cannot approve"),
+    ("", "'' is not an owner"),
+]
+
+
+@pytest.mark.parametrize(("name", "fragment"), APPROVER_CASES)
+def test_approver_refusal(name, fragment):
+    refusal = approver_refusal(name, OWNERS, loop_account="vitrine")
+    assert refusal is None if fragment is None else fragment in refusal
+
+
+def test_the_loop_is_refused_even_if_listed():
+    assert "loop's own account" in approver_refusal("vitrine", ("vitrine",), "vitrine")
+
+
+def test_owner_approval():
+    assert owner_approval(APPROVED, OWNERS) == "alice"
+    assert owner_approval(BY_NON_OWNER, OWNERS) is None
+    assert owner_approval(PASSED, OWNERS) is None
+
+
 def test_pick_promotion_candidate():
     rows = [
         {"version": "1", "tags": APPROVED},
         {"version": "2", "tags": PASSED},
         {"version": "3", "tags": {**APPROVED, "rolled_back": "true"}},
-        {"version": "4", "tags": {**FAILED, "approved_by": "x"}},
+        {"version": "4", "tags": {**FAILED, "approved_by": "alice"}},
+        {"version": "5", "tags": BY_NON_OWNER},
+        {"version": "6", "tags": BY_LOOP},
     ]
-    pick = pick_promotion_candidate
-    assert pick(rows, None, bootstrap=False, floors_passed=None) == "1"
-    assert pick(rows, "1", bootstrap=False, floors_passed=None) is None  # 2 lacks approval
+
+    def pick(rows, champion, bootstrap=False, floors_passed=None, owners=OWNERS):
+        return pick_promotion_candidate(
+            rows, champion, bootstrap=bootstrap, floors_passed=floors_passed, owners=owners
+        )
+
+    assert pick(rows, None) == "1"  # 5 and 6 are newer, but approved by no owner
+    assert pick(rows, "1") is None  # 2 lacks approval; 5 and 6 lack an owner's
+    assert pick(rows, None, owners=("mallory",)) == "5"
     rows.append({"version": "10", "tags": APPROVED})
-    assert pick(rows, "1", bootstrap=False, floors_passed=None) == "10"  # numeric, not lexical
-    assert pick(rows[1:2], None, bootstrap=True, floors_passed=None) == "2"
+    assert pick(rows, "1") == "10"  # numeric, not lexical
+    assert pick(rows[1:2], None, bootstrap=True) == "2"
     assert pick(rows[1:2], None, bootstrap=True, floors_passed=False) is None
 
 

@@ -29,6 +29,7 @@ from components.release.registry import (
 )
 
 MODEL = "vitrine-product"
+OWNERS = ("alice", "bob", "owner")
 PASS = {"passed": True, "reasons": ["accuracy 0.93 >= floor 0.85"]}
 FAIL = {"passed": False, "reasons": ["FAIL: accuracy 0.5 < floor 0.85"]}
 
@@ -39,6 +40,7 @@ def make_registry(home: Path, artifacts: Path | None = None) -> Registry:
         artifacts or home / "artifacts",
         MODEL,
         home / "audit.jsonl",
+        owners=OWNERS,
     )
 
 
@@ -168,6 +170,34 @@ def test_ui_approval_is_honoured(registry: Registry):
     assert record["to"] == "2" and record["approved_by"] == "bob"
 
 
+def test_only_an_owners_approval_counts(registry: Registry):
+    registry.record_verdict("1", PASS)
+    registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    registry.record_verdict("2", PASS)
+    for name, reason in (("mallory", "'mallory' is not an owner"), ("vitrine", "loop's own")):
+        with pytest.raises(PromotionRefused, match=reason):
+            registry.approve("2", by=name)
+    assert "approved_by" not in registry.version_info("2")["tags"]
+    ui = MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri)
+    ui.set_model_version_tag(MODEL, "2", "approved_by", "mallory")  # typed into the UI
+    assert registry.status()["challenger"]["approval"].startswith(
+        "refused: approved_by 'mallory' is not an owner (params.yaml promotion.owners: alice"
+    )
+    assert registry.promote() is None  # nothing an owner approved
+    with pytest.raises(PromotionRefused, match="not approved by an owner: approved_by 'mallory'"):
+        registry.promote("2")
+    assert registry.alias_version("champion") == "1"
+
+
+def test_a_bootstrap_records_no_approver_even_with_a_non_owner_tag(registry: Registry):
+    registry.record_verdict("1", PASS)
+    MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri).set_model_version_tag(
+        MODEL, "1", "approved_by", "mallory"
+    )
+    record = registry.promote("1", bootstrap_without_approval=True, floors_passed=True)
+    assert record["to"] == "1" and record["approved_by"] is None
+
+
 def test_rollback(registry: Registry):
     with pytest.raises(PromotionRefused, match="nothing to roll back"):
         registry.rollback()
@@ -260,7 +290,7 @@ PROMOTE = textwrap.dedent(
     from components.release.registry import PromotionRefused, Registry
 
     uri, artifacts, audit = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    registry = Registry(uri, artifacts, "vitrine-product", audit)
+    registry = Registry(uri, artifacts, "vitrine-product", audit, owners=["owner"])
     print("ready", flush=True)
     sys.stdin.readline()  # "go": both processes promote at the same moment
     try:
@@ -355,7 +385,7 @@ KILLED_PROMOTE = textwrap.dedent(
 
     Registry._audit = killed
     uri, artifacts, audit = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    Registry(uri, artifacts, "vitrine-product", audit).promote("2")
+    Registry(uri, artifacts, "vitrine-product", audit, owners=["owner"]).promote("2")
     """
 )
 
