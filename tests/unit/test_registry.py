@@ -242,20 +242,26 @@ def test_second_registry_on_same_store_reuses_experiment(registry: Registry, tmp
     assert again.alias_version("challenger") == "2"
 
 
-def test_unreachable_sqlite_store_raises_quickly(tmp_path: Path):
-    start = time.monotonic()
+# "Quickly" without a clock: MLflow retries a store it cannot reach with growing sleeps (an
+# sqlite file it cannot create: 0.1 s doubling to 51 s; HTTP: 4 s doubling to 120 s), so a
+# refusal with no sleep at all is a refusal on the first attempt. benchmarks/outage.py
+# measures the seconds.
+def test_unreachable_sqlite_store_raises_at_the_first_attempt(tmp_path: Path, monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
     with pytest.raises(RegistryUnavailable, match="/proc/nope/mlflow.db"):
         Registry("sqlite:////proc/nope/mlflow.db", tmp_path / "a", MODEL, tmp_path / "audit")
-    assert time.monotonic() - start < 20
+    assert waits == []
 
 
-def test_unreachable_http_store_raises_quickly(tmp_path: Path, monkeypatch):
+def test_unreachable_http_store_raises_at_the_first_attempt(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    start = time.monotonic()
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
     with pytest.raises(RegistryUnavailable, match="http://127.0.0.1:9"):
         Registry("http://127.0.0.1:9", tmp_path / "a", MODEL, tmp_path / "audit")
-    assert time.monotonic() - start < 10
+    assert waits == []
 
 
 def test_store_lost_after_start_raises_unavailable(registry: Registry, tmp_path: Path):
