@@ -4,9 +4,12 @@ Prefect) live and die with it.
 Each child runs in a process group of its own, so that a server's own workers (BentoML's,
 gunicorn's) can be reached together. SIGTERM or SIGINT to the vitrine process (what systemd,
 a container runtime, a supervisor or Ctrl-C sends) is passed on as SIGTERM to every child's
-group: the servers stop gracefully (in-flight requests finish), and whatever is still running
-after `grace` seconds is killed. Without this, SIGTERM ended vitrine and left its servers
-answering on their ports, orphans nobody stopped.
+group: the servers stop gracefully (in-flight requests finish). What a child started in a
+session of its own gets SIGTERM after `grace` seconds if it has not ended by then, and
+whatever is still running `settle` seconds later is killed. `vitrine worker` stops in the
+other order: Prefect's flow-run processes (sessions of their own) get `grace` seconds, then
+SIGTERM while the worker still runs, so that it records them Crashed; then the worker stops. Without this, SIGTERM ended vitrine and left its
+servers answering on their ports, orphans nobody stopped.
 """
 
 from __future__ import annotations
@@ -20,26 +23,90 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def stop_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM to the child's process group; SIGKILL to what is left of it after `grace` s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and group_alive(proc.pid):
-        proc.poll()  # reap the leader, so that the group can empty
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+def stop_group(
+    proc: subprocess.Popen, grace: float, settle: float = 10.0, sessions_first: bool = False
+) -> None:
+    """Stop the child, its process group and what it started in sessions of its own.
+
+    By default the group gets SIGTERM first and the other sessions after `grace` s. With
+    `sessions_first` (a Prefect worker: its flow runs have sessions of their own and report
+    their end through it) the other sessions get `grace` s to end while the child still
+    runs, then SIGTERM, and the child's group is stopped after them."""
+    if sessions_first:
+        outside = _wait(proc, descendants(proc.pid), grace, outside_only=True)
+        _signal_groups({_pgid(pid) for pid in outside} - {proc.pid}, signal.SIGTERM)
+        _wait(proc, outside, settle, outside_only=True)
+    tree = descendants(proc.pid)  # before the leader can exit and orphan them
+    _signal_groups({proc.pid}, signal.SIGTERM)
+    tree = _wait(proc, tree, grace if not sessions_first else settle)
+    _signal_groups({_pgid(pid) for pid in tree} - {proc.pid}, signal.SIGTERM)
+    tree = _wait(proc, tree, settle)
+    _signal_groups({proc.pid} | {_pgid(pid) for pid in tree}, signal.SIGKILL)
     proc.wait()
+
+
+def _signal_groups(pgids: set[int | None], signum: int) -> None:
+    for pgid in pgids - {None}:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+
+
+def _wait(
+    proc: subprocess.Popen, tree: set[int], seconds: float, outside_only: bool = False
+) -> set[int]:
+    """Wait up to `seconds` for `tree` (and, unless `outside_only`, the child's group) to end;
+    returns the part of `tree` still alive. With `outside_only`, `tree` is narrowed to the
+    processes outside the child's group."""
+    deadline = time.monotonic() + seconds
+    while True:
+        proc.poll()  # reap the leader, so that the group can empty
+        tree = alive(tree | descendants(proc.pid))
+        if outside_only:
+            tree = {pid for pid in tree if _pgid(pid) != proc.pid}
+        if not tree and (outside_only or not group_alive(proc.pid)):
+            return tree
+        if time.monotonic() >= deadline:
+            return tree
+        time.sleep(0.1)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, pgrp, …), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _pgid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[2]) if fields else None
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The processes of `pids` that still run (not zombies)."""
+    return {pid for pid in pids if (fields := _stat(pid)) and fields[0] != "Z"}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc's parent links), whatever its group."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        if (fields := _stat(int(stat.parent.name))) and fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def group_alive(pgid: int) -> bool:
     """Whether any process (not a zombie) is left in the process group."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, …
-                return True
+        fields = _stat(int(stat.parent.name))
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
     return False
 
 
@@ -49,6 +116,7 @@ def run_children(
     cwd: Path | None = None,
     wait: bool = True,
     grace: float = 20.0,
+    sessions_first: bool = False,
 ) -> int:
     """Start every command; with `wait`, block until they all exit or a signal stops them.
 
@@ -73,7 +141,7 @@ def run_children(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for proc in procs:
-            stop_group(proc, grace)
+            stop_group(proc, grace, sessions_first=sessions_first)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0 if stopping else next((code for code in codes if code), 0)

@@ -546,12 +546,20 @@ def deploy(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    grace: Annotated[
+        float,
+        typer.Option(help="On SIGTERM/Ctrl-C, seconds a running flow run may take to finish."),
+    ] = 30.0,
+) -> None:
     """Execute the deployments' runs: a Prefect process worker on `schedules.work_pool`.
 
-    Foreground, Ctrl-C stops; each run is a subprocess of this virtualenv.
+    Foreground until SIGTERM or Ctrl-C: then the worker takes no new run, a running one gets
+    --grace seconds to finish, after which it is stopped (Prefect marks it Crashed; a run
+    stopped before registration leaves the registry as it was).
     """
     from flows.server import PrefectUnavailable, api_url, check_server
+    from vitrine.children import run_children
 
     params = load_params()
     url = api_url(params)
@@ -560,17 +568,11 @@ def worker() -> None:
     except PrefectUnavailable as exc:
         fail(str(exc))
     prefect = Path(sys.executable).parent / "prefect"
-    cmd = [
-        str(prefect),
-        "worker",
-        "start",
-        "--pool",
-        params.schedules.work_pool,
-        "--type",
-        "process",
-    ]
-    os.chdir(PROJECT_ROOT)  # exec: Ctrl-C and SIGTERM reach the worker itself
-    os.execve(str(prefect), cmd, {**os.environ, "PREFECT_API_URL": url})
+    cmd = [str(prefect), "worker", "start", "--pool", params.schedules.work_pool]
+    cmd += ["--type", "process"]
+    env = {**os.environ, "PREFECT_API_URL": url}
+    code = run_children([cmd], env=env, cwd=PROJECT_ROOT, grace=grace, sessions_first=True)
+    raise typer.Exit(code)
 
 
 @stage_app.command("validate")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -303,3 +304,47 @@ def test_refresh_reingests_only_when_the_source_changed(world):
     (ctx.paths.home / SOURCES_FILE).unlink()  # ingested before sources were recorded
     adopted = ingest.refresh(ctx)
     assert not adopted["reingested"] and (ctx.paths.home / SOURCES_FILE).exists()
+
+
+def test_sigterm_to_vitrine_worker_stops_it_and_crashes_its_running_flow_run(world):
+    """What systemd or a container runtime sends: the worker takes no new run, the running one
+    gets --grace seconds, then it is stopped and marked Crashed; nothing is left running and
+    the registry is as it was."""
+    from vitrine.children import alive, descendants
+
+    registry = open_registry(world["ctx"].paths, world["ctx"].params)
+    before = registry.list_versions()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/vitrine")
+        run = client.create_flow_run_from_deployment(deployment.id, tags=["test:worker-stop"])
+    log = world["root"] / "worker.log"
+    proc = subprocess.Popen(
+        [str(PROJECT_ROOT / ".venv/bin/vitrine"), "worker", "--grace", "3"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PREFECT_API_URL": world["api"]},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the signal reaches vitrine only, as systemd's would
+    )
+    try:
+        deadline = time.time() + 240
+        while state_of(run.id) != "RUNNING":
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"the run never started: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        tree = descendants(proc.pid)  # the Prefect worker and the flow run's process
+        assert len(tree) >= 2, tree
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 15
+    while alive(tree) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(tree), "processes left running"
+    deadline = time.time() + 60
+    while state_of(run.id) in ("RUNNING", "PENDING") and time.time() < deadline:
+        time.sleep(0.5)
+    assert state_of(run.id) == "CRASHED"
+    assert registry.list_versions() == before
