@@ -5,6 +5,7 @@ assignment. A failed load keeps the old bundle and is reported in /readyz."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -92,6 +93,11 @@ class ModelLoader:
     def _open_registry(self) -> Any:
         if self._registry is None:
             from components.release.registry import open_registry
+
+            # The poll retries every poll_seconds: MLflow's own HTTP retries (7, backing off
+            # for minutes) would hold the first load, and the worker's start, on a dead store.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
             self._registry = open_registry(self.paths, self.params)
         return self._registry

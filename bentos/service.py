@@ -35,7 +35,7 @@ from bentos.settings import ServiceSettings
 from components.serving.ab import ABRouter
 from components.serving.logs import RequestLog
 from components.serving.metrics import ServingMetrics
-from components.serving.runtime import set_call_threads
+from components.serving.runtime import exit_with_parent, set_call_threads
 from components.serving.uploads import UploadLimits
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -83,6 +83,7 @@ class Vitrine:
         self.loader.start(cfg.poll_seconds)
         self.peers = Peers.for_server(self.paths.home, self.loader.reload_both)
         self.peers.start()
+        exit_with_parent()  # no orphan worker answers after its arbiter is killed
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

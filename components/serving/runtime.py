@@ -5,11 +5,15 @@ concurrent model calls."""
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import cachetools
@@ -33,6 +37,40 @@ def in_call_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     event loop (seen: 4.6 s of CPU in one spinning thread while 500 requests were served)."""
     pin_thread(CALL_THREADS[0])
     return fn(*args, **kwargs)
+
+
+def exit_with_parent(expected: str = "bentoml", interval: float = 1.0) -> threading.Thread:
+    """SIGTERM this process (a graceful stop) once its parent, a process whose command line
+    names `expected`, is gone.
+
+    BentoML starts each worker in a session of its own, so when its arbiter dies without
+    stopping them (SIGKILL, an OOM kill) the workers kept answering on the port, orphans that
+    nothing would stop or restart and that held the port against a new server. A worker whose
+    arbiter died while it was starting finds itself adopted at once (its parent is not
+    `expected`)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        cmdline = Path(f"/proc/{parent}/cmdline")
+        born_orphan = cmdline.parent.exists() and expected.encode() not in _read(cmdline)
+        while not born_orphan and os.getppid() == parent:
+            time.sleep(interval)
+        logging.getLogger("vitrine.service").warning("parent %s is gone: stopping", parent)
+        for _ in range(3):  # a SIGTERM before the server set its handlers is lost: repeat
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        os._exit(1)  # the graceful stop hung
+
+    thread = threading.Thread(target=watch, name="vitrine-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def settle_heap() -> None:

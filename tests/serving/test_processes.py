@@ -1,6 +1,7 @@
 """Stopping a vitrine command stops what it started: SIGTERM or SIGINT to `vitrine serve` or
 `vitrine ui` (what systemd, a container runtime or Ctrl-C sends) leaves no server answering
-and no process behind (vitrine/children.py)."""
+and no process behind (vitrine/children.py), and a request the service is reading when the
+signal comes is still answered. `vitrine worker`: tests/integration/test_schedules.py."""
 
 from __future__ import annotations
 
@@ -9,33 +10,26 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
 from components.config import PROJECT_ROOT
 from tests.serving.conftest import free_port
+from vitrine.children import alive, descendants
 
 pytestmark = pytest.mark.serving
 VITRINE = str(PROJECT_ROOT / ".venv/bin/vitrine")
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc's parent links)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+def a_photo(champion) -> bytes:
+    """A catalogue photo of the champion's own catalogue (its first test product)."""
+    manifest = pd.read_parquet(champion.ctx.catalogue_dir / "manifest.parquet")
+    row = manifest[manifest["split"] == "test"].iloc[0]
+    return (champion.ctx.catalogue_dir / row["path"]).read_bytes()
 
 
 def answers(port: int) -> bool:
@@ -65,28 +59,24 @@ def start(args: list[str], env: dict, ready: list[str], log: Path) -> subprocess
     raise AssertionError(f"not ready: {log.read_text()[-3000:]}")
 
 
-def stop_and_check(proc: subprocess.Popen, signum: int, ports: list[int]) -> None:
+def stop_and_check(
+    proc: subprocess.Popen,
+    signum: int,
+    ports: list[int],
+    during: Callable[[], None] | None = None,
+) -> None:
+    """Signal vitrine, run `during` (while the servers stop), check nothing is left."""
     children = descendants(proc.pid)
     assert len(children) >= 2, children  # the server(s) and their workers
     os.kill(proc.pid, signum)  # vitrine only, not its children
+    if during is not None:
+        during()
     assert proc.wait(timeout=60) == 0
     deadline = time.time() + 10
-    while time.time() < deadline and (any(map(answers, ports)) or descendants_alive(children)):
+    while time.time() < deadline and (any(map(answers, ports)) or alive(children)):
         time.sleep(0.2)
     assert not [p for p in ports if answers(p)], "a server still answers"
-    assert not descendants_alive(children), "orphans left running"
-
-
-def descendants_alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
+    assert not alive(children), "orphans left running"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -95,7 +85,32 @@ def test_a_signal_to_vitrine_serve_stops_its_bentoml_server(champion, tmp_path, 
     args = ["serve", "--port", str(port), "--workers", "2"]
     proc = start(args, champion.env, [f"http://127.0.0.1:{port}/healthz"], tmp_path / "serve.log")
     assert len(descendants(proc.pid)) >= 3  # bentoml serve and its two workers
-    stop_and_check(proc, signum, [port])
+    photo = a_photo(champion)
+    boundary = "in-flight"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    in_flight = socket.create_connection(("127.0.0.1", port), timeout=30)
+    in_flight.sendall(head + body[: len(body) // 2])  # a request the server is reading
+    answer = []
+
+    def finish_the_request() -> None:
+        time.sleep(1.5)  # the servers are stopping by now
+        in_flight.sendall(body[len(body) // 2 :])
+        answer.append(in_flight.makefile("rb").read())
+
+    stop_and_check(proc, signum, [port], during=finish_the_request)
+    in_flight.close()
+    status = answer[0].split(b"\r\n", 1)[0]
+    assert status == b"HTTP/1.1 200 OK" and b'"category"' in answer[0], answer[0][:300]
 
 
 def test_sigterm_to_vitrine_ui_stops_mlflow_and_prefect(tmp_path):
