@@ -35,20 +35,38 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-async def read_upload(request: Request) -> tuple[bytes, str | None, dict[str, str]]:
-    """(image bytes, declared content type, fields) from multipart (field `image`) or a raw body."""
-    fields = dict(request.query_params)
+Fields = dict[str, list[str]]
+
+
+def given_once(items: Any, names: tuple[str, ...], where: str) -> Fields:
+    """The values of `names` among (name, value) items; a name given twice is a 400 (the
+    contract's fields are single values, bentos/contract.py)."""
+    fields: Fields = {}
+    for name, value in items:
+        if name in names:
+            if name in fields or not isinstance(value, str):
+                raise ApiError(400, f"field {name!r} must be given once, as text, in the {where}")
+            fields[name] = [value]
+    return fields
+
+
+async def read_upload(
+    request: Request, names: tuple[str, ...] = ()
+) -> tuple[bytes, str | None, Fields]:
+    """(image bytes, declared content type, fields) from multipart (one file in field `image`)
+    or a raw body. `fields` has the values of `names` given in the query string, then in the
+    form: the caller checks each and uses the last."""
+    fields = given_once(request.query_params.multi_items(), names, "query string")
     ctype = request.headers.get("content-type", "")
     base = ctype.split(";")[0].strip().lower()
     if base == "multipart/form-data":
         form = await request.form()
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        fields |= {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        upload = form.get("image")
-        upload = upload if isinstance(upload, UploadFile) else (files[0] if files else None)
-        if upload is None:
-            raise ApiError(400, "no file in the upload: send the image as multipart field 'image'")
-        return await upload.read(), upload.content_type, fields
+        for name, values in given_once(form.multi_items(), names, "form").items():
+            fields.setdefault(name, []).extend(values)
+        images = form.getlist("image")
+        if len(images) != 1 or not isinstance(images[0], UploadFile):
+            raise ApiError(400, "send the image as one file in multipart field 'image'")
+        return await images[0].read(), images[0].content_type, fields
     if base in IMAGE_TYPES | SNIFFED_TYPES - {""}:
         return await request.body(), base, fields
     raise ApiError(
@@ -90,12 +108,12 @@ def parse_k_or_400(value: Any) -> int:
 
 
 def parse_colour_or_422(value: str | None) -> str | None:
-    """The palette name of a `colour` form field (blank: None); an unknown one is a 422 that
-    lists the palette."""
+    """The palette name of a `colour` field (blank: None); an unknown one is a 422 that lists
+    the palette."""
     with as_api_errors():
-        from components.retrieval.colours import colour_name
+        from bentos.schemas import check_colour
 
-        return colour_name(value) if value and value.strip() else None
+        return check_colour(value)
 
 
 def catalogue_file(catalogue_dir: Path, record: dict, product_id: str) -> Path:
@@ -127,6 +145,21 @@ def _service() -> Any:
         return None
 
 
+def openapi() -> dict[str, Any]:
+    """/openapi.json: FastAPI's schema of the routes, completed by bentos/contract.py with the
+    served catalogue's categories (built once, when first asked for)."""
+    if not CONTRACT:
+        from bentos.contract import complete_contract
+
+        categories = list(getattr(_service(), "categories", None) or [])
+        CONTRACT.update(complete_contract(FastAPI.openapi(app), categories))
+    return CONTRACT
+
+
+CONTRACT: dict[str, Any] = {}
+app.openapi = openapi  # type: ignore[method-assign]
+
+
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     bundle = getattr(getattr(_service(), "loader", None), "bundle", None)
     body = {"error": message, "model_version": bundle.version if bundle else None}
@@ -155,6 +188,23 @@ async def on_unexpected(_: Request, error: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(error).__name__}")
 
 
+def json_not_found(scope: dict, send: Any) -> Any:
+    """`send`, with BentoML's plain-text 404 for a path no route serves (an unknown path; a path
+    parameter holding a line break or an encoded '/') answered as JSON like every other error."""
+    plain = [False]
+
+    async def send_json(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            ctype = dict(message.get("headers") or []).get(b"content-type", b"")
+            plain[0] = message["status"] == 404 and ctype.startswith(b"text/plain")
+        if not plain[0]:
+            return await send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            await error_response(404, f"no route for {scope['path']!r}")(scope, None, send)
+
+    return send_json
+
+
 class ProbesAndLimits:
     """ASGI middleware: JSON /healthz /readyz and vitrine's /metrics (ahead of BentoML's own
     routes), the request-body limit (413 before parsing), per-endpoint request metrics, and
@@ -176,7 +226,7 @@ class ProbesAndLimits:
             await send(message)
 
         try:
-            await self.dispatch(scope, receive, send_status, service)
+            await self.dispatch(scope, receive, json_not_found(scope, send_status), service)
         finally:
             if service is not None:
                 seconds = time.perf_counter() - start
@@ -187,8 +237,11 @@ class ProbesAndLimits:
 
     async def dispatch(self, scope: dict, receive: Any, send: Any, service: Any) -> None:
         path, method = scope["path"], scope["method"]
-        if method in ("GET", "HEAD") and path in ("/healthz", "/readyz", "/metrics"):
-            return await self.probe(path, service)(scope, receive, send)
+        if path in ("/healthz", "/readyz", "/metrics"):
+            if method in ("GET", "HEAD"):
+                return await self.probe(path, service)(scope, receive, send)
+            answer = error_response(405, "Method Not Allowed", {"Allow": "GET, HEAD"})
+            return await answer(scope, receive, send)
         if method != "POST":
             return await self.app(scope, receive, send)
         limit = service.limits.max_bytes + MULTIPART_SLACK if service else self.max_body

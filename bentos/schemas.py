@@ -16,10 +16,11 @@ COLOUR_HELP = (
 
 
 def check_colour(value: str | None) -> str | None:
-    """The palette's name of a colour filter (None passes); an unknown name raises ValueError."""
+    """The palette's name of a colour filter (None or blank: no filter); an unknown name raises
+    ValueError."""
     from components.retrieval.colours import colour_name
 
-    return None if value is None or not value.strip() else colour_name(value)
+    return colour_name(value) if value else None
 
 
 class RecommendRequest(BaseModel):
@@ -29,11 +30,17 @@ class RecommendRequest(BaseModel):
 
 
 class TextQuery(BaseModel):
-    query: str = Field(min_length=1, max_length=200)
+    # a blank query is a 400 (bentos/service.py); the pattern says so in the contract
+    query: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"\S"})
     k: int = Field(10, ge=1, le=100)
-    category: str | None = None
-    group: str | None = None
+    category: str | None = Field(None, description="Only products of this category")
+    group: str | None = Field(None, description="Only products of this group")
     colour: str | None = Field(None, description=COLOUR_HELP, examples=["red"])
+
+    @field_validator("category", "group")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None  # as in the form of /search: a blank filter is no filter
 
     @field_validator("colour")
     @classmethod
@@ -226,68 +233,3 @@ def explain_answer(version: str, ex: Any, answer: str) -> ExplainResponse | Resp
         "X-Region": ",".join(str(ex.box[k]) for k in ("x0", "y0", "x1", "y1")),
     }
     return Response(ex.png, media_type="image/png", headers=headers)
-
-
-# ----------------------------------------------------------------- the OpenAPI contract
-class ErrorResponse(BaseModel):
-    """Every 4xx / 5xx answer: what was wrong, and the version being served (or null)."""
-
-    error: str
-    model_version: str | None
-
-
-ERRORS = {
-    400: "A bad field (k, category, group, format), an empty upload or no `image` field",
-    403: "The admin token is missing or wrong, or the admin endpoint is disabled",
-    404: "No such product",
-    409: "The served version has no text search",
-    413: "The body or the image is too large (bytes or pixels; decompression bombs)",
-    415: "Not a JPEG, PNG, WebP, GIF or BMP image, or an unsupported request content type",
-    422: "An invalid JSON body or an unknown colour (the message lists the palette)",
-    500: "The reload failed; the previous version keeps serving",
-    503: "No model loaded yet",
-}
-UPLOAD_ERRORS = (400, 413, 415, 503)
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses` of a route: each code with its meaning and the error body."""
-    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
-
-
-def image_upload(**fields: dict[str, Any]) -> dict[str, Any]:
-    """The request body of an image endpoint, for `openapi_extra`: multipart/form-data with the
-    photo in field `image` (and `fields`, also accepted as query parameters), or the photo as
-    the raw body with its image content type."""
-    photo = {
-        "type": "string",
-        "format": "binary",
-        "description": "The photo: JPEG, PNG, WebP, GIF or BMP, at most 10 MiB",
-    }
-    form = {"type": "object", "required": ["image"], "properties": {"image": photo, **fields}}
-    raw = {"schema": {"type": "string", "format": "binary"}}
-    content = {"multipart/form-data": {"schema": form}} | {t: raw for t in IMAGE_TYPES}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-SEARCH_FIELDS = {
-    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
-    "category": {"type": "string", "description": "Only products of this category"},
-    "group": {"type": "string", "description": "Only products of this group"},
-    "colour": {"type": "string", "description": COLOUR_HELP},
-}
-EXPLAIN_FIELDS = {"format": {"type": "string", "enum": ["json", "png"], "default": "json"}}
-
-
-# the keyword arguments of the image routes' decorators (bentos/service.py)
-UPLOAD_ROUTE = {"openapi_extra": image_upload(), "responses": errors(*UPLOAD_ERRORS)}
-SEARCH_ROUTE = {
-    "openapi_extra": image_upload(**SEARCH_FIELDS),
-    "responses": errors(*UPLOAD_ERRORS, 422),
-}
-EXPLAIN_ROUTE = {
-    "response_model": ExplainResponse,
-    "openapi_extra": image_upload(**EXPLAIN_FIELDS),
-    "responses": errors(*UPLOAD_ERRORS) | {200: {"content": {"image/png": {}}}},
-}

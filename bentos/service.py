@@ -4,7 +4,8 @@ Every request takes one `Bundle` (bentos/loader.py: version, model, index, text 
 only it, so a model never answers with another version's index; a hot swap replaces the bundle
 in one assignment. Inference is bentos/predictor.py (cache + micro-batcher, no BentoML), A/B
 routing components/serving/ab.py, tags components/retrieval/tags.py, bodies bentos/schemas.py,
-settings bentos/settings.py, the app, errors and probes bentos/http.py.
+settings bentos/settings.py, the app, errors and probes bentos/http.py, the OpenAPI contract
+bentos/contract.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from bentos import contract as c
 from bentos import schemas as s
 from bentos.http import (
     ApiError,
@@ -23,8 +25,6 @@ from bentos.http import (
     app,
     catalogue_file,
     guarded,
-    parse_colour_or_422,
-    parse_k_or_400,
     read_upload,
     require_admin,
 )
@@ -123,12 +123,12 @@ class Vitrine:
 
         return bundle, await self.ab.answer(bundle, shadow, request.state.ab, run), extra[0]
 
-    @app.post("/classify", **s.UPLOAD_ROUTE)
+    @app.post("/classify", **c.UPLOAD_ROUTE)
     async def classify(self, request: Request) -> s.ClassifyResponse:
         bundle, r, _ = await self.infer(request, "/classify")
         return s.ClassifyResponse.of(bundle.version, r, self.categories)
 
-    @app.post("/tags", **s.UPLOAD_ROUTE)
+    @app.post("/tags", **c.UPLOAD_ROUTE)
     async def tags(self, request: Request) -> s.TagsResponse:
         from components.retrieval.colours import photo_colours
         from components.retrieval.tags import tag_answer
@@ -140,24 +140,22 @@ class Vitrine:
         tags = tag_answer(*answer)
         return s.TagsResponse(model_version=bundle.version, tags=tags)
 
-    @app.post("/search", **s.SEARCH_ROUTE)
+    @app.post("/search", **c.SEARCH_ROUTE)
     async def search(self, request: Request) -> s.SearchResponse:
-        upload = data, ctype, fields = await read_upload(request)
-        k = parse_k_or_400(fields.get("k", 10))  # a bad k is a 400 before the model runs
-        category, group = fields.get("category") or None, fields.get("group") or None
-        colour = parse_colour_or_422(fields.get("colour"))  # before the model runs, as k
-        filters = s.Filters(category=category, group=group, colour=colour)
+        upload = await read_upload(request, c.SEARCH_NAMES)
+        k, chosen = c.search_fields(upload[2], self.categories)  # 4xx before the model runs
+        filters = s.Filters(**chosen)
         similar = lambda b, r: b.index.search(r.embedding, k, **filters.model_dump())  # noqa: E731
         bundle, r, hits = await self.infer(request, "/search", upload, then=similar)
         return s.SearchResponse.of(bundle.version, k, filters, r, hits)
 
-    @app.post("/embed", **s.UPLOAD_ROUTE)
+    @app.post("/embed", **c.UPLOAD_ROUTE)
     async def embed(self, request: Request) -> s.EmbedResponse:
         bundle, r, _ = await self.infer(request, "/embed")
         vector = [round(float(v), 7) for v in r.embedding]
         return s.EmbedResponse(model_version=bundle.version, dim=len(vector), embedding=vector)
 
-    @app.post("/search_text", responses=s.errors(400, 409, 422, 503))
+    @app.post("/search_text", **c.TEXT_ROUTE)
     async def search_text(self, request: Request, body: s.TextQuery) -> s.TextSearchResponse:
         bundle, _ = self.pick(request)
         space = bundle.text_space()  # 409 for a version registered without text search
@@ -171,13 +169,12 @@ class Vitrine:
         hits = await guarded(bundle.index.search_space, space, vector, body.k, **kwargs)
         return s.TextSearchResponse.of(bundle.version, query, body.k, filters, hits, text, prefer)
 
-    @app.post("/explain", **s.EXPLAIN_ROUTE)
+    @app.post("/explain", response_model=s.ExplainResponse, **c.EXPLAIN_ROUTE)
     async def explain(self, request: Request) -> s.ExplainResponse | Response:
         """Grad-CAM of the predicted category (components/model/explain.py): the heatmap as a
         PNG (base64 in JSON, or the PNG itself with ?format=png) and the driving region."""
-        data, ctype, fields = await read_upload(request)
-        if (answer := (fields.get("format") or "json").strip().lower()) not in ("json", "png"):
-            raise ApiError(400, f"format must be json or png, got {answer!r}")
+        data, ctype, fields = await read_upload(request, c.EXPLAIN_NAMES)
+        answer = c.explain_format(fields)
         bundle = self.current()
         ex = await guarded(self.predictor.explain, bundle, data, ctype)
         return s.explain_answer(bundle.version, ex, answer)
@@ -186,27 +183,27 @@ class Vitrine:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
 
-    @app.post("/recommend", responses=s.errors(400, 404, 422, 503))
+    @app.post("/recommend", **c.RECOMMEND_ROUTE)
     async def recommend(self, request: Request, body: s.RecommendRequest) -> s.RecommendResponse:
         bundle, _ = self.pick(request)
         recommend = bundle.index.recommend
         hits = await guarded(recommend, body.history, body.k, diversify=body.diversify)
         return s.RecommendResponse.of(bundle.version, body, hits)
 
-    @app.get("/products/{product_id}", responses=s.errors(404, 503))
+    @app.get("/products/{product_id}", responses=c.errors(404, 503))
     async def product(self, product_id: str) -> s.ProductResponse:
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)
         return s.ProductResponse.of(bundle.version, product_id, record)
 
-    @app.get("/products/{product_id}/image", responses=s.errors(404, 503))
+    @app.get("/products/{product_id}/image", response_class=FileResponse, **c.PRODUCT_IMAGE_ROUTE)
     async def product_image(self, product_id: str) -> FileResponse:
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)
         path = catalogue_file(self.catalogue_dir, record, product_id)  # 404 outside the folder
         return FileResponse(path, headers={"X-Model-Version": bundle.version})
 
-    @app.post("/admin/reload", responses=s.errors(403, 500))
+    @app.post("/admin/reload", **c.ADMIN_ROUTE)
     async def admin_reload(self, request: Request) -> JSONResponse:
         require_admin(request, self.settings.admin_token)
         outcome = await run_in_threadpool(self.peers.reload_all)  # every worker, not just this one

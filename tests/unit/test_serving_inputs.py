@@ -1,5 +1,6 @@
 """components.serving without a server: upload decoding in every format and colour mode, the
-refusals, the cache, the micro-batcher, the request log and the Prometheus text."""
+refusals, the cache, the micro-batcher, the request log and the Prometheus text; the service's
+OpenAPI contract and the checks of the image routes' fields (bentos/contract.py)."""
 
 from __future__ import annotations
 
@@ -329,3 +330,68 @@ def test_settle_heap_freezes_what_is_alive():
         assert gc.get_freeze_count() >= len(alive)
     finally:
         gc.unfreeze()
+
+
+CATEGORIES = ["Dress", "Hat"]  # "Hat": a catalogue's own category beside the known ones
+
+
+def test_the_contract_completes_fastapis_schema_with_filters_probes_and_the_admin_token():
+    from fastapi import FastAPI
+
+    import bentos.service  # noqa: F401  (registers the routes)
+    from bentos.contract import PROBES, complete_contract
+    from bentos.http import app
+
+    spec = complete_contract(FastAPI.openapi(app), CATEGORIES)
+    search = spec["paths"]["/search"]["post"]
+    form = search["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and form["properties"]["image"]["minLength"] == 1
+    categories = form["properties"]["category"]["enum"]
+    assert categories[:3] == ["", "Dress", "Hat"] and "Ankle boot" in categories
+    query = {p["name"]: p["schema"] for p in search["parameters"]}
+    assert set(query) == {"k", "category", "group", "colour"}
+    assert query["colour"]["enum"] == form["properties"]["colour"]["enum"]
+    assert {"", "navy", "gray"} <= set(query["colour"]["enum"])
+    text = spec["components"]["schemas"]["TextQuery"]["properties"]
+    assert text["group"]["anyOf"] == [
+        {
+            "type": "string",
+            "enum": ["", "bags", "bottoms", "dresses", "footwear", "other", "outerwear", "tops"],
+        },
+        {"type": "null"},
+    ]
+    assert set(PROBES) <= set(spec["paths"])
+    assert spec["paths"]["/admin/reload"]["post"]["security"] == [{"adminToken": []}]
+    assert spec["components"]["securitySchemes"]["adminToken"]["name"] == "X-Admin-Token"
+    invalid = spec["paths"]["/products/{product_id}"]["get"]["responses"]["422"]["content"]
+    assert invalid["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    image = spec["paths"]["/products/{product_id}/image"]["get"]["responses"]["200"]["content"]
+    assert "image/png" in image and "application/json" not in image
+
+
+def test_image_route_fields_are_single_values_and_each_one_given_is_checked():
+    from bentos.contract import explain_format, search_fields
+    from bentos.http import ApiError, given_once
+
+    assert search_fields({}, CATEGORIES) == (10, {"category": None, "group": None, "colour": None})
+    query_then_form = {"k": ["3", "5"], "group": ["", "TOPS"], "colour": ["Gray"]}
+    chosen = {"category": None, "group": "TOPS", "colour": "grey"}
+    assert search_fields(query_then_form, CATEGORIES) == (5, chosen)  # the form's wins
+    refused = [
+        ({"k": ["101", "5"]}, 400),  # a bad query value under a good form value
+        ({"category": ["Hats"]}, 400),
+        ({"group": [" "]}, 400),
+        ({"colour": ["red", "chartreuse"]}, 422),
+    ]
+    for fields, status in refused:
+        with pytest.raises(ApiError) as raised:
+            search_fields(fields, CATEGORIES)
+        assert raised.value.status == status, fields
+    assert given_once([("k", "1"), ("x", "a"), ("x", "b")], ("k",), "form") == {"k": ["1"]}
+    for items in ([("k", "1"), ("k", "2")], [("k", object())]):  # repeated; a file, not text
+        with pytest.raises(ApiError, match="once, as text"):
+            given_once(items, ("k",), "form")
+    assert explain_format({}) == "json" and explain_format({"format": ["json", "png"]}) == "png"
+    with pytest.raises(ApiError, match="json or png"):
+        explain_format({"format": ["PNG"]})
