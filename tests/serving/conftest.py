@@ -4,6 +4,7 @@ on a free loopback port started in a subprocess with that environment."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,13 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from components.config import PROJECT_ROOT, load_params, state_paths
 from components.data import catalogue
+from components.model.training import predict_batches
 from components.release.registry import Registry, open_registry
+from components.retrieval.text import PROJECTION_FILE, TextProjection
 from components.stages import evaluate, labels, register, train, validate
-from components.stages.context import RunContext
+from components.stages.context import RunContext, load_images, load_trained_model
 from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 
 ADMIN_TOKEN = "test-admin-token"
@@ -62,9 +68,45 @@ def build_champion(root: Path, fmnist: dict, n_train: int = 400, n_test: int = 1
     return Champion(ctx, registry, version, env)
 
 
+def register_distinct(champion: Champion, cause: str = "test") -> str:
+    """Register a new version with weights of its own and the index THEY build (no verdict).
+
+    Retraining per version would cost about a minute each on two cores, so the new version is
+    the trained model with its embedding layer turned by a seeded random rotation R (W -> RW,
+    b -> Rb): its class logits, neighbours and metrics are the trained run's, but its embedding
+    coordinates share nothing with another version's (a product's two vectors have a cosine
+    near 0, not 1). Its index and drift reference are rebuilt by the new model in a copy of
+    the run folder and its text projection turned to match (P -> RP), so the version is
+    consistent in itself, and a model answering with another version's index finds the wrong
+    products (assert_serves_own_index)."""
+    seed = len(champion.registry.list_versions()) + 1
+    work = champion.ctx.work.with_name(f"{champion.ctx.work.name}-{seed}")
+    shutil.copytree(champion.ctx.work, work, ignore=shutil.ignore_patterns("register", "compress"))
+    ctx = RunContext(champion.ctx.params, champion.ctx.paths, work=work, repo=champion.ctx.repo)
+    model = load_trained_model(ctx)
+    dim = model.embedding.out_features
+    noise = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed))
+    rotation = torch.linalg.qr(noise)[0]
+    with torch.no_grad():
+        model.embedding.weight.copy_(rotation @ model.embedding.weight)
+        model.embedding.bias.copy_(rotation @ model.embedding.bias)
+    torch.save(model, work / "train" / "model.pt")
+    index_dir = work / "evaluate" / "index"
+    accepted = pd.read_parquet(work / "validate" / "accepted.parquet")  # as evaluate.run reads it
+    accepted = accepted.sort_values("product_id").reset_index(drop=True)
+    _, embeddings = predict_batches(model, load_images(ctx, accepted, model))
+    np.save(index_dir / "embeddings.npy", embeddings.astype(np.float32))
+    if (index_dir / PROJECTION_FILE).exists():
+        projection = TextProjection.load(index_dir / PROJECTION_FILE)
+        projection.weight = rotation.numpy() @ projection.weight
+        projection.save(index_dir / PROJECTION_FILE)
+    evaluate.write_drift_reference(ctx, model, accepted[accepted["split"] != "train"])
+    return register.run(ctx, champion.registry, cause=cause)["version"]
+
+
 def register_approved(champion: Champion) -> str:
-    """Register the same trained run again as a new version that passed the gate and is approved."""
-    version = register.run(champion.ctx, champion.registry, cause="test")["version"]
+    """A new version of its own weights (register_distinct) that passed the gate and is approved."""
+    version = register_distinct(champion)
     champion.registry.record_verdict(version, {"passed": True, "reasons": []})
     champion.registry.approve(version, by="test")
     return version
@@ -74,6 +116,38 @@ def register_and_promote(champion: Champion) -> str:
     version = register_approved(champion)
     champion.registry.promote(version)
     return version
+
+
+def stored_index(champion: Champion, version: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The index registered with `version`: its products and embeddings, as the service loads them."""
+    folder = champion.ctx.work.with_name(f"stored-index-{version}")
+    index_dir = folder / "index"
+    if not index_dir.is_dir():
+        index_dir = champion.registry.download_artifacts(version, "index", folder)
+    return pd.read_parquet(index_dir / "products.parquet"), np.load(index_dir / "embeddings.npy")
+
+
+def assert_serves_own_index(
+    url: str, champion: Champion, version: str, other: str, headers: dict | None = None
+) -> None:
+    """The service answers with `version`'s model AND `version`'s index: /embed of catalogue
+    photos equals that version's stored index rows and not `other`'s, and /search finds each
+    photo's own product first. A model paired with another version's index fails both."""
+    products, own = stored_index(champion, version)
+    _, theirs = stored_index(champion, other)
+    for i in (0, 17, len(products) - 1):
+        data = (champion.ctx.catalogue_dir / products["path"].iloc[i]).read_bytes()
+        files = {"image": ("photo.png", data, "image/png")}
+        embed = httpx.post(f"{url}/embed", files=files, headers=headers, timeout=30).json()
+        assert embed["model_version"] == version
+        vector = np.asarray(embed["embedding"])
+        assert np.allclose(vector, own[i], atol=1e-5), (version, i)
+        assert float(vector @ theirs[i]) < 0.9, (version, other, i)  # another version's space
+        found = httpx.post(
+            f"{url}/search", files=files, data={"k": "1"}, headers=headers, timeout=30
+        ).json()
+        assert found["model_version"] == version
+        assert found["results"][0]["product_id"] == products["product_id"].iloc[i]
 
 
 def free_port() -> int:

@@ -21,8 +21,10 @@ from components.stages import promote
 from components.stages.context import RunContext
 from tests.serving.conftest import (
     Champion,
+    assert_serves_own_index,
     build_champion,
     register_approved,
+    register_distinct,
     start_server,
     stop_server,
 )
@@ -94,9 +96,7 @@ def test_shadow_returns_the_champion_and_records_both_arms(
 
 
 def test_a_challenger_that_failed_the_gate_never_answers(champion, challenger, photos, tmp_path):
-    from components.stages import register
-
-    failed = register.run(champion.ctx, champion.registry, cause="test")["version"]
+    failed = register_distinct(champion)  # weights and index of its own
     champion.registry.record_verdict(failed, {"passed": False, "reasons": ["FAIL: test"]})
     assert champion.registry.alias_version("challenger") == failed  # registration moved it
     env = {**champion.env, "VITRINE_AB_MODE": "route", "VITRINE_AB_SHARE": "1.0"}
@@ -104,6 +104,8 @@ def test_a_challenger_that_failed_the_gate_never_answers(champion, challenger, p
     try:
         ab = httpx.get(f"{server.url}/readyz").json()["ab"]
         answers = {classify(server.url, photos[i], f"shopper-{i}") for i in range(10)}
+        shopper = {"x-client-id": "shopper-0"}  # every client would be the challenger's
+        assert_serves_own_index(server.url, champion, champion.version, failed, shopper)
     finally:
         stop_server(server.proc)
         name = champion.registry.model_name  # the module's other tests use the good challenger
@@ -129,6 +131,12 @@ def test_route_is_sticky_per_client(champion, challenger, photos, tmp_path_facto
             assert answer.status_code == 200
             seen.setdefault(client, set()).add(answer.json()["model_version"])
         anonymous = {classify(server.url, photos[0]).json()["model_version"] for _ in range(5)}
+        # each arm answers with its own model AND its own index (their weights differ)
+        arms = {versions.copy().pop(): client for client, versions in seen.items()}
+        for version, other in ((challenger, champion.version), (champion.version, challenger)):
+            if version in arms:
+                headers = {"x-client-id": arms[version]}
+                assert_serves_own_index(server.url, champion, version, other, headers)
     finally:
         stop_server(server.proc)
     assert all(len(versions) == 1 for versions in seen.values())  # sticky

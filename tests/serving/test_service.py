@@ -25,8 +25,10 @@ from components.serving.logs import read_request_log
 from tests.serving.conftest import (
     ADMIN_TOKEN,
     POLL_SECONDS,
+    assert_serves_own_index,
     register_and_promote,
     register_approved,
+    register_distinct,
 )
 
 pytestmark = pytest.mark.serving
@@ -238,12 +240,27 @@ def test_a_shoppers_phone_photo_is_classified_and_found_like_the_catalogue_image
 
 
 def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, products):
-    body = post_image(server, "/tags", photo(champion, products.iloc[9])).json()
+    data = photo(champion, products.iloc[9])
+    body = post_image(server, "/tags", data).json()
     tags = body["tags"]
     assert body["model_version"] == champion.version
     assert tags["group"]["value"] == group_of(tags["category"]["value"])
-    assert tags["group"]["score"] >= tags["category"]["score"] - 1e-6
-    assert tags["shade"]["value"] in {"dark", "mid", "light"} and 0 <= tags["shade"]["score"] <= 1
+    model = champion.registry.load_model(champion.version).eval()
+    pixels = model_input(Image.open(io.BytesIO(data)), model)
+    with torch.inference_mode():
+        probs = torch.softmax(model(to_tensor(pixels[None].copy()))[0], 1)[0].numpy()
+    categories = champion.ctx.params.data.categories
+    assert tags["category"]["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+    group = [
+        p
+        for c, p in zip(categories, probs, strict=True)
+        if group_of(c) == group_of(tags["category"]["value"])
+    ]  # the summed probability of the category's group
+    assert tags["group"]["score"] == pytest.approx(float(sum(group)), abs=1e-5)
+    shade = tags["shade"]["score"]
+    assert tags["shade"]["value"] == (
+        "dark" if shade < 0.35 else "light" if shade > 0.65 else "mid"
+    )
     names = [c["value"] for c in tags["colours"]]  # as the index names the same product
     assert names == products.iloc[9]["colours"].split(",") and set(names) <= {
         "black",
@@ -251,12 +268,19 @@ def test_tags_are_derived_from_the_model_and_the_pixels(server, champion, produc
         "white",
     }
     neighbours = tags["neighbours"]
-    assert neighbours["k"] == 10 and 0.1 <= neighbours["score"] <= 1.0
+    near = [
+        hit["category"] for hit in post_image(server, "/search", data, k="10").json()["results"]
+    ]
+    assert neighbours["k"] == len(near) == 10  # the 10 nearest products /search finds
+    assert near.count(neighbours["value"]) == max(map(near.count, near))  # the majority
+    assert neighbours["score"] == pytest.approx(near.count(neighbours["value"]) / 10)
     assert neighbours["agrees"] == (neighbours["value"] == tags["category"]["value"])
 
 
 def test_recommend_excludes_history_and_diversifies(server, products):
-    history = list(products["product_id"].iloc[[2, 40, 41]])
+    # a shopper who looked at three trousers: plain recommendations are mostly trousers;
+    # diversified ones deal each category's best in turn (10 categories, k 10: one each)
+    history = list(products.loc[products["category"] == "Trouser", "product_id"].iloc[:3])
     plain = httpx.post(f"{server.url}/recommend", json={"history": history, "k": 10}).json()
     diverse = httpx.post(
         f"{server.url}/recommend", json={"history": history, "k": 10, "diversify": True}
@@ -264,9 +288,11 @@ def test_recommend_excludes_history_and_diversifies(server, products):
     for body in (plain, diverse):
         ids = [r["product_id"] for r in body["results"]]
         assert len(ids) == 10 and not set(ids) & set(history) and body["model_version"] == "1"
-    assert len({r["category"] for r in diverse["results"]}) >= len(
-        {r["category"] for r in plain["results"]}
-    )
+    plain_categories = [r["category"] for r in plain["results"]]
+    diverse_categories = [r["category"] for r in diverse["results"]]
+    assert plain_categories.count("Trouser") >= 5, plain_categories
+    assert sorted(diverse_categories) == sorted(set(products["category"])), diverse_categories
+    assert diverse["results"][0] == plain["results"][0]  # the best hit still leads
 
 
 def test_product_record_and_image(server, champion, products):
@@ -451,10 +477,8 @@ def test_request_log_holds_sampled_records_without_images(server, champion):
 def test_a_champion_alias_moved_outside_vitrine_is_refused_by_every_worker(
     server, champion, products
 ):
-    from components.stages import register
-
     serving = httpx.get(f"{server.url}/readyz").json()["model_version"]
-    failed = register.run(champion.ctx, champion.registry, cause="test")["version"]
+    failed = register_distinct(champion)  # weights and index of its own
     champion.registry.record_verdict(failed, {"passed": False, "reasons": ["FAIL: test"]})
     name = champion.registry.model_name
     champion.registry.client.set_registered_model_alias(name, "champion", failed)  # the UI's way
@@ -467,6 +491,7 @@ def test_a_champion_alias_moved_outside_vitrine_is_refused_by_every_worker(
         assert f"moved to version {failed} outside" in ready["champion_alias_refused"]
         answer = post_image(server, "/classify", photo(champion, products.iloc[0]))
         assert answer.json()["model_version"] == serving
+    assert_serves_own_index(server.url, champion, serving, other=failed)
     refused = ("vitrine_champion_alias_refused", (("version", failed),))
     assert metric_samples(server)[refused] == 1
     assert champion.registry.promote()["action"] == "repair"  # nothing newer: alias put back
@@ -507,6 +532,8 @@ def test_hot_swap_under_traffic_changes_the_version_without_errors(server, champ
     assert versions[0] == champion.version and versions[-1] == new
     assert set(versions) == {champion.version, new}
     assert httpx.get(f"{server.url}/readyz").json()["model_version"] == new
+    # the new version's model with the new version's index (its weights differ from v1's)
+    assert_serves_own_index(server.url, champion, new, other=champion.version)
 
 
 def test_poll_picks_up_a_moved_champion(server, champion, products):
@@ -515,12 +542,13 @@ def test_poll_picks_up_a_moved_champion(server, champion, products):
     data = photo(champion, products.iloc[1])
     deadline = time.time() + 4 * POLL_SECONDS + 10
     versions = []
-    while time.time() < deadline and (not versions or versions[-1] != new):
+    while time.time() < deadline and versions[-10:] != [new] * 10:  # every worker swapped
         response = post_image(server, "/classify", data)
         assert response.status_code == 200
         versions.append(response.json()["model_version"])
         time.sleep(0.2)
     assert new != before and versions[-1] == new  # no admin call: the poll swapped it
+    assert_serves_own_index(server.url, champion, new, other=before)
 
 
 def test_failed_reload_keeps_serving_the_old_version(server, champion, products):

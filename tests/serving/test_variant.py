@@ -5,14 +5,18 @@ variant the gate refused is neither stored nor served (fp32 answers, /readyz say
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
 from components.model import compress
+from components.model.transforms import model_input, to_tensor
 from tests.serving.conftest import ADMIN_TOKEN, Champion, build_champion, start_server, stop_server
 
 pytestmark = pytest.mark.serving
@@ -77,6 +81,7 @@ def test_service_serves_the_accepted_int8_variant_and_falls_back_when_refused(
     champion, versions, tmp_path
 ):
     registry = champion.registry
+    categories = champion.ctx.params.data.categories
     registry.promote(versions["accepted"])
     env = {
         **champion.env,
@@ -90,7 +95,8 @@ def test_service_serves_the_accepted_int8_variant_and_falls_back_when_refused(
         assert ready["model_version"] == versions["accepted"]
         assert (ready["variant"], ready["variant_note"]) == ("int8", None)
         photo = sorted((champion.ctx.catalogue_dir / "images").rglob("*.png"))[0].read_bytes()
-        answers = check_answers(server.url, photo, registry.load_model(versions["accepted"]))
+        fp32 = registry.load_model(versions["accepted"])
+        answers = check_answers(server.url, photo, fp32, categories, served_fp32=False)
         assert answers["model_version"] == versions["accepted"]
 
         registry.promote(versions["refused"])
@@ -99,21 +105,38 @@ def test_service_serves_the_accepted_int8_variant_and_falls_back_when_refused(
         ready = httpx.get(f"{server.url}/readyz").json()
         assert ready["model_version"] == versions["refused"] and ready["variant"] == "fp32"
         assert "refused" in ready["variant_note"] and ready["variant_requested"] == "int8"
-        assert check_answers(server.url, photo, None)["model_version"] == versions["refused"]
+        fp32 = registry.load_model(versions["refused"])
+        answers = check_answers(server.url, photo, fp32, categories, served_fp32=True)
+        assert answers["model_version"] == versions["refused"]
     finally:
         stop_server(server.proc)
 
 
-def check_answers(url: str, photo: bytes, fp32_model) -> dict:
-    """/classify, /embed and /explain answer in the fp32 model's shapes."""
+def check_answers(
+    url: str, photo: bytes, fp32_model, categories: list[str], *, served_fp32: bool
+) -> dict:
+    """/classify, /embed and /explain answer in the fp32 model's shapes: three distinct
+    categories, best first, the first being the answer; served fp32, its very numbers."""
     classify = httpx.post(f"{url}/classify", files={"image": photo}).json()
-    assert len(classify["top"]) == 3
-    assert sum(t["probability"] for t in classify["top"]) <= 1.0 + 1e-6
+    top = classify["top"]
+    probabilities = [t["probability"] for t in top]
+    assert len({t["category"] for t in top}) == 3
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert top[0]["category"] == classify["category"]
+    assert top[0]["probability"] == pytest.approx(classify["confidence"], abs=1e-6)
+    pixels = model_input(Image.open(io.BytesIO(photo)), fp32_model)
+    with torch.inference_mode():
+        logits, own = fp32_model(to_tensor(pixels[None].copy()))
+    probs = torch.softmax(logits, 1)[0].numpy()
+    best = np.argsort(-probs)[:3]
     embed = httpx.post(f"{url}/embed", files={"image": photo}).json()
     vector = np.asarray(embed["embedding"])
     assert abs(np.linalg.norm(vector) - 1.0) < 1e-3
-    if fp32_model is not None:
-        assert embed["dim"] == fp32_model.embedding_dim
+    assert embed["dim"] == fp32_model.embedding_dim
+    if served_fp32:
+        assert [t["category"] for t in top] == [categories[i] for i in best]
+        assert probabilities == pytest.approx(probs[best].tolist(), abs=1e-5)
+        assert np.allclose(vector, own[0].numpy(), atol=1e-5)
     explain = httpx.post(f"{url}/explain", files={"image": photo})
     assert explain.status_code == 200, explain.text  # gradients come from the fp32 weights
     return classify
