@@ -240,16 +240,100 @@ def _shopper_table(data: dict):
 @app.command()
 def approve(
     version: str,
-    by: Annotated[str, typer.Option("--by", help="Who approves (the model owner).")],
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by",
+            help="Who approves: a model owner (params.yaml promotion.owners). "
+            "Default: the MLflow account in MLFLOW_TRACKING_USERNAME.",
+        ),
+    ] = None,
 ) -> None:
-    """Approve a gated version (same as tagging approved_by=NAME in the MLflow UI)."""
+    """Approve a gated version as an owner (same as tagging approved_by=NAME in the MLflow UI).
+
+    Through a tracking server with authentication (VITRINE_TRACKING_URI=http://…), the call
+    runs as MLFLOW_TRACKING_USERNAME, whose account must be an owner's (EDIT on the model).
+    """
     from components.release.registry import PromotionRefused, RegistryUnavailable
 
+    account = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    by = by or account
+    if not by:
+        fail("who approves? --by NAME (a model owner listed in params.yaml promotion.owners)", 2)
+    if account and by != account:
+        fail(f"logged in to MLflow as {account!r}: an approval is made as oneself, not as {by!r}")
     try:
         _registry().approve(version, by)
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
     say(f"version {version} approved by {by}; `vitrine promote` makes it champion")
+
+
+users_app = typer.Typer(help="Accounts on the MLflow server `vitrine ui` runs (login required).")
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    owner: Annotated[
+        bool,
+        typer.Option(
+            "--owner",
+            help="A model owner: may set approved_by (EDIT on the model). The name must be "
+            "listed in params.yaml promotion.owners.",
+        ),
+    ] = False,
+    password: Annotated[
+        str | None,
+        typer.Option(help="At least 12 characters. Default: a random one, printed once."),
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="The MLflow server. Default: where `vitrine ui` runs.")
+    ] = None,
+) -> None:
+    """Create an MLflow account (every account may look; only owners may approve).
+
+    With --owner an existing account is made an owner. Uses the admin credentials that the
+    first `vitrine ui` wrote to the state folder's auth/admin.json; the server must be running.
+    """
+    import secrets
+
+    from components.config import ACCOUNT_NAME
+    from components.release.accounts import ADMIN, AccountsClient, AccountsError, recorded_url
+
+    params, paths = load_params(), state_paths()
+    promotion = params.promotion
+    if not ACCOUNT_NAME.fullmatch(name) or name == ADMIN:
+        fail(f"{name!r}: an account name is letters, digits and . _ @ - (and not {ADMIN!r})", 2)
+    if owner and name == promotion.loop_account:
+        fail(f"{name!r} is the loop's own account (promotion.loop_account): never an owner", 2)
+    if owner and name not in promotion.owners:
+        fail(
+            f"{name!r} is not listed in params.yaml promotion.owners "
+            f"({', '.join(promotion.owners) or 'none listed'}): list the name there first, so "
+            "that only accounts whose approval counts can set approved_by",
+            2,
+        )
+    url = url or recorded_url(paths.auth) or "http://127.0.0.1:5000"
+    try:
+        client = AccountsClient(url, paths.auth / "admin.json")
+        exists = client.user_exists(name)
+        if exists and not owner:
+            fail(f"account {name!r} already exists on {url}")
+        if not exists:
+            chosen = password or secrets.token_urlsafe(12)
+            client.create_user(name, chosen)
+            say(f"created account {name!r} on {url}")
+            if password is None:
+                say(f"password: {chosen}  (shown once)")
+        if owner:
+            client.grant_owner(name, params.registry.model_name)
+            say(f"{name!r} is an owner: may set approved_by on {params.registry.model_name}")
+        else:
+            say(f"{name!r} may look, not approve (params.yaml promotion.owners + --owner for that)")
+    except AccountsError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -380,17 +464,34 @@ def ui(
     prefect_port: int = 4200,
     wait: Annotated[bool, typer.Option(help="Stay in the foreground until Ctrl-C.")] = True,
 ) -> None:
-    """Start the MLflow UI and the Prefect server on 127.0.0.1 over the project's state."""
+    """Start the MLflow UI (login required) and the Prefect server on 127.0.0.1.
+
+    MLflow runs with its authentication app: anonymous calls get a 401. The first start
+    creates the admin account (credentials in the state folder's auth/admin.json, mode 0600);
+    `vitrine users add NAME --owner` creates the owners who approve.
+    """
+    from components.release.accounts import AccountsError, prepare_auth, record_url
+
     paths = state_paths()
     paths.artifacts.mkdir(parents=True, exist_ok=True)
+    try:
+        auth = prepare_auth(paths.auth)
+    except AccountsError as exc:
+        fail(str(exc))
+    url = f"http://127.0.0.1:{mlflow_port}"
+    record_url(paths.auth, url)
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PREFECT_HOME": str(paths.prefect_home)}
-    mlflow_server = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", paths.tracking_uri]
+    env = {**os.environ, "PREFECT_HOME": str(paths.prefect_home), **auth.server_env()}
+    mlflow_server = [str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth"]
+    mlflow_server += ["--backend-store-uri", paths.tracking_uri]
     mlflow_server += ["--default-artifact-root", paths.artifacts.as_uri()]
-    mlflow_server += ["--host", "127.0.0.1", "--port", str(mlflow_port)]
+    mlflow_server += ["--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
     prefect_server = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1"]
     prefect_server += ["--port", str(prefect_port)]
-    say(f"MLflow UI   http://127.0.0.1:{mlflow_port}  (approve: tag approved_by on a version)")
+    if auth.created:
+        say(f"created the MLflow admin account: credentials in {auth.admin_file} (mode 0600)")
+    say(f"MLflow UI   {url}  (log in; owners approve: tag approved_by=NAME on a version)")
+    say(f"            admin credentials: {auth.admin_file}; accounts: `vitrine users add NAME`")
     say(f"Prefect UI  http://127.0.0.1:{prefect_port}")
     raise typer.Exit(run_children([mlflow_server, prefect_server], env=env, wait=wait))
 
