@@ -277,7 +277,7 @@ def soak(args) -> dict:
     finally:
         traffic.stop()
         stop(proc)
-    measured = [r for r in traffic.results if r[0] >= since]
+    measured = [r for r in traffic.results if since <= r[0] < since + args.minutes * 60]
     minutes = per_minute(measured, since)
     samples = [e for e in events if e["action"] == "sample"]
     for row, sample in zip(minutes, samples + [at_end] * len(minutes), strict=False):
