@@ -316,7 +316,9 @@ def test_sigterm_to_vitrine_worker_stops_it_and_crashes_its_running_flow_run(wor
     before = registry.list_versions()
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/vitrine")
-        run = client.create_flow_run_from_deployment(deployment.id, tags=["test:worker-stop"])
+        run = client.create_flow_run_from_deployment(  # force: a real retrain, not a no-op
+            deployment.id, parameters={"refresh_data": True, "force": True}, tags=["test:stop"]
+        )
     log = world["root"] / "worker.log"
     proc = subprocess.Popen(
         [str(PROJECT_ROOT / ".venv/bin/vitrine"), "worker", "--grace", "3"],
