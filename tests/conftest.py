@@ -185,3 +185,31 @@ def write_colour_catalogue(folder: Path, fmnist: dict, n_train: int, n_test: int
     csv = folder / "catalogue.csv"
     csv.write_text("product_id,image,label,title,split\n" + "\n".join(rows) + "\n")
     return csv
+
+
+def headless_chromium(window: str = "1280,2000", performance_log: bool = False):
+    """Debian's Chromium driven by selenium + chromedriver (`make browser`), headless, with no
+    network but loopback: every host except 127.0.0.1 resolves to nothing."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver_path, "install Debian's chromium and chromium-driver (make browser)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    if performance_log:  # the DevTools network events, e.g. to read a request's status
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--window-size={window}",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver_path), options=options)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -30,7 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from components.config import PROJECT_ROOT, load_params, state_paths
 from components.release.registry import Registry, open_registry
-from tests.conftest import shrunk_params, write_params
+from tests.conftest import headless_chromium, shrunk_params, write_params
 from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -248,26 +247,7 @@ def test_an_approved_by_naming_a_non_owner_is_refused_with_a_reason(world):
 
 @pytest.fixture
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver_path, "install Debian's chromium and chromium-driver (make browser)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        "--no-first-run",
-        "--disable-extensions",
-        "--window-size=1280,1600",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium(window="1280,1600", performance_log=True)
     yield driver
     driver.quit()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 
 import httpx
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from tests.conftest import CATEGORIES
+from tests.conftest import CATEGORIES, headless_chromium
 
 pytestmark = pytest.mark.serving
 
@@ -117,25 +116,10 @@ def test_explain_refuses_bad_input_with_a_json_error(server, files, url_suffix, 
 
 
 def test_the_page_shows_the_heatmap_after_a_photo_is_dropped(server, champion, test_rows):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver_path, "install Debian's chromium and chromium-driver (make browser)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        "--no-first-run",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium()
     try:
         driver.get(f"{server.url}/")
         photo = champion.ctx.catalogue_dir / test_rows.iloc[0]["path"]

@@ -5,37 +5,20 @@ loopback: every host but 127.0.0.1 resolves to nothing."""
 
 from __future__ import annotations
 
-import shutil
-
 import httpx
 import pandas as pd
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import headless_chromium
 
 pytestmark = pytest.mark.serving
 
 
 @pytest.fixture(scope="module")
 def browser():
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver_path, "install Debian's chromium and chromium-driver (make browser)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        "--no-first-run",
-        "--disable-extensions",
-        "--window-size=1280,2000",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 
