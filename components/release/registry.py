@@ -82,15 +82,19 @@ WRITTEN_ON_DOWNLOAD = {"registered_model_meta"}  # MLflow writes it into each mo
 
 def file_digests(folder: Path, prefix: str) -> dict[str, str]:
     """sha256 of every file under `folder`, keyed by "<prefix>/<path inside folder>"."""
-    digests = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name not in WRITTEN_ON_DOWNLOAD:
-            digest = hashlib.sha256()
-            with path.open("rb") as stream:
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    digest.update(chunk)
-            digests[f"{prefix}/{path.relative_to(folder).as_posix()}"] = digest.hexdigest()
-    return digests
+    return {
+        f"{prefix}/{path.relative_to(folder).as_posix()}": _sha256(path)
+        for path in sorted(Path(folder).rglob("*"))
+        if path.is_file() and path.name not in WRITTEN_ON_DOWNLOAD
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _is_outage(error: BaseException) -> bool:
@@ -316,7 +320,7 @@ class Registry:
             self.log_artifact(Path(path), artifact_path=artifact_path)
         tags = {
             **tags,
-            INTEGRITY_TAG: json.dumps(self._stored_digests(info, run_id, extra_artifacts)),
+            INTEGRITY_TAG: json.dumps(self._stored_digests(info, extra_artifacts)),
         }
         version = self.client.create_model_version(
             self.model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id
@@ -326,29 +330,25 @@ class Registry:
         self.client.set_registered_model_alias(self.model_name, CHALLENGER, version)
         return str(version)
 
-    def _stored_digests(self, info: Any, run_id: str, extra: dict[str, Path]) -> dict[str, str]:
-        """The digests of the model and the extra artifacts as the store holds them (read back
-        after logging, so that they describe exactly what a later download returns)."""
+    def _stored_digests(self, info: Any, extra: dict[str, Path]) -> dict[str, str]:
+        """The digests of the model as the store holds it (read back: MLflow serialises it)
+        and of the extra artifacts (from the local files just logged, byte for byte)."""
         with tempfile.TemporaryDirectory(prefix="vitrine-digests-") as tmp:
-            model = mlflow.artifacts.download_artifacts(
-                artifact_uri=info.model_uri, dst_path=str(Path(tmp) / "model")
-            )
+            model = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
             digests = file_digests(Path(model), "model")
-            for artifact_path in extra:
-                local = mlflow.artifacts.download_artifacts(
-                    run_id=run_id,
-                    artifact_path=artifact_path,
-                    dst_path=str(Path(tmp) / "extra"),
-                    tracking_uri=self.tracking_uri,
-                )
-                digests.update(file_digests(Path(local), artifact_path))
+        for artifact_path, path in extra.items():
+            path = Path(path)
+            if path.is_dir():
+                digests.update(file_digests(path, artifact_path))
+            else:  # log_artifact keeps the file's name under artifact_path
+                digests[f"{artifact_path}/{path.name}"] = _sha256(path)
         return digests
 
-    def verify_artifacts(self, version: str, folder: Path, prefix: str) -> None:
+    def _verify(self, version: str, tags: dict, folder: Path, prefix: str) -> None:
         """Raise ArtifactCorrupt unless `folder` (a download of `prefix`) holds every file
-        recorded at registration with the same sha256. Versions registered before the record
-        existed are not checked."""
-        recorded = self.client.get_model_version(self.model_name, version).tags.get(INTEGRITY_TAG)
+        recorded at registration (`tags`) with the same sha256. Versions registered before the
+        record existed are not checked."""
+        recorded = tags.get(INTEGRITY_TAG)
         if recorded is None:
             return
         expected = {k: v for k, v in json.loads(recorded).items() if k.startswith(f"{prefix}/")}
@@ -367,26 +367,27 @@ class Registry:
     def load_model(self, version: str) -> torch.nn.Module:
         """The version's model, from a download checked against its registration digests."""
         self._activate()
+        tags = self.client.get_model_version(self.model_name, version).tags
         with tempfile.TemporaryDirectory(prefix=f"vitrine-model-v{version}-") as tmp:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{self.model_name}/{version}", dst_path=tmp
             )
-            self.verify_artifacts(version, Path(local), "model")
+            self._verify(version, tags, Path(local), "model")
             return mlflow.pytorch.load_model(local)
 
     @_guarded
     def download_artifacts(self, version: str, artifact_path: str, dst: Path) -> Path:
         """Download `artifact_path` of the run that produced `version` into `dst`, checked
         against the version's registration digests (ArtifactCorrupt if it differs)."""
-        run_id = self.client.get_model_version(self.model_name, version).run_id
+        mv = self.client.get_model_version(self.model_name, version)
         Path(dst).mkdir(parents=True, exist_ok=True)
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id,
+            run_id=mv.run_id,
             artifact_path=artifact_path,
             dst_path=str(dst),
             tracking_uri=self.tracking_uri,
         )
-        self.verify_artifacts(version, Path(local), artifact_path)
+        self._verify(version, mv.tags, Path(local), artifact_path)
         return Path(local)
 
     @_guarded
