@@ -53,6 +53,18 @@ def readyz(url: str) -> httpx.Response:
     return httpx.get(f"{url}/readyz", timeout=10)
 
 
+def every_worker_ready(url: str, probes: int = 12) -> list[httpx.Response] | None:
+    """The /readyz answers of `probes` calls in a row, if all are 200: each call may land
+    on another worker, and each worker recovers at its own next poll."""
+    responses = []
+    for _ in range(probes):
+        response = readyz(url)
+        if response.status_code != 200:
+            return None
+        responses.append(response)
+    return responses
+
+
 def wait_for(check, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -174,8 +186,8 @@ def test_an_unreachable_tracking_store_at_start_is_a_clear_503_then_recovers(cha
             start_new_session=True,
         )
         expected = champion.registry.served_champion()[0]
-        ready = wait_for(lambda: readyz(url).status_code == 200 and readyz(url), 180, "recovery")
-        assert ready.json()["model_version"] == expected
+        ready = wait_for(lambda: every_worker_ready(url), 180, "recovery of every worker")
+        assert {response.json()["model_version"] for response in ready} == {expected}
         assert classify(url, champion).json()["model_version"] == expected
     finally:
         stop_server(proc)
