@@ -17,6 +17,7 @@ The model holds no generators or open files, so it pickles (MLflow's "pickle" fo
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import torch
@@ -170,46 +171,85 @@ SERVED_ATTRIBUTES = (
 
 
 class CompiledNet(nn.Module):
-    """A VitrineNet compiled for inference: traced with TorchScript, frozen (batch norms folded
-    into the convolutions) and optimised (fused convolution + ReLU kernels). Same outputs within
-    float rounding (1e-6 measured), no gradients; it carries the attributes serving reads."""
+    """A VitrineNet compiled for inference (`compile_for_inference`): its trunk rewritten, its
+    heads the model's own layers. Same outputs within float rounding (1.5e-8 measured), no
+    gradients; it carries the attributes serving reads."""
 
-    def __init__(self, model: nn.Module, graph: torch.jit.ScriptModule):
+    def __init__(self, model: VitrineNet, trunk: nn.Module):
         super().__init__()
-        self.graph = graph
+        self.trunk, self.classifier, self.embedding = trunk, model.classifier, model.embedding
         for name in SERVED_ATTRIBUTES:
             setattr(self, name, getattr(model, name))
 
+    adapt_input = VitrineNet.adapt_input  # reads image_size and in_channels only
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.graph(x)
+        h = self.trunk(self.adapt_input(x))
+        return self.classifier(h), F.normalize(self.embedding(h), dim=1)
 
 
-def compile_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The model compiled for serving (CompiledNet) where that is faster on `example`, else the
-    model itself (also where tracing fails).
+MKLDNN_LAYERS = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Identity)  # what runs on MKLDNN tensors
 
-    `example` is one input as the service feeds it (transforms.to_tensor of model_input): the
-    trace keeps the branch of adapt_input that input takes, so every request must have its
-    shape but the batch size. Measured on one thread at batch 1: the default CNN 2.3 -> 1.5 ms
-    (batch 16: 17.5 -> 15.6 ms), but EfficientNet-Lite0 at 64 px 9.9 -> 11.1 ms, hence the
-    timing here (docs/benchmarks.md)."""
-    import warnings
 
+class MkldnnTrunk(nn.Module):
+    """A sequential trunk with its batch norms folded into the convolutions and its leading
+    convolution / ReLU / max-pool layers run on MKLDNN tensors (one layout conversion in, one
+    out); the remaining layers (the pooling head) run on the dense result."""
+
+    def __init__(self, trunk: nn.Sequential):
+        super().__init__()
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        from torch.utils.mkldnn import to_mkldnn
+
+        layers: list[nn.Module] = []
+        for layer in flat_layers(trunk):
+            if isinstance(layer, nn.BatchNorm2d) and layers and type(layers[-1]) is nn.Conv2d:
+                layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
+            else:
+                layers.append(copy.deepcopy(layer))
+        lead = next((i for i, x in enumerate(layers) if type(x) not in MKLDNN_LAYERS), len(layers))
+        if not any(type(layer) is nn.Conv2d for layer in layers[:lead]):
+            raise ValueError("the trunk does not start with convolutions")
+        self.fast = to_mkldnn(nn.Sequential(*layers[:lead]))
+        self.rest = nn.Sequential(*layers[lead:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.fast(x.to_mkldnn()).to_dense())
+
+
+def flat_layers(module: nn.Module) -> list[nn.Module]:
+    """The leaf layers of nested nn.Sequential containers, in order; anything else as it is."""
+    if type(module) is nn.Sequential:
+        return [leaf for child in module for leaf in flat_layers(child)]
+    return [module]
+
+
+def compile_for_inference(model: VitrineNet, example: torch.Tensor) -> nn.Module:
+    """The model compiled for serving (CompiledNet with an MkldnnTrunk) where that is faster on
+    `example`, else the model itself (also for a trunk that is not a plain nn.Sequential of
+    layers, like EfficientNet-Lite0's, or without MKLDNN).
+
+    `example` is one input as the service feeds it (transforms.to_tensor of model_input).
+    Measured on one thread, the default CNN: batch 1 2.27 -> 1.48 ms, batch 16 22.7 -> 17.5 ms.
+    The loader compiles at every model swap, in the poll thread while requests run, so the
+    rewrite is plain modules built layer by layer: TorchScript (used before) registered every
+    trace's module types in torch's process-wide compilation unit, never freed (7 MB a swap,
+    docs/benchmarks.md#soak), and torch.fx's tracer patches nn.Module.__call__ for the whole
+    process while it traces, breaking concurrent requests."""
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # TracerWarning: adapt_input's branches are fixed
-            graph = torch.jit.trace(model.eval(), example)
-            graph = torch.jit.optimize_for_inference(torch.jit.freeze(graph))
+        if type(model.trunk) is not nn.Sequential or not torch.backends.mkldnn.is_available():
+            raise ValueError(f"{type(model.trunk).__name__} is not an nn.Sequential on MKLDNN")
+        with torch.no_grad():
+            compiled = CompiledNet(model, MkldnnTrunk(model.trunk))
             with torch.inference_mode():
-                expected, got = model(example), graph(example)
+                expected, got = model(example), compiled(example)
         if not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(expected, got, strict=True)):
             raise ValueError("the compiled model's outputs differ from the model's")
-    except Exception as error:  # an architecture TorchScript cannot trace: serve it eagerly
+    except Exception as error:  # serve it eagerly
         import logging
 
-        logging.getLogger("vitrine.model").warning("serving the eager model: %s", error)
+        logging.getLogger("vitrine.model").info("serving the eager model: %s", error)
         return model
-    compiled = CompiledNet(model, graph)
     return (
         compiled
         if seconds_per_call(compiled, example) < seconds_per_call(model, example)

@@ -156,6 +156,53 @@ def test_the_compiled_serving_model_answers_like_the_model_at_any_batch_size(mon
         assert torch.allclose(logits, c_logits, atol=1e-4) and torch.allclose(emb, c_emb, atol=1e-5)
 
 
+def test_compiling_leaves_nothing_behind_and_does_not_disturb_models_running_meanwhile(
+    monkeypatch,
+) -> None:
+    """The loader compiles at every swap, in its poll thread while requests run models: the
+    compiled model must be freed with its bundle (TorchScript kept every trace's types for the
+    life of the process) and compiling must not touch other threads' calls (torch.fx's tracer
+    patches nn.Module.__call__ process-wide)."""
+    import gc
+    import threading
+    import weakref
+
+    from components.model import models
+
+    monkeypatch.setattr(models, "seconds_per_call", lambda m, x: 0.0 if m is not m_eager else 1.0)
+    m_eager = models.serving_layout(build_model(CNN, num_classes=4, pretrained=False).eval())
+    other = build_model(CNN, num_classes=4, pretrained=False).eval()  # a request's model
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def requests() -> None:
+        x = grayscale_batch(2)
+        while not done.is_set():
+            try:
+                with torch.inference_mode():
+                    other(x)
+            except BaseException as error:  # noqa: BLE001 - the test reports it
+                failures.append(error)
+                return
+
+    thread = threading.Thread(target=requests)
+    thread.start()
+    scripted = len(torch.jit._state._python_cu.get_functions())
+    try:
+        for _ in range(5):
+            compiled = models.compile_for_inference(m_eager, grayscale_batch(1))
+            assert isinstance(compiled, models.CompiledNet)
+            freed = weakref.ref(compiled)
+            del compiled
+            gc.collect()
+            assert freed() is None
+    finally:
+        done.set()
+        thread.join()
+    assert not failures
+    assert len(torch.jit._state._python_cu.get_functions()) == scripted
+
+
 def test_compiling_keeps_the_model_when_it_is_not_faster_or_cannot_be_traced(monkeypatch) -> None:
     from components.model import models
 
