@@ -88,9 +88,9 @@ def settle_heap() -> None:
 
 def return_free_memory() -> None:
     """Hand the pages malloc holds free back to the system (glibc's malloc_trim; elsewhere
-    nothing). A swap frees the old bundle, but glibc keeps freed heap pages, so each load left
-    the worker's resident memory at its two-bundle peak: under traffic +29 MB at the first
-    swap of the 6,000-product champion, +13 MB with the trim (docs/benchmarks.md#soak)."""
+    nothing). A swap frees the old bundle, but glibc keeps freed heap pages: over 12 swaps
+    under traffic a worker grew 80-89 MB without the trim, 29-68 MB with it
+    (docs/benchmarks.md#soak)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl, macOS): nothing to trim
