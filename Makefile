@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Telemetry of every tool is switched off in one place, components/config.py TELEMETRY_OFF,
 # by every entry point (the vitrine CLI, the service, the tests, the benchmarks).
 
-.PHONY: help setup dataset browser run serve test test-unit lint format ui status clean deploy worker
+.PHONY: help setup dataset browser postgres run serve test test-unit lint format ui status clean deploy worker
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,8 +57,19 @@ browser:  ## Debian's chromium + chromedriver for the page's browser test (root:
 	       "sudo apt-get install chromium chromium-driver" >&2; exit 1; \
 	fi
 
-test: setup browser lint  ## make lint, then every test tier
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+postgres:  ## Debian's PostgreSQL server, for the scale tests (they start a cluster of their own)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then \
+	  exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq postgresql; }; \
+	else \
+	  echo "the scale tests need Debian's PostgreSQL server: sudo apt-get install postgresql" >&2; \
+	  exit 1; \
+	fi
+
+test: setup browser postgres lint  ## make lint, then every test tier
+	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-unit: setup  ## unit tests only
 	$(BIN)/pytest -q -m "not integration and not data and not slow and not serving and not model" $(PYTEST_ARGS)

@@ -217,11 +217,27 @@ class ShopperGatePolicy(_Strict):
         return bound.get(shift, 0.0) if isinstance(bound, dict) else bound
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql")
+
+
 class RegistryParams(_Strict):
     model_name: str = "vitrine-product"
+    # the MLflow tracking server every command, flow and the service use (docs/scale.md);
+    # null = the state folder's SQLite. VITRINE_TRACKING_URI overrides it.
+    tracking_uri: str | None = None
     # compressed variants built, measured and stored with every registered version (compress.py)
     variants: list[Literal["onnx", "int8"]] = Field(default_factory=lambda: ["onnx", "int8"])
     calibration_images: int = Field(512, ge=1)  # train-split images that calibrate int8
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, uri: str | None) -> str | None:
+        scheme = (uri or "").split(":", 1)[0].split("+", 1)[0]
+        if uri is not None and scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"expected a URI starting {', '.join(s + ':' for s in TRACKING_SCHEMES)}"
+            )
+        return uri
 
 
 class GatePolicy(_Strict):
@@ -490,8 +506,9 @@ class StatePaths:
         return self.home / "mlflow.db"
 
     @property
-    def tracking_uri(self) -> str:
-        return os.environ.get("VITRINE_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+    def embedded_tracking_uri(self) -> str:
+        """The state folder's own MLflow store (the default; `vitrine ui`'s default backend)."""
+        return f"sqlite:///{self.mlflow_db}"
 
     @property
     def artifacts(self) -> Path:
@@ -522,6 +539,16 @@ class StatePaths:
         """The MLflow server's accounts (`vitrine ui`): its config, user database and the admin
         credentials (admin.json, mode 0600)."""
         return self.home / "auth"
+
+
+def tracking_uri(paths: StatePaths, params: Params) -> str:
+    """The MLflow store vitrine uses: VITRINE_TRACKING_URI, else params registry.tracking_uri,
+    else the state folder's SQLite (docs/scale.md)."""
+    return (
+        os.environ.get("VITRINE_TRACKING_URI")
+        or params.registry.tracking_uri
+        or paths.embedded_tracking_uri
+    )
 
 
 def state_paths(home: Path | str | None = None) -> StatePaths:

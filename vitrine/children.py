@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,9 +119,12 @@ def run_children(
     grace: float = 20.0,
     sessions_first: bool = False,
 ) -> int:
-    """Start every command; with `wait`, block until they all exit or a signal stops them.
+    """Start every command; with `wait`, block until a signal stops them or one of them exits
+    (then the others are stopped: a UI whose MLflow died must not linger half-alive).
 
-    Returns 0 after a stop by signal, else the first non-zero exit code of a child."""
+    Returns 0 after a stop by signal, else the exit code of the child that ended first, or 1
+    if that was 0: these are servers, and one that ends by itself has failed (uvicorn exits 0
+    when its port is taken)."""
     procs = [
         subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True) for command in commands
     ]
@@ -134,7 +138,13 @@ def run_children(
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [proc.wait() for proc in procs]
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.2)
+        ended = next(proc for proc in procs if proc.returncode is not None)
+        codes = [ended.returncode or 1]
+        others = "; stopping the others" if len(procs) > 1 else ""
+        name = Path(ended.args[0]).name
+        print(f"vitrine: {name} exited with {ended.returncode}{others}", file=sys.stderr)
     except KeyboardInterrupt:
         codes = [0]
     finally:

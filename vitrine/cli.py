@@ -462,13 +462,29 @@ def ab_report(
 def ui(
     mlflow_port: int = 5000,
     prefect_port: int = 4200,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: other hosts).")] = (
+        "127.0.0.1"
+    ),
+    backend_store_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow's store, e.g. postgresql://… Default: the state folder's SQLite."
+        ),
+    ] = None,
+    artifacts_destination: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the server keeps the artifacts it proxies. Default: <state>/artifacts."
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Stay in the foreground until Ctrl-C.")] = True,
 ) -> None:
-    """Start the MLflow UI (login required) and the Prefect server on 127.0.0.1.
+    """Start the MLflow UI (login required) and the Prefect server.
 
     MLflow runs with its authentication app: anonymous calls get a 401. The first start
     creates the admin account (credentials in the state folder's auth/admin.json, mode 0600);
-    `vitrine users add NAME --owner` creates the owners who approve.
+    `vitrine users add NAME --owner` creates the owners who approve. It serves the artifacts
+    (proxied): other hosts need only its URL and an account (docs/scale.md).
     """
     from components.release.accounts import AccountsError, prepare_auth, record_url
 
@@ -478,15 +494,17 @@ def ui(
         auth = prepare_auth(paths.auth)
     except AccountsError as exc:
         fail(str(exc))
-    url = f"http://127.0.0.1:{mlflow_port}"
+    url = f"http://127.0.0.1:{mlflow_port}"  # the admin's own calls (vitrine users) stay local
     record_url(paths.auth, url)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PREFECT_HOME": str(paths.prefect_home), **auth.server_env()}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # GenAI jobs: 7 idle processes
     mlflow_server = [str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth"]
-    mlflow_server += ["--backend-store-uri", paths.tracking_uri]
-    mlflow_server += ["--default-artifact-root", paths.artifacts.as_uri()]
-    mlflow_server += ["--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
-    prefect_server = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    mlflow_server += ["--backend-store-uri", backend_store_uri or paths.embedded_tracking_uri]
+    mlflow_server += ["--serve-artifacts", "--artifacts-destination"]
+    mlflow_server += [artifacts_destination or str(paths.artifacts)]
+    mlflow_server += ["--host", host, "--port", str(mlflow_port), "--workers", "1"]
+    prefect_server = [str(bin_dir / "prefect"), "server", "start", "--host", host]
     prefect_server += ["--port", str(prefect_port)]
     if auth.created:
         say(f"created the MLflow admin account: credentials in {auth.admin_file} (mode 0600)")

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from components.config import Params, StatePaths
+from components.config import Params, StatePaths, tracking_uri
 from components.release.gate import (
     AUDIT_TAG_PREFIX,
     alias_refusal,
@@ -204,6 +204,9 @@ class Registry:
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         if experiment is not None:
             return experiment.experiment_id
+        if self.tracking_uri.startswith(("http://", "https://")):
+            # a tracking server: its own (proxied) artifact store, reachable from every host
+            return self.client.create_experiment(EXPERIMENT)
         self.artifact_root.mkdir(parents=True, exist_ok=True)
         return self.client.create_experiment(
             EXPERIMENT, artifact_location=self.artifact_root.resolve().as_uri()
@@ -668,7 +671,7 @@ def open_registry(paths: StatePaths, params: Params) -> Registry:
     """The project's registry: the one place a `Registry` is built from the state paths and
     params (tracking URI, artifact root, model name, audit log, owners, the loop's account)."""
     return Registry(
-        tracking_uri=paths.tracking_uri,
+        tracking_uri=tracking_uri(paths, params),
         artifact_root=paths.artifacts,
         model_name=params.registry.model_name,
         audit_log=paths.audit_log,

@@ -72,8 +72,8 @@ def register(registry: Registry, seed: int) -> str:
     return version
 
 
-def start_ui(env: dict[str, str], log: Path, mlflow_port: int) -> subprocess.Popen:
-    args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(free_port())]
+def start_ui(env: dict[str, str], log: Path, mlflow_port: int, *extra: str) -> subprocess.Popen:
+    args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(free_port()), *extra]
     proc = subprocess.Popen(
         [VITRINE, *args],
         cwd=PROJECT_ROOT,

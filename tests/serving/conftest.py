@@ -39,14 +39,18 @@ class Champion:
     env: dict[str, str]  # VITRINE_HOME, VITRINE_PARAMS
 
 
-def build_champion(root: Path, fmnist: dict, n_train: int = 400, n_test: int = 100) -> Champion:
-    """Ingest a small real CSV catalogue, train a tiny CNN, register it with its index, promote."""
+def build_champion(
+    root: Path, fmnist: dict, n_train: int = 400, n_test: int = 100, **overrides: dict
+) -> Champion:
+    """Ingest a small real CSV catalogue, train a tiny CNN, register it with its index, promote.
+    `overrides`: more params sections to update (shrunk_params)."""
     csv = write_csv_catalogue(root / "shop", fmnist, n_train=n_train, n_test=n_test)
     params = shrunk_params(
         root / "catalogue",
         data={"source": str(csv)},
         train={"epochs": 2, "max_batches_per_epoch": 20},
         labels={"folds": 2},
+        **overrides,
     )
     params_path = write_params(root / "params.yaml", params)
     paths = state_paths(root / "state")

@@ -178,9 +178,10 @@ def test_an_unreachable_tracking_store_at_start_is_a_clear_503_then_recovers(cha
         paths = champion.ctx.paths
         mlflow = subprocess.Popen(
             [str(PROJECT_ROOT / ".venv/bin/mlflow"), "server"]
-            + ["--backend-store-uri", paths.tracking_uri]
+            + ["--backend-store-uri", paths.embedded_tracking_uri]
             + ["--default-artifact-root", paths.artifacts.as_uri()]
             + ["--host", "127.0.0.1", "--port", str(store_port), "--workers", "1"],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as vitrine ui
             stdout=(tmp_path / "mlflow.log").open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -123,3 +123,26 @@ def test_sigterm_to_vitrine_ui_stops_mlflow_and_prefect(tmp_path):
     ]
     proc = start(args, env, ready, tmp_path / "ui.log")
     stop_and_check(proc, signal.SIGTERM, [mlflow_port, prefect_port])
+
+
+def test_vitrine_ui_whose_mlflow_server_dies_stops_prefect_and_fails(tmp_path):
+    """MLflow's port is taken, so its server exits at start: `vitrine ui` says so, stops the
+    Prefect server it started and exits non-zero, instead of serving half a UI."""
+    prefect_port = free_port()
+    env = {**os.environ, "VITRINE_HOME": str(tmp_path / "state")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        mlflow_port = taken.getsockname()[1]
+        args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)]
+        done = subprocess.run(
+            [str(PROJECT_ROOT / ".venv/bin/vitrine"), *args],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert done.returncode != 0
+    assert "mlflow exited with" in done.stderr and "stopping the others" in done.stderr
+    assert not answers(prefect_port)

@@ -36,6 +36,7 @@ def params_with(tmp_path, section: str, key: str, value) -> str:
         ("promotion", "owners", ["a b"], "promotion.owners = ['a b']: 'a b' is not an account"),
         ("promotion", "owners", ["ana", "ana"], "owners = ['ana', 'ana']: each owner once"),
         ("promotion", "loop_account", "", "promotion.loop_account = '': an account name"),
+        ("registry", "tracking_uri", "tracking-host:5000", "registry.tracking_uri = 'tracking-h"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key(tmp_path, section, key, value, expected):
@@ -94,3 +95,17 @@ def test_serve_sets_the_worker_count_through_bentomls_overrides():
     env = worker_env({"BENTOML_CONFIG_OVERRIDES": '{"api_server": {"workers": 9}}'}, 3)
     overrides = json.loads(env["BENTOML_CONFIG_OVERRIDES"])
     assert overrides == {"api_server": {"workers": 9}, "services": {"vitrine": {"workers": 3}}}
+
+
+def test_the_tracking_uri_is_the_environment_then_params_then_the_state_folder(
+    tmp_path, monkeypatch
+):
+    from components.config import state_paths, tracking_uri
+
+    paths = state_paths(tmp_path / "state")
+    monkeypatch.delenv("VITRINE_TRACKING_URI", raising=False)
+    assert tracking_uri(paths, load_params()) == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+    shared = load_params(params_with(tmp_path, "registry", "tracking_uri", "http://tracking:5000"))
+    assert tracking_uri(paths, shared) == "http://tracking:5000"
+    monkeypatch.setenv("VITRINE_TRACKING_URI", "https://other:443")
+    assert tracking_uri(paths, shared) == "https://other:443"
