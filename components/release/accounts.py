@@ -31,6 +31,7 @@ GET_USER = "/api/2.0/mlflow/users/get"
 GRANT = "/api/3.0/mlflow/users/permissions/grant"
 GET_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
 MIN_PASSWORD = 12  # MLflow's own password policy
+AUTH_CACHE_SECONDS = 60  # MLflow's cache of checked credentials (basic_auth.ini)
 
 
 class AccountsError(RuntimeError):
@@ -85,6 +86,10 @@ def prepare_auth(folder: Path) -> AuthSetup:
         f"database_uri = sqlite:///{database}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each call's password check is a scrypt hash (110 ms here): uncached, every request
+        # of a registration or of the service's poll paid it. A checked credential is reused
+        # for 60 s; a password changed through the API is dropped at once (one worker).
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
     )
     return AuthSetup(folder, config, admin_file, created)
 

@@ -5,7 +5,7 @@
   PostgreSQL cluster the test starts (tests/scale/conftest.py);
 - the loop's host: another state folder, which knows only the server's URL and an account
   (VITRINE_TRACKING_URI, MLFLOW_TRACKING_USERNAME / PASSWORD): it trains, evaluates, registers,
-  gates, and promotes and rolls back with the `vitrine` CLI;
+  gates, promotes with the `vitrine` CLI and rolls back;
 - the serving host: a third state folder, `bentoml serve` following the champion through
   the same URL and hot-swapping to each promotion.
 
@@ -154,8 +154,8 @@ def test_the_loop_runs_against_a_tracking_server_on_postgresql(tracking, champio
         wait_for_version(server.url, "2")
         assert_serves_own_index(server.url, champion, "2", "1")
 
-        said = vitrine(champion, tracking, "rollback")
-        assert "2 → 1" in said
+        back = champion.registry.rollback()  # the CLI's own path, in-process: 20 s less
+        assert back["to"] == "1"
         wait_for_version(server.url, "1")
         assert_serves_own_index(server.url, champion, "1", "2")
     finally:
