@@ -78,18 +78,12 @@ def tracking(tmp_path_factory) -> Tracking:
 @pytest.fixture(scope="module")
 def champion(tracking, tmp_path_factory, fmnist) -> Champion:
     """Version 1, trained on the loop's host and registered and promoted through the server."""
-    saved = {key: os.environ.get(key) for key in tracking.env}
-    os.environ.update(tracking.env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # this process is the loop's host
+        for key, value in tracking.env.items():
+            patch.setenv(key, value)
         # no compressed variants: ONNX and int8 builds are tested elsewhere, and cost here
         lean = {"registry": {"variants": []}}
         yield build_champion(tmp_path_factory.mktemp("loop-host"), fmnist, **lean)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def vitrine(champion: Champion, tracking: Tracking, *args: str) -> str:
