@@ -141,12 +141,12 @@ def run_children(
         while all(proc.poll() is None for proc in procs):
             time.sleep(0.2)
         ended = next(proc for proc in procs if proc.returncode is not None)
-        codes = [ended.returncode or 1]
+        code = ended.returncode or 1
         others = "; stopping the others" if len(procs) > 1 else ""
         name = Path(ended.args[0]).name
         print(f"vitrine: {name} exited with {ended.returncode}{others}", file=sys.stderr)
     except KeyboardInterrupt:
-        codes = [0]
+        code = 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -154,4 +154,4 @@ def run_children(
             stop_group(proc, grace, sessions_first=sessions_first)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0 if stopping else next((code for code in codes if code), 0)
+    return 0 if stopping else code

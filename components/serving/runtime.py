@@ -5,6 +5,7 @@ concurrent model calls."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -91,11 +92,16 @@ def return_free_memory() -> None:
     nothing). A swap frees the old bundle, but glibc keeps freed heap pages: over 12 swaps
     under traffic a worker grew 80-89 MB without the trim, 29-68 MB with it
     (docs/benchmarks.md#soak)."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl, macOS): nothing to trim
-        return
-    libc.malloc_trim(0)
+        return None
 
 
 class LRUCache:

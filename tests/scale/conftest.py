@@ -67,14 +67,11 @@ def postgres_cluster(database: str = "mlflow") -> Iterator[str]:
 
 def query(url: str, sql: str) -> list[tuple[str, ...]]:
     """Rows of `sql` run by psql on the cluster at `url` (postgresql://USER@HOST:PORT/DB)."""
-    rest = url.removeprefix("postgresql://")
-    user, rest = rest.split("@", 1)
-    hostport, database = rest.split("/", 1)
-    host, port = hostport.split(":")
+    from sqlalchemy.engine import make_url
+
+    at = make_url(url)
+    where = ["-h", at.host, "-p", str(at.port), "-U", at.username, "-d", at.database]
     done = subprocess.run(
-        ["psql", "-h", host, "-p", port, "-U", user, "-d", database, "-At", "-F", "\t", "-c", sql],
-        check=True,
-        capture_output=True,
-        text=True,
+        ["psql", *where, "-At", "-F", "\t", "-c", sql], check=True, capture_output=True, text=True
     )
     return [tuple(line.split("\t")) for line in done.stdout.splitlines() if line]

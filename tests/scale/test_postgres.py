@@ -17,11 +17,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from components.config import PROJECT_ROOT
@@ -34,10 +32,12 @@ from tests.serving.conftest import (
     Champion,
     assert_serves_own_index,
     build_champion,
+    every_worker_ready,
     free_port,
     register_distinct,
     start_server,
     stop_server,
+    wait_for,
 )
 
 pytestmark = pytest.mark.scale
@@ -99,15 +99,14 @@ def vitrine(champion: Champion, tracking: Tracking, *args: str) -> str:
     return done.stdout
 
 
-def wait_for_version(url: str, version: str, timeout: float = 90) -> None:
+def wait_for_version(url: str, version: str) -> None:
     """Until a dozen /readyz calls in a row (any worker) name `version`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        answers = [httpx.get(f"{url}/readyz", timeout=10).json() for _ in range(12)]
-        if all(answer.get("model_version") == version for answer in answers):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the service did not serve version {version} within {timeout} s")
+
+    def serving() -> bool:
+        answers = every_worker_ready(url)
+        return bool(answers) and all(a.json()["model_version"] == version for a in answers)
+
+    wait_for(serving, 90, f"every worker serving version {version}")
 
 
 def test_the_loop_runs_against_a_tracking_server_on_postgresql(tracking, champion, tmp_path):

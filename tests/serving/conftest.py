@@ -154,6 +154,32 @@ def assert_serves_own_index(
         assert found["results"][0]["product_id"] == products["product_id"].iloc[i]
 
 
+def readyz(url: str) -> httpx.Response:
+    return httpx.get(f"{url}/readyz", timeout=10)
+
+
+def every_worker_ready(url: str, probes: int = 12) -> list[httpx.Response] | None:
+    """The /readyz answers of `probes` calls in a row, if all are 200: each call may land
+    on another worker, and each worker recovers at its own next poll."""
+    responses = []
+    for _ in range(probes):
+        response = readyz(url)
+        if response.status_code != 200:
+            return None
+        responses.append(response)
+    return responses
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with_value = check()
+        if with_value:
+            return with_value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -19,11 +19,14 @@ from tests.serving.conftest import (
     ADMIN_TOKEN,
     POLL_SECONDS,
     build_champion,
+    every_worker_ready,
     free_port,
+    readyz,
     register_and_promote,
     register_approved,
     start_server,
     stop_server,
+    wait_for,
 )
 from tests.serving.test_processes import a_photo, answers
 from vitrine.children import alive, descendants
@@ -47,32 +50,6 @@ def service_env(champion, **extra: str) -> dict[str, str]:
 
 def classify(url: str, champion) -> httpx.Response:
     return httpx.post(f"{url}/classify", files={"image": a_photo(champion)}, timeout=60)
-
-
-def readyz(url: str) -> httpx.Response:
-    return httpx.get(f"{url}/readyz", timeout=10)
-
-
-def every_worker_ready(url: str, probes: int = 12) -> list[httpx.Response] | None:
-    """The /readyz answers of `probes` calls in a row, if all are 200: each call may land
-    on another worker, and each worker recovers at its own next poll."""
-    responses = []
-    for _ in range(probes):
-        response = readyz(url)
-        if response.status_code != 200:
-            return None
-        responses.append(response)
-    return responses
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with_value = check()
-        if with_value:
-            return with_value
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def stored_weights(champion) -> set[Path]:
