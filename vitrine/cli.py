@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -670,12 +671,21 @@ def worker(
         float,
         typer.Option(help="On SIGTERM/Ctrl-C, seconds a running flow run may take to finish."),
     ] = 30.0,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="The worker's name in Prefect (each run's log says which worker took it). "
+            "Default: vitrine@<this host's name>; two workers on one host need two names."
+        ),
+    ] = None,
 ) -> None:
     """Execute the deployments' runs: a Prefect process worker on `schedules.work_pool`.
 
     Foreground until SIGTERM or Ctrl-C: then the worker takes no new run, a running one gets
     --grace seconds to finish, after which it is stopped (Prefect marks it Crashed; a run
-    stopped before registration leaves the registry as it was).
+    stopped before registration leaves the registry as it was). Workers on several hosts may
+    poll the same pool: each runs in its own state folder and params (VITRINE_HOME,
+    VITRINE_PARAMS) and shares the registry through `registry.tracking_uri` (docs/scale.md).
     """
     from flows.server import PrefectUnavailable, api_url, check_server
     from vitrine.children import run_children
@@ -688,7 +698,7 @@ def worker(
         fail(str(exc))
     prefect = Path(sys.executable).parent / "prefect"
     cmd = [str(prefect), "worker", "start", "--pool", params.schedules.work_pool]
-    cmd += ["--type", "process"]
+    cmd += ["--type", "process", "--name", name or f"vitrine@{socket.gethostname()}"]
     env = {**os.environ, "PREFECT_API_URL": url}
     code = run_children([cmd], env=env, cwd=PROJECT_ROOT, grace=grace, sessions_first=True)
     raise typer.Exit(code)

@@ -114,10 +114,16 @@ def load_trained_model(ctx: RunContext) -> VitrineNet:
     return torch.load(ctx.work / "train" / "model.pt", weights_only=False).eval()
 
 
+def dvc_tracked(ctx: RunContext) -> bool:
+    """Whether the catalogue lives in the repository's DVC-tracked data/ folder (the default);
+    a catalogue elsewhere (another folder on a worker host, a test's) is versioned by its
+    manifest instead."""
+    return ctx.catalogue_dir.resolve().is_relative_to((ctx.repo / "data").resolve())
+
+
 def data_version(ctx: RunContext) -> str:
     """DVC's md5 of data/ when the catalogue is the DVC-tracked one, else a manifest digest."""
-    tracked = ctx.repo / "data"
-    if ctx.catalogue_dir.resolve().is_relative_to(tracked.resolve()):
+    if dvc_tracked(ctx):
         version = versioning.read_data_version(ctx.repo)
         if version:
             return version

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.data import catalogue, sources, versioning
-from components.stages.context import RunContext, data_version
+from components.stages.context import RunContext, data_version, dvc_tracked
 
 
 def run(ctx: RunContext, source: str | None = None) -> dict:
-    """Ingest the catalogue source into data/catalogue and version it with DVC."""
+    """Ingest the catalogue source into the catalogue folder and version it: with DVC when the
+    folder is the repository's data/catalogue, else by its manifest digest."""
     data = ctx.params.data
     fmnist = sources.fashion_mnist_dir(data, ctx.paths)
     manifest = catalogue.ingest_catalogue(
@@ -20,7 +21,12 @@ def run(ctx: RunContext, source: str | None = None) -> dict:
         fashion_mnist_dir=fmnist,
         test_fraction=data.test_fraction,
     )
-    version = versioning.track_data(ctx.repo, ctx.paths.dvc_remote)
+    # DVC versions the repository's data/ folder; it must not `dvc add` a data/ that does not
+    # hold this catalogue (a worker host's own catalogue folder: the manifest digest names it)
+    if dvc_tracked(ctx):
+        version = versioning.track_data(ctx.repo, ctx.paths.dvc_remote)
+    else:
+        version = data_version(ctx)
     # which source, in which state: scheduled retrains re-check it
     source = source or data.source
     source = source if source == "fashion-mnist" else str(Path(source).resolve())

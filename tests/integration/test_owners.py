@@ -72,8 +72,13 @@ def register(registry: Registry, seed: int) -> str:
     return version
 
 
-def start_ui(env: dict[str, str], log: Path, mlflow_port: int, *extra: str) -> subprocess.Popen:
-    args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(free_port()), *extra]
+def start_ui(
+    env: dict[str, str], log: Path, mlflow_port: int, *extra: str, prefect_port: int = 0
+) -> subprocess.Popen:
+    """`vitrine ui` until MLflow answers (Prefect, on prefect_port or a free one, may still be
+    starting)."""
+    prefect_port = prefect_port or free_port()
+    args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port), *extra]
     proc = subprocess.Popen(
         [VITRINE, *args],
         cwd=PROJECT_ROOT,

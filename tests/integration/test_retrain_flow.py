@@ -17,7 +17,7 @@ from prefect.testing.utilities import prefect_test_harness
 from components.config import PROJECT_ROOT, load_params, state_paths
 from components.release.registry import open_registry
 from components.stages import ingest
-from components.stages.context import RunContext
+from components.stages.context import RunContext, data_version
 from tests.conftest import BAD_ROWS, shrunk_params, write_csv_catalogue, write_params
 
 pytestmark = pytest.mark.integration
@@ -65,6 +65,24 @@ def test_ingest_tracks_the_catalogue_with_dvc(world):
     assert len(world["ingested"]["data_version"]) == 32
     remote = world["ctx"].paths.dvc_remote
     assert sum(1 for p in remote.rglob("*") if p.is_file()) > 1900  # pushed
+
+
+def test_a_catalogue_outside_the_repositorys_data_folder_is_not_dvc_added(tmp_path, fmnist):
+    """A worker host's own catalogue folder: versioned by its manifest; DVC must not add the
+    repository's data/ (which does not hold it) nor touch the repository's DVC config."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    csv = write_csv_catalogue(tmp_path / "shop", fmnist, n_train=30, n_test=10)
+    params = shrunk_params(tmp_path / "host" / "catalogue", data={"source": str(csv)})
+    params_path = write_params(tmp_path / "params.yaml", params)
+    paths = state_paths(tmp_path / "state")
+    ctx = RunContext(load_params(params_path), paths, work=tmp_path / "ingest", repo=repo)
+    ingested = ingest.run(ctx)
+    assert ingested["ingested"] == 40
+    assert ingested["data_version"] == data_version(ctx)
+    assert ingested["data_version"].startswith("manifest-")
+    assert not (repo / "data.dvc").exists() and not (repo / ".dvc").exists()
 
 
 def test_retrain_approve_promote_rollback(world):

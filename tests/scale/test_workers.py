@@ -1,0 +1,253 @@
+"""Retraining on several hosts: two `vitrine worker`s poll one work pool, each in a working
+folder of its own (state, catalogue, params), as two machines would. They share only two URLs:
+the tracking server and the Prefect server, both started by `vitrine ui` on a third folder
+(the control host).
+
+- The retrain deployment's concurrency limit holds across hosts: of two runs created at once,
+  the second waits for a slot while the other host's worker sits idle.
+- A worker stopped mid-run (SIGTERM, as systemd or a node drain sends it) crashes its run and
+  leaves the registry as it was; the next run lands on the other host and registers there.
+- Each run works in the folder of the host that took it: its own catalogue copy, its own run
+  folder; the registry is the shared one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from components.config import PROJECT_ROOT
+from components.data.catalogue import MANIFEST
+from tests.conftest import shrunk_params, write_csv_catalogue, write_params
+from tests.integration.test_owners import start_ui, stop_ui
+from tests.serving.conftest import free_port, wait_for
+
+pytestmark = pytest.mark.scale
+
+VITRINE = str(PROJECT_ROOT / ".venv" / "bin" / "vitrine")
+POOL = "vitrine-hosts"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+FLOWS = ("retrain", "monitor", "promote")
+
+
+@dataclass
+class Control:
+    """The control host: the URLs and the account every other host needs."""
+
+    env: dict[str, str]
+    model_name: str = ""
+
+    def registry(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.env["VITRINE_TRACKING_URI"])
+
+    def versions(self) -> list[str]:
+        found = self.registry().search_model_versions(f"name = '{self.model_name}'")
+        return sorted(v.version for v in found)
+
+
+@dataclass
+class Host:
+    name: str
+    folder: Path
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def run_folders(self) -> list[Path]:
+        runs = self.folder / "state" / "runs"
+        return sorted(runs.iterdir()) if runs.exists() else []
+
+    def took(self, run) -> bool:
+        """Whether this host's worker started the run. Both workers try every run; the server
+        lets one through, whose worker logs that it submitted the run to its infrastructure."""
+        text = self.log.read_text() if self.log.exists() else ""
+        return f"Flow run '{run.name}' submitted to infrastructure" in text
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    home = tmp_path_factory.mktemp("control-host")
+    mlflow_port, prefect_port = free_port(), free_port()
+    log = home / "ui.log"
+    env = {
+        "VITRINE_HOME": str(home / "state"),
+        # a run waiting for the retrain slot is proposed again after this many seconds (30)
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+    }
+    proc = start_ui(env, log, mlflow_port, prefect_port=prefect_port)
+    try:
+        api = f"http://127.0.0.1:{prefect_port}/api"
+
+        def prefect_up() -> bool:
+            try:
+                return httpx.get(f"{api}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(prefect_up, 120, f"the Prefect server of vitrine ui: {log}")
+        admin = json.loads((home / "state" / "auth" / "admin.json").read_text())
+        env = {
+            "VITRINE_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+            "MLFLOW_TRACKING_USERNAME": admin["username"],
+            "MLFLOW_TRACKING_PASSWORD": admin["password"],
+            "PREFECT_API_URL": api,
+        }
+        with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_API_URL: api}):
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                patch.setenv(key, env[key])  # this process reads the registry as the admin
+            yield Control(env)
+    finally:
+        stop_ui(proc)
+
+
+@pytest.fixture(scope="module")
+def hosts(control, tmp_path_factory, fmnist):
+    """Two worker hosts: the same shop catalogue source, each its own folder and params."""
+    root = tmp_path_factory.mktemp("worker-hosts")
+    csv = write_csv_catalogue(root / "shop", fmnist, n_train=600, n_test=200)
+    made = []
+    for name in ("host-a", "host-b"):
+        folder = root / name
+        folder.mkdir()
+        params = shrunk_params(
+            folder / "catalogue",
+            data={"source": str(csv)},
+            text_search={"enabled": False},
+            registry={"variants": []},
+            gate={"max_latency_ms": 1e4},  # a shared 2-core box: latency is not under test
+            # the runs are created below as a schedule or the monitor creates them
+            schedules={
+                "work_pool": POOL,
+                **{flow: {"cron": "0 4 * * *", "active": False} for flow in FLOWS},
+            },
+        )
+        params_path = write_params(folder / "params.yaml", params)
+        env = {
+            **control.env,
+            "VITRINE_HOME": str(folder / "state"),
+            "VITRINE_PARAMS": str(params_path),
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # how often a worker polls the pool (10)
+        }
+        made.append(Host(name, folder, env, folder / "worker.log"))
+    control.model_name = params["registry"]["model_name"]
+    cli(made[0], "deploy")  # from any host: the deployments live on the Prefect server
+    try:
+        for host in made:
+            host.proc = subprocess.Popen(
+                [VITRINE, "worker", "--name", host.name, "--grace", "2"],
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **host.env},
+                stdout=host.log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(lambda: online_workers() >= {h.name for h in made}, 90, "both workers online")
+        yield made
+    finally:
+        for host in made:
+            stop_worker(host)
+
+
+def cli(host: Host, *args: str) -> str:
+    done = subprocess.run(
+        [VITRINE, *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **host.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def online_workers() -> set[str]:
+    with get_client(sync_client=True) as client:
+        workers = client.read_workers_for_work_pool(POOL)
+    return {w.name for w in workers if w.status and w.status.value == "ONLINE"}
+
+
+def stop_worker(host: Host) -> None:
+    if host.proc is not None and host.proc.poll() is None:
+        host.proc.send_signal(signal.SIGTERM)
+        try:
+            host.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(host.proc.pid, signal.SIGKILL)
+            host.proc.wait()
+
+
+def create_retrain(cause: str):
+    """A retrain run of the deployment, as the nightly schedule or the monitor creates one."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/vitrine")
+        return client.create_flow_run_from_deployment(
+            deployment.id, parameters={"refresh_data": True, "force": True, "cause": cause}
+        )
+
+
+def states(*runs) -> list[tuple[str, str]]:
+    """(state type, state name) of each run, e.g. ("SCHEDULED", "AwaitingConcurrencySlot")."""
+    with get_client(sync_client=True) as client:
+        read = [client.read_flow_run(run.id) for run in runs]
+    return [(r.state_type.value, r.state_name) for r in read]
+
+
+def taker(hosts: list[Host], run) -> Host:
+    took = [h for h in hosts if h.took(run)]
+    assert len(took) == 1, [h.log.read_text()[-2000:] for h in hosts]
+    return took[0]
+
+
+def test_two_worker_hosts_share_the_pool_one_retrain_at_a_time(control, hosts):
+    first, second = create_retrain("schedule: nightly"), create_retrain("drift: DRIFT (test)")
+    runs = {first.id: first, second.id: second}
+    started = None  # the run that took the retrain slot first
+    waited = False  # the other one seen waiting for the slot, though a worker was idle
+    stopped: Host | None = None
+    deadline = time.time() + 400
+    while True:
+        now = dict(zip(runs, states(first, second), strict=True))
+        running = [rid for rid, (kind, _) in now.items() if kind == "RUNNING"]
+        assert len(running) <= 1, f"two retrains at once: {now}"
+        if started is None and running:
+            started = runs[running[0]]
+        if started is not None and stopped is None:
+            other = second if started is first else first
+            waited |= now[other.id] == ("SCHEDULED", "AwaitingConcurrencySlot")
+            if waited:  # stop the worker of the running retrain, mid-run
+                stopped = taker(hosts, started)
+                stop_worker(stopped)
+                assert stopped.proc.returncode == 0, stopped.log.read_text()[-3000:]
+        if all(kind in TERMINAL for kind, _ in now.values()):
+            break
+        assert time.time() < deadline, f"runs not finished: {now}"
+        time.sleep(0.3)
+    assert waited and stopped is not None, "the second retrain never waited for the slot"
+    finished = second if started is first else first
+    assert states(started, finished) == [("CRASHED", "Crashed"), ("COMPLETED", "Completed")]
+    # the waiting run went to the host still polling, and registered there: the crashed one
+    # left no version behind (version 1 is the finished run's, by its cause)
+    survivor = taker(hosts, finished)
+    assert survivor is not stopped
+    assert control.versions() == ["1"]
+    registry = control.registry()
+    assert (
+        registry.get_model_version(control.model_name, "1").tags["cause"]
+        == (finished.parameters["cause"])
+    )
+    assert registry.get_model_version_by_alias(control.model_name, "champion").version == "1"
+    # each host worked in its own folder: the survivor ingested the shop's catalogue and ran
+    # its retrain there
+    assert (survivor.folder / "catalogue" / MANIFEST).exists()
+    assert len(survivor.run_folders()) == 1
