@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import grimp
@@ -131,3 +132,21 @@ except ImportError:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "no stages"
+
+
+def test_the_bento_defines_a_container_image_that_fetches_its_model_at_start(bento):
+    """What `bentoml containerize vitrine:TAG` builds (no Docker here: the definition only):
+    the tested Python, the serving requirements, the service on port 3000 and no model: the
+    container loads the champion from the registry it is pointed at, like `vitrine serve`."""
+    _, _, src = bento
+    docker = src.parent / "env" / "docker"
+    dockerfile = (docker / "Dockerfile").read_text()
+    major, minor = sys.version_info[:2]
+    assert f"FROM python:{major}.{minor}-slim" in dockerfile
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+    assert "EXPOSE 3000" in dockerfile and "USER bentoml" in dockerfile
+    assert 'exec bentoml "$@" "$BENTO_PATH"' in (docker / "entrypoint.sh").read_text()
+    shipped = [p.name for p in src.parent.rglob("*") if p.is_file()]
+    assert not [
+        n for n in shipped if n.endswith((".pt", ".onnx", ".npy", ".faiss")) or n == "MLmodel"
+    ]
