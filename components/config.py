@@ -527,6 +527,11 @@ class StatePaths:
         return self.home / "reports"
 
     @property
+    def evidently_workspace(self) -> Path:
+        """Evidently's workspace: every drift report's snapshot, served by `evidently ui`."""
+        return self.home / "evidently"
+
+    @property
     def runs(self) -> Path:
         return self.home / "runs"
 

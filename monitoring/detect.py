@@ -173,7 +173,11 @@ def build_report(settings: MonitoringParams, n_dims: int, embeddings: bool) -> t
 
 
 def compute_signals(
-    reference: pd.DataFrame, current: pd.DataFrame, settings: MonitoringParams, render: bool = True
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    settings: MonitoringParams,
+    render: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Signal], object | None]:
     """Signals of `current` vs `reference` (frames from `to_frame`) and the Evidently snapshot.
 
@@ -181,7 +185,8 @@ def compute_signals(
     becomes the HTML/JSON report. render=False (the benchmark): the same ValueDrift Report, and
     the embedding score from the same Evidently drift method called directly, skipping only
     EmbeddingsDrift's t-SNE picture. Both give identical scores (tests/unit/test_drift.py).
-    """
+    `metadata` goes into the snapshot (the model version: the workspace's dashboards filter
+    by it)."""
     n_dims = sum(c.startswith("emb_") for c in reference.columns)
     report, definition = build_report(settings, n_dims, embeddings=render)
     cols = list(reference.columns) if render else [*NUMERIC, "category"]
@@ -189,6 +194,7 @@ def compute_signals(
         snapshot = report.run(
             current_data=Dataset.from_pandas(current[cols], data_definition=definition),
             reference_data=Dataset.from_pandas(reference[cols], data_definition=definition),
+            metadata=metadata or {},
         )
     signals = read_signals(snapshot.dict(), settings)
     if not render:

@@ -112,7 +112,10 @@ def run_drift(paths: StatePaths, params: Params, since: datetime | None = None) 
             window.rows, window.emb, settings.max_current_rows, settings.seed
         )
         signals, snapshot = detect.compute_signals(
-            detect.to_frame(ref_rows, ref_emb), detect.to_frame(cur_rows, cur_emb), settings
+            detect.to_frame(ref_rows, ref_emb),
+            detect.to_frame(cur_rows, cur_emb),
+            settings,
+            metadata={"model_version": version},
         )
         shares = (
             detect.category_shares(cur_rows["category"]),
@@ -128,6 +131,7 @@ def run_drift(paths: StatePaths, params: Params, since: datetime | None = None) 
             snapshot,
             settings.sample_images,
             params.data.catalogue_path(),
+            settings,
         )
         published = report.publish(paths, registry, version, window, verdict, compared)
         return _result(verdict, published)

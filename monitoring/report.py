@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from components.config import StatePaths
+from components.config import MonitoringParams, StatePaths
 from components.release.registry import Registry, RegistryUnavailable
-from monitoring import breakdown
+from monitoring import breakdown, workspace
 
 if TYPE_CHECKING:
     from monitoring.detect import Verdict
@@ -45,6 +45,7 @@ class Compared:
     snapshot: Any  # evidently Snapshot
     sample_images: int
     catalogue: Path
+    settings: MonitoringParams  # the dashboard of the Evidently workspace plots its signals
 
 
 def new_folder(root: Path, now: datetime) -> Path:
@@ -93,6 +94,12 @@ def publish(
         samples = _compare_details(details, compared, registry, version)
         compared.snapshot.save_html(str(folder / "evidently.html"))
         compared.snapshot.save_json(str(folder / "evidently.json"))
+        try:  # on-call's view over time; the report stands on disk without it
+            details["evidently"]["workspace_snapshot"] = workspace.add_snapshot(
+                paths.evidently_workspace, compared.snapshot, compared.settings
+            )
+        except Exception as error:  # noqa: BLE001 - any failure of Evidently's storage
+            details["evidently"]["workspace_error"] = f"{type(error).__name__}: {error}"
     (folder / "report.json").write_text(json.dumps(details, indent=2, default=str))
     (folder / "report.html").write_text(render_page(details, samples))
     write_index(paths.reports)

@@ -463,6 +463,7 @@ def ab_report(
 def ui(
     mlflow_port: int = 5000,
     prefect_port: int = 4200,
+    evidently_port: int = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: other hosts).")] = (
         "127.0.0.1"
     ),
@@ -480,12 +481,14 @@ def ui(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Stay in the foreground until Ctrl-C.")] = True,
 ) -> None:
-    """Start the MLflow UI (login required) and the Prefect server.
+    """Start the MLflow UI (login required), the Prefect server and Evidently's UI.
 
     MLflow runs with its authentication app: anonymous calls get a 401. The first start
     creates the admin account (credentials in the state folder's auth/admin.json, mode 0600);
     `vitrine users add NAME --owner` creates the owners who approve. It serves the artifacts
-    (proxied): other hosts need only its URL and an account (docs/scale.md).
+    (proxied): other hosts need only its URL and an account (docs/scale.md). Evidently's UI
+    shows the state folder's drift workspace: each `vitrine drift` run's snapshot, and a
+    dashboard of every signal's score over time (docs/monitoring.md).
     """
     from components.release.accounts import AccountsError, prepare_auth, record_url
 
@@ -507,12 +510,17 @@ def ui(
     mlflow_server += ["--host", host, "--port", str(mlflow_port), "--workers", "1"]
     prefect_server = [str(bin_dir / "prefect"), "server", "start", "--host", host]
     prefect_server += ["--port", str(prefect_port)]
+    paths.evidently_workspace.mkdir(parents=True, exist_ok=True)
+    evidently_ui = [str(bin_dir / "evidently"), "ui", "--workspace", str(paths.evidently_workspace)]
+    evidently_ui += ["--host", host, "--port", str(evidently_port)]  # DO_NOT_TRACK is set
     if auth.created:
         say(f"created the MLflow admin account: credentials in {auth.admin_file} (mode 0600)")
     say(f"MLflow UI   {url}  (log in; owners approve: tag approved_by=NAME on a version)")
     say(f"            admin credentials: {auth.admin_file}; accounts: `vitrine users add NAME`")
     say(f"Prefect UI  http://127.0.0.1:{prefect_port}")
-    raise typer.Exit(run_children([mlflow_server, prefect_server], env=env, wait=wait))
+    say(f"Evidently   http://127.0.0.1:{evidently_port}  (drift over time: `vitrine drift` runs)")
+    servers = [mlflow_server, prefect_server, evidently_ui]
+    raise typer.Exit(run_children(servers, env=env, wait=wait))
 
 
 @app.command()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,11 +22,18 @@ from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
+from components.config import PROJECT_ROOT
 from components.data.catalogue import read_manifest
 from components.model.reference import REFERENCE_ARTIFACT
 from monitoring.shifts import encode_png
 from monitoring.simulate import send_requests
-from tests.serving.conftest import build_champion, start_server, stop_server
+from tests.serving.conftest import (
+    build_champion,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for,
+)
 from vitrine.cli import app
 
 pytestmark = pytest.mark.integration
@@ -151,3 +161,76 @@ def test_other_versions_are_excluded_and_counted_and_too_few_is_exit_2(served, t
     assert judged.stdout.startswith("NO VERDICT: too few samples: 0 requests")
     details = json.loads((tmp_path / "few.json").read_text())["details"]
     assert details["window"]["excluded_other_versions"] == {"999": 3}
+
+
+def test_on_call_sees_every_verdict_over_time_in_evidentlys_ui(served, tmp_path):
+    """Each `vitrine drift` run with a verdict (the module's earlier tests made three) added its
+    Evidently snapshot to the state folder's workspace; Evidently's own UI, started on it,
+    lists them under one project and its dashboard plots each signal's score run after run:
+    the very scores of the drift reports."""
+    champion, _, _ = served
+    reports = [json.loads(p.read_text()) for p in champion.ctx.paths.reports.glob("*/report.json")]
+    judged = sorted(
+        (r for r in reports if "workspace_snapshot" in r.get("evidently", {})),
+        key=lambda r: r["created_at"],
+    )
+    assert len(judged) == 3, [r.get("evidently") for r in reports]
+    port = free_port()
+    ui = champion.ctx.paths.evidently_workspace
+    log = tmp_path / "evidently.log"
+    proc = subprocess.Popen(
+        [str(PROJECT_ROOT / ".venv/bin/evidently"), "ui", "--workspace", str(ui)]
+        + ["--port", str(port)],
+        env={**os.environ, "DO_NOT_TRACK": "true"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for(lambda: answers(f"{api}/version"), 60, f"evidently ui: {log}")
+        projects = httpx.get(f"{api}/projects", timeout=10).json()
+        assert [p["name"] for p in projects] == ["vitrine drift"]
+        project = projects[0]["id"]
+        snapshots = httpx.get(f"{api}/projects/{project}/snapshots", timeout=10).json()
+        assert sorted(s["id"] for s in snapshots) == sorted(
+            r["evidently"]["workspace_snapshot"] for r in judged
+        )
+        assert {s["metadata"]["model_version"] for s in snapshots} == {champion.version}
+        dashboard = httpx.get(f"{api}/v2/dashboards/{project}", timeout=10).json()
+        plotted = {
+            value["metric_labels"].get("column") or "embeddings": value
+            for panel in dashboard["panels"]
+            if panel["plot_params"]["plot_type"] == "line"
+            for value in panel["values"]
+        }
+        signals = [s["name"] for s in judged[0]["signals"]]
+        assert set(plotted) == set(signals)
+        batch = {
+            "series_filter": [
+                {
+                    "tags": [],
+                    "metadata": {},
+                    "metric": v["metric"],
+                    "metric_labels": v["metric_labels"],
+                }
+                for v in plotted.values()
+            ]
+        }
+        data = httpx.post(
+            f"{api}/v2/snapshots/{project}/data_series_batch", json=batch, timeout=30
+        ).json()
+        assert len(data["sources"]) == 3  # one point per drift run, oldest first
+        for series in data["series"]:
+            name = list(plotted)[series["filter_index"]]
+            scores = [next(s["score"] for s in r["signals"] if s["name"] == name) for r in judged]
+            assert series["values"] == pytest.approx(scores, rel=1e-6), name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

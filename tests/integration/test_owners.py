@@ -78,7 +78,8 @@ def start_ui(
     """`vitrine ui` until MLflow answers (Prefect, on prefect_port or a free one, may still be
     starting)."""
     prefect_port = prefect_port or free_port()
-    args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port), *extra]
+    args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)]
+    args += ["--evidently-port", str(free_port()), *extra]
     proc = subprocess.Popen(
         [VITRINE, *args],
         cwd=PROJECT_ROOT,

@@ -113,28 +113,32 @@ def test_a_signal_to_vitrine_serve_stops_its_bentoml_server(champion, tmp_path, 
     assert status == b"HTTP/1.1 200 OK" and b'"category"' in answer[0], answer[0][:300]
 
 
-def test_sigterm_to_vitrine_ui_stops_mlflow_and_prefect(tmp_path):
-    mlflow_port, prefect_port = free_port(), free_port()
+def test_sigterm_to_vitrine_ui_stops_mlflow_prefect_and_evidently(tmp_path):
+    mlflow_port, prefect_port, evidently_port = free_port(), free_port(), free_port()
     env = {"VITRINE_HOME": str(tmp_path / "state")}
     args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)]
+    args += ["--evidently-port", str(evidently_port)]
     ready = [
         f"http://127.0.0.1:{mlflow_port}/health",
         f"http://127.0.0.1:{prefect_port}/api/health",
+        f"http://127.0.0.1:{evidently_port}/api/version",
     ]
     proc = start(args, env, ready, tmp_path / "ui.log")
-    stop_and_check(proc, signal.SIGTERM, [mlflow_port, prefect_port])
+    stop_and_check(proc, signal.SIGTERM, [mlflow_port, prefect_port, evidently_port])
 
 
 def test_vitrine_ui_whose_mlflow_server_dies_stops_prefect_and_fails(tmp_path):
     """MLflow's port is taken, so its server exits at start: `vitrine ui` says so, stops the
-    Prefect server it started and exits non-zero, instead of serving half a UI."""
-    prefect_port = free_port()
+    Prefect server and Evidently's UI it started and exits non-zero, instead of serving half
+    a UI."""
+    prefect_port, evidently_port = free_port(), free_port()
     env = {**os.environ, "VITRINE_HOME": str(tmp_path / "state")}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         mlflow_port = taken.getsockname()[1]
         args = ["ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)]
+        args += ["--evidently-port", str(evidently_port)]
         done = subprocess.run(
             [str(PROJECT_ROOT / ".venv/bin/vitrine"), *args],
             cwd=PROJECT_ROOT,
@@ -145,4 +149,4 @@ def test_vitrine_ui_whose_mlflow_server_dies_stops_prefect_and_fails(tmp_path):
         )
     assert done.returncode != 0
     assert "mlflow exited with" in done.stderr and "stopping the others" in done.stderr
-    assert not answers(prefect_port)
+    assert not answers(prefect_port) and not answers(evidently_port)
