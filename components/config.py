@@ -439,6 +439,16 @@ class SchedulesParams(_Strict):
         return value
 
 
+class DistributedParams(_Strict):
+    """Catalogue-scale work (the index's embeddings and colour tags, the drift reference)
+    mapped over shards with Prefect's Dask task runner (flows/retrain.py, docs/scale.md)."""
+
+    enabled: bool = False  # false: one process, as on the embedded default
+    scheduler_address: str | None = None  # tcp://HOST:8786 of a running cluster; null = local
+    local_workers: int = Field(2, ge=1)  # worker processes of the local cluster
+    shard_rows: int = Field(10000, ge=1)  # catalogue rows per task
+
+
 class Params(_Strict):
     data: DataParams = Field(default_factory=DataParams)
     validation: ValidationParams = Field(default_factory=ValidationParams)
@@ -452,6 +462,7 @@ class Params(_Strict):
     serving: ServingParams = Field(default_factory=ServingParams)
     monitoring: MonitoringParams = Field(default_factory=MonitoringParams)
     schedules: SchedulesParams = Field(default_factory=SchedulesParams)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
 
 
 class ConfigError(ValueError):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow, task
+import pandas as pd
+from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from components.config import load_params, state_paths
+from components.config import DistributedParams, load_params, state_paths
 from components.data import catalogue
 from components.stages import evaluate as evaluate_stage
 from components.stages import gate as gate_stage
@@ -55,8 +56,60 @@ def train(ctx: RunContext, fresh: bool) -> dict:
 
 
 @stage
-def evaluate(ctx: RunContext) -> dict:
-    return evaluate_stage.run(ctx)
+def evaluate(
+    ctx: RunContext,
+    catalogue: evaluate_stage.Catalogue | None = None,
+    reference: pd.DataFrame | None = None,
+) -> dict:
+    return evaluate_stage.run(ctx, catalogue, reference)
+
+
+@stage
+def describe_shard(ctx: RunContext, products: pd.DataFrame) -> evaluate_stage.Catalogue:
+    return evaluate_stage.describe_catalogue(ctx, products)
+
+
+@stage
+def reference_shard(ctx: RunContext, test: pd.DataFrame) -> pd.DataFrame:
+    return evaluate_stage.reference_rows(ctx, test)
+
+
+@flow(name="catalogue-on-dask")
+def catalogue_on_dask(ctx: RunContext) -> tuple[evaluate_stage.Catalogue, pd.DataFrame]:
+    """The catalogue-scale part of evaluate, mapped over shards of params.distributed.shard_rows
+    on the flow's task runner (a DaskTaskRunner: `dask_runner`): the index's embeddings and
+    colour tags, and the drift reference. Each worker loads the trained model from the run
+    folder, so a remote cluster's workers need that folder and the catalogue at the same
+    paths (shared storage; docs/scale.md)."""
+    accepted = evaluate_stage.accepted_products(ctx)
+    rows = ctx.params.distributed.shard_rows
+    described = describe_shard.map(unmapped(ctx), evaluate_stage.shards(accepted, rows))
+    test = evaluate_stage.test_products(accepted)
+    references = reference_shard.map(unmapped(ctx), evaluate_stage.shards(test, rows))
+    return (
+        evaluate_stage.Catalogue.joined(described.result()),
+        pd.concat(references.result(), ignore_index=True),
+    )
+
+
+def dask_runner(settings: DistributedParams):
+    """Prefect's Dask task runner: on the cluster at settings.scheduler_address, else on a
+    local cluster of settings.local_workers single-threaded worker processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if settings.scheduler_address:
+        return DaskTaskRunner(address=settings.scheduler_address)
+    cluster = {"n_workers": settings.local_workers, "threads_per_worker": 1, "processes": True}
+    return DaskTaskRunner(cluster_kwargs={**cluster, "dashboard_address": None})
+
+
+def evaluate_catalogue_scale(ctx: RunContext) -> dict:
+    """evaluate, with its catalogue-scale part on Dask when params.distributed is on."""
+    if not ctx.params.distributed.enabled:
+        return evaluate(ctx)
+    runner = dask_runner(ctx.params.distributed)
+    catalogue_part, reference = catalogue_on_dask.with_options(task_runner=runner)(ctx)
+    return evaluate(ctx, catalogue_part, reference)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -107,7 +160,7 @@ def retrain(
     report = validate(ctx)
     label_summary = clean_labels(ctx)
     train_summary = train(ctx, fresh=force)
-    metrics = evaluate(ctx)
+    metrics = evaluate_catalogue_scale(ctx)
     registered = register(ctx, cause)
     verdict = gate(ctx)
     promoted = bootstrap_promotion(ctx, verdict)

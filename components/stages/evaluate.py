@@ -4,6 +4,7 @@ shopper-style set: components/model/shopper.py), the text projection and the dri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +22,90 @@ from components.stages.context import (
 )
 
 
-def build_index(ctx: RunContext, model: VitrineNet, products: pd.DataFrame) -> Path:
-    """Embed every accepted product with THIS model: the search index registered beside it,
-    with each product's colour tags (`colours`: "navy,white", from its catalogue image)."""
+@dataclass
+class Catalogue:
+    """The catalogue as THIS model indexes it, in the row order of `products`: embeddings
+    (N×D float32) and each product's colour tags ("navy,white", from its catalogue image)."""
+
+    embeddings: np.ndarray
+    colours: list[str]
+
+    @classmethod
+    def joined(cls, parts: list[Catalogue]) -> Catalogue:
+        return cls(
+            np.concatenate([p.embeddings for p in parts]), [c for p in parts for c in p.colours]
+        )
+
+
+def shards(products: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
+    """`products` in consecutive slices of at most `rows` (the order kept: joined, the shards'
+    results line up with `products`)."""
+    return [products.iloc[i : i + rows] for i in range(0, len(products), rows)]
+
+
+def describe_catalogue(ctx: RunContext, products: pd.DataFrame) -> Catalogue:
+    """Embed products with this run's trained model and tag their colours: one shard's work
+    (on Dask, each worker loads the model from the run folder)."""
     from components.retrieval.colours import catalogue_colours
 
+    model = load_trained_model(ctx)
+    _, emb = training.predict_batches(model, load_images(ctx, products, model))
+    paths = [ctx.catalogue_dir / p for p in products["path"]]
+    colours = catalogue_colours(  # reads every photo again
+        tqdm(paths, desc="colour tags", unit="img", mininterval=2, disable=len(paths) < 1000)
+    )
+    return Catalogue(emb.astype(np.float32), list(colours))
+
+
+def reference_rows(ctx: RunContext, test: pd.DataFrame) -> pd.DataFrame:
+    """The drift reference's rows for test products (components/model/reference.py): one
+    shard's work."""
+    from components.model import reference
+
+    model = load_trained_model(ctx)
+    return reference.build_reference(model, test, ctx.catalogue_dir, ctx.params.data.categories)
+
+
+def build_index(ctx: RunContext, products: pd.DataFrame, catalogue: Catalogue) -> Path:
+    """The search index registered beside the model: every accepted product's embedding
+    and its colour tags."""
     out = ctx.stage_dir("evaluate") / "index"
     out.mkdir(exist_ok=True)
-    _, emb = training.predict_batches(model, load_images(ctx, products, model))
-    np.save(out / "embeddings.npy", emb.astype(np.float32))
+    np.save(out / "embeddings.npy", catalogue.embeddings.astype(np.float32))
     cols = ["product_id", "label", "category", "title", "path", "split"]
     table = products[cols].reset_index(drop=True)
-    paths = [ctx.catalogue_dir / p for p in table["path"]]
-    table["colours"] = catalogue_colours(
-        tqdm(paths, desc="colour tags", unit="img", mininterval=2)  # reads every photo again
-    )
+    table["colours"] = catalogue.colours
     table.to_parquet(out / "products.parquet", index=False)
     return out
 
 
-def run(ctx: RunContext) -> dict:
-    """Frozen test split: classification, retrieval against the catalogue, latency."""
+def accepted_products(ctx: RunContext) -> pd.DataFrame:
+    """The validated catalogue in product-id order: what the index holds, row for row."""
     accepted = pd.read_parquet(ctx.work / "validate" / "accepted.parquet")
-    accepted = accepted.sort_values("product_id").reset_index(drop=True)
+    return accepted.sort_values("product_id").reset_index(drop=True)
+
+
+def test_products(accepted: pd.DataFrame) -> pd.DataFrame:
+    return accepted[accepted["split"] != "train"]
+
+
+def run(
+    ctx: RunContext, catalogue: Catalogue | None = None, reference: pd.DataFrame | None = None
+) -> dict:
+    """Frozen test split: classification, retrieval against the catalogue, latency.
+
+    `catalogue` and `reference` (the index's embeddings and colour tags, the drift
+    reference's rows) come from the Dask task runner when params.distributed is on
+    (flows/retrain.py); without them this process computes them."""
+    accepted = accepted_products(ctx)
     model = load_trained_model(ctx)
-    index_dir = build_index(ctx, model, accepted)
-    emb = np.load(index_dir / "embeddings.npy")
+    catalogue = catalogue or describe_catalogue(ctx, accepted)
+    if len(catalogue.embeddings) != len(accepted):
+        raise ValueError(f"{len(catalogue.embeddings)} embeddings for {len(accepted)} products")
+    index_dir = build_index(ctx, accepted, catalogue)
+    emb = catalogue.embeddings
     in_catalogue = (accepted["split"] == "train").to_numpy()
-    test = accepted[~in_catalogue]
+    test = test_products(accepted)
     result = evaluation.evaluate_model(
         model,
         load_images(ctx, test, model),
@@ -73,7 +130,7 @@ def run(ctx: RunContext) -> dict:
     if ctx.params.text_search.enabled:
         result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
-    write_drift_reference(ctx, model, test)
+    write_drift_reference(ctx, reference if reference is not None else reference_rows(ctx, test))
     return result.metrics
 
 
@@ -117,12 +174,11 @@ def evaluate_shopper(
     return result
 
 
-def write_drift_reference(ctx: RunContext, model: VitrineNet, test: pd.DataFrame) -> Path:
+def write_drift_reference(ctx: RunContext, rows: pd.DataFrame) -> Path:
     """The test split as THIS model sees it (request-log fields): monitoring's drift reference,
     registered beside the model and its index (components/model/reference.py)."""
     from components.model import reference
 
-    rows = reference.build_reference(model, test, ctx.catalogue_dir, ctx.params.data.categories)
     out = ctx.stage_dir("evaluate") / reference.REFERENCE_ARTIFACT
     return reference.write_reference(rows, out)
 

@@ -104,7 +104,10 @@ def register_distinct(champion: Champion, cause: str = "test") -> str:
         projection = TextProjection.load(index_dir / PROJECTION_FILE)
         projection.weight = rotation.numpy() @ projection.weight
         projection.save(index_dir / PROJECTION_FILE)
-    evaluate.write_drift_reference(ctx, model, accepted[accepted["split"] != "train"])
+    # the reference as THIS model sees the test split (reference_rows loads the model saved above)
+    evaluate.write_drift_reference(
+        ctx, evaluate.reference_rows(ctx, evaluate.test_products(accepted))
+    )
     return register.run(ctx, champion.registry, cause=cause)["version"]
 
 
