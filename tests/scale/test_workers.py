@@ -131,6 +131,7 @@ def hosts(control, tmp_path_factory, fmnist):
                 **{flow: {"cron": "0 4 * * *", "active": False} for flow in FLOWS},
             },
         )
+        params["evaluation"]["shopper"]["shifts"] = ["jpeg"]  # the shopper set is tested elsewhere
         params_path = write_params(folder / "params.yaml", params)
         env = {
             **control.env,
