@@ -154,6 +154,8 @@ class TrainParams(_Strict):
     # auto: bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True  # NHWC activations while training (oneDNN's fast conv layout)
+    # auto: the GPU where torch sees CUDA, else the CPU; cuda without one fails the stage
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     max_batches_per_epoch: int | None = Field(None, ge=1)
 

@@ -89,12 +89,14 @@ def predict_batches(
     """(softmax probabilities N×C, embeddings N×D) in eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
+    first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    device = first.device if first is not None else torch.device("cpu")  # the model's own
     probs, embeddings = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            logits, emb = model(to_tensor(images[start : start + batch_size]))
-            probs.append(torch.softmax(logits.float(), dim=1).numpy())
-            embeddings.append(emb.float().numpy())
+            logits, emb = model(to_tensor(images[start : start + batch_size]).to(device))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            embeddings.append(emb.float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(probs), np.concatenate(embeddings)
 
@@ -129,6 +131,72 @@ def load_checkpoint(checkpoint_dir: Path, fingerprint: str) -> dict | None:
     except Exception:  # a damaged file: start fresh rather than fail the run
         return None
     return state if state.get("fingerprint") == fingerprint else None
+
+
+class DeviceError(RuntimeError):
+    """train.device names a device this machine does not have."""
+
+
+def resolve_device(setting: str, cuda_available: bool | None = None) -> torch.device:
+    """train.device: `auto` is the GPU where torch sees CUDA, else the CPU; `cuda` on a
+    machine without one is an error (not a silent CPU run)."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if setting == "cuda" and not cuda_available:
+        raise DeviceError(
+            "train.device is cuda, but torch sees no CUDA device on this machine "
+            "(torch.cuda.is_available() is False): use auto or cpu"
+        )
+    return torch.device("cuda" if cuda_available and setting != "cpu" else "cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype of training's forward pass (None: fp32), and whether the loss needs
+    a gradient scaler (fp16's narrow range)."""
+
+    dtype: torch.dtype | None
+    grad_scaler: bool = False
+
+
+def precision_for(
+    params: TrainParams, device: torch.device, cuda_bf16: bool | None = None
+) -> Precision:
+    """CPU: bf16 where the CPU has bf16 instructions (`use_bf16`). CUDA: with precision auto,
+    bf16 where the GPU supports it (Ampere on), else fp16 with a gradient scaler; fp32 is
+    fp32 everywhere."""
+    if device.type != "cuda":
+        return Precision(torch.bfloat16 if use_bf16(params) else None)
+    if params.precision == "fp32":
+        return Precision(None)
+    if cuda_bf16 is None:
+        cuda_bf16 = torch.cuda.is_bf16_supported()
+    if params.precision == "bf16" or cuda_bf16:
+        return Precision(torch.bfloat16)
+    return Precision(torch.float16, grad_scaler=True)
+
+
+@dataclass
+class Runtime:
+    """Where and how a training run computes: the device, the autocast precision and fp16's
+    gradient scaler (kept across epochs)."""
+
+    device: torch.device
+    precision: Precision
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def for_params(cls, params: TrainParams) -> Runtime:
+        device = resolve_device(params.device)
+        precision = precision_for(params, device)
+        scaler = torch.amp.GradScaler("cuda") if precision.grad_scaler else None
+        return cls(device, precision, scaler)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU batch on the device: through pinned memory, copied while the GPU works."""
+        if self.device.type == "cpu":
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True)
 
 
 def use_bf16(params: TrainParams) -> bool:
@@ -171,15 +239,18 @@ def train_one_epoch(
     bar: tqdm,
     size: int,
     views: np.ndarray | None = None,
+    runtime: Runtime | None = None,
 ) -> float:
     """One pass over `steps` shuffled batches at `size` px; returns the mean training loss.
 
     With `views` (a shopper-style rendering of each row, components/model/shopper.py), each
     image of a batch is swapped for its view with probability params.shopper_share."""
     optimizer, scheduler, criterion = opt
+    runtime = runtime or Runtime.for_params(params)
+    dtype = runtime.precision.dtype
     model.train()
     order = torch.randperm(len(images), generator=generator)
-    total, bf16 = 0.0, use_bf16(params)
+    total = 0.0
     for step in range(steps):
         rows = order[step * params.batch_size : (step + 1) * params.batch_size].numpy()
         batch = images[rows]
@@ -187,16 +258,23 @@ def train_one_epoch(
             swap = (torch.rand(len(rows), generator=generator) < params.shopper_share).numpy()
             batch = np.where(swap[:, None, None, None], views[rows], batch)
         x = to_tensor(batch)
-        if params.augment:
+        if params.augment:  # on the CPU, with the run's generator (reproducible anywhere)
             x = augment(x, generator, cutout=params.cutout)
+        x = runtime.batch(x)
         if x.shape[-1] != size:  # progressive resizing: antialiased, unlike the model's own
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        with input_side(model, size), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        autocast = torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None)
+        with input_side(model, size), autocast:
             logits, _ = model(x)
-        loss = criterion(logits.float(), labels[rows])
+        loss = criterion(logits.float(), runtime.batch(labels[rows]))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if runtime.scaler is not None:  # fp16: scale the loss, unscale before the step
+            runtime.scaler.scale(loss).backward()
+            runtime.scaler.step(optimizer)
+            runtime.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         total += loss.item()
         bar.update(1)
@@ -213,7 +291,11 @@ def evaluate_split(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> 
 
 
 def build_optimisation(
-    model: nn.Module, params: TrainParams, steps: int, weights: np.ndarray | None
+    model: nn.Module,
+    params: TrainParams,
+    steps: int,
+    weights: np.ndarray | None,
+    device: torch.device | None = None,
 ) -> Optimisation:
     """AdamW + OneCycleLR over epochs·steps + (weighted, label-smoothed) cross-entropy. A
     pretrained trunk (efficientnet_lite0) learns at params.lr × params.pretrained_lr_scale,
@@ -232,7 +314,7 @@ def build_optimisation(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=params.epochs * steps
     )
-    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
     return optimizer, scheduler, criterion
 
@@ -270,6 +352,7 @@ def fit_epoch(
     generator: torch.Generator,
     progress: bool | str,
     views: np.ndarray | None = None,
+    runtime: Runtime | None = None,
 ) -> dict:
     """Train one epoch (at its progressive size), validate at full size, and return the
     epoch's history record. `progress`: False silent, True a bar per epoch, a string a bar
@@ -281,7 +364,9 @@ def fit_epoch(
         f" {size}px" if params.progressive_sizes else ""
     )
     with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
-        train_loss = train_one_epoch(model, *train, params, steps, opt, generator, bar, size, views)
+        train_loss = train_one_epoch(
+            model, *train, params, steps, opt, generator, bar, size, views, runtime
+        )
         val_loss, val_acc = evaluate_split(model, *val)
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
     return {
@@ -371,14 +456,15 @@ def _train_model(
     train_views = None if views is None else views[train_mask]
     weights = compute_class_weights(labels[train_mask], num_classes, params)
 
+    runtime = Runtime.for_params(params)  # before any work: a missing GPU fails at once
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
-    model = build_model(params, num_classes, pretrained=pretrained)
+    model = build_model(params, num_classes, pretrained=pretrained).to(runtime.device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = math.ceil(len(x_train) / params.batch_size)
     steps = min(steps, params.max_batches_per_epoch or steps)
-    opt = build_optimisation(model, params, steps, weights)
+    opt = build_optimisation(model, params, steps, weights, runtime.device)
     found = load_checkpoint(checkpoint_dir, fingerprint) if resume else None
     run = restore_run(found, model, opt, generator)
     resumed_from = None if run["epoch"] < 0 else run["epoch"]
@@ -397,6 +483,7 @@ def _train_model(
             generator,
             progress,
             train_views,
+            runtime,
         )
         final_phase = record["size"] == params.image_size
         update_run(run, record, model, params.patience, params.epochs - 1, final_phase)
@@ -407,7 +494,8 @@ def _train_model(
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"])
     return TrainResult(
-        model=model.to(memory_format=torch.contiguous_format).eval(),  # exported as usual
+        # exported as usual: on the CPU, in the default layout
+        model=model.cpu().to(memory_format=torch.contiguous_format).eval(),
         history=list(run["history"]),
         best_epoch=run["best_epoch"],
         stopped_early=run["stopped_early"],

@@ -362,3 +362,68 @@ def test_a_pretrained_trunk_fine_tunes_at_a_smaller_learning_rate():
     cnn = TrainParams(lr=0.004)
     optimizer, _, _ = training.build_optimisation(build_model(cnn, 10), cnn, 10, None)
     assert [g["max_lr"] for g in optimizer.param_groups] == [pytest.approx(0.004)]
+
+
+@pytest.mark.parametrize(
+    ("setting", "cuda", "expected"),
+    [("auto", False, "cpu"), ("auto", True, "cuda"), ("cpu", True, "cpu"), ("cuda", True, "cuda")],
+)
+def test_train_device_follows_the_setting_and_the_machine(setting, cuda, expected):
+    assert training.resolve_device(setting, cuda_available=cuda).type == expected
+
+
+def test_a_cuda_device_on_a_machine_without_one_fails_before_any_work(fmnist, tmp_path):
+    with pytest.raises(training.DeviceError, match="train.device is cuda"):
+        training.resolve_device("cuda", cuda_available=False)
+    if torch.cuda.is_available():
+        return  # the rest is about a machine without a GPU
+    images, labels = fmnist
+    with pytest.raises(training.DeviceError, match="use auto or cpu"):
+        train_model(images, labels, SMALL.model_copy(update={"device": "cuda"}), 10, tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "cuda_bf16", "dtype", "scaler"),
+    [
+        ("cuda", "auto", True, torch.bfloat16, False),  # Ampere and later
+        ("cuda", "auto", False, torch.float16, True),  # older GPUs: fp16 needs a scaler
+        ("cuda", "fp32", True, None, False),
+        ("cuda", "bf16", False, torch.bfloat16, False),
+        ("cpu", "fp32", True, None, False),
+        ("cpu", "bf16", False, torch.bfloat16, False),
+    ],
+)
+def test_training_precision_per_device(device, precision, cuda_bf16, dtype, scaler):
+    params = SMALL.model_copy(update={"precision": precision})
+    chosen = training.precision_for(params, torch.device(device), cuda_bf16=cuda_bf16)
+    assert chosen == training.Precision(dtype, grad_scaler=scaler)
+
+
+def test_the_fp16_gradient_scaler_path_trains(fmnist):
+    """The branch a GPU without bf16 takes (fp16 autocast + GradScaler), run on the CPU:
+    the loss is finite, the scaler steps, the weights move."""
+    images, labels = fmnist
+    params = SMALL.model_copy(update={"precision": "fp32"})
+    model = build_model(params, 10, pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = training.build_optimisation(model, params, steps=4, weights=None)
+    runtime = training.Runtime(
+        torch.device("cpu"), training.Precision(torch.float16, True), torch.amp.GradScaler("cpu")
+    )
+    generator = torch.Generator().manual_seed(0)
+    with training.tqdm(total=4, disable=True) as bar:
+        loss = training.train_one_epoch(
+            model,
+            images[:128],
+            torch.from_numpy(labels[:128]),
+            params,
+            4,
+            opt,
+            generator,
+            bar,
+            28,
+            runtime=runtime,
+        )
+    assert np.isfinite(loss) and runtime.scaler.get_scale() > 0
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
