@@ -27,6 +27,15 @@ from components.data.sources import fashion_mnist_dir  # noqa: E402
 FMNIST_DIR = fashion_mnist_dir(load_params().data, state_paths())
 
 
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server (and its API) for the flows of one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
 @pytest.fixture(scope="session")
 def fmnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return load_fashion_mnist(FMNIST_DIR)

@@ -12,7 +12,6 @@ import time
 
 import pandas as pd
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from components.config import PROJECT_ROOT, load_params, state_paths
 from components.release.registry import open_registry
@@ -21,12 +20,6 @@ from components.stages.context import RunContext, data_version
 from tests.conftest import BAD_ROWS, shrunk_params, write_csv_catalogue, write_params
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture(scope="module")

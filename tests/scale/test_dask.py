@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
-from prefect.testing.utilities import prefect_test_harness
 
 from components.config import load_params, state_paths
 from components.stages import evaluate as evaluate_stage
@@ -18,12 +17,6 @@ from components.stages.context import RunContext
 from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 
 pytestmark = pytest.mark.scale
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture(scope="module")
