@@ -70,7 +70,9 @@ class Peers:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.seen = self.generation()  # a worker started later has nothing to catch up on
+        # a worker started later has nothing to catch up on; one whose first load is still
+        # running when the number grows catches up once start() runs its watcher
+        self.seen = self.generation()
         self._write_state(None)
         self._thread: threading.Thread | None = None
 

@@ -80,8 +80,10 @@ class Vitrine:
         )
         self.ab = ABRouter(cfg.ab_mode, cfg.ab_share, self.paths.home / "requests", m)
         self.loader = ModelLoader(self.paths, self.params, m, cfg.variant, cfg.ab_mode)
-        self.loader.start(cfg.poll_seconds)
+        # joined before the first load: an /admin/reload made while this worker still loads
+        # (another worker took it) waits for this one, and the watcher catches up after the load
         self.peers = Peers.for_server(self.paths.home, self.loader.reload_both)
+        self.loader.start(cfg.poll_seconds)
         self.peers.start()
         exit_with_parent()  # no orphan worker answers after its arbiter is killed
 

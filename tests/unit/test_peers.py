@@ -160,3 +160,26 @@ def test_metrics_sum_every_workers_counts(tmp_path):
     assert samples[("vitrine_requests_total", (("endpoint", "/search"), ("status", "200")))] == 7
     assert samples[("vitrine_request_latency_seconds_count", (("endpoint", "/search"),))] == 7
     assert all(name.startswith("vitrine_") for name, _ in samples)
+
+
+def test_a_reload_requested_while_a_worker_still_loads_reaches_it(tmp_path):
+    """A worker joins before its first load (bentos/service.py); another worker takes an
+    /admin/reload meanwhile. The reload waits for it, and once its watcher starts (after the
+    load) it reloads: it cannot keep serving what it loaded before the request."""
+    import threading
+
+    calls: list[str] = []
+    loading = Peers(tmp_path, lambda: calls.append("reload") or {"version": "2"}, pid=1)
+    taker = Peers(tmp_path, lambda: {"version": "2"}, watch_seconds=0.05)
+    answer: dict = {}
+    relay = threading.Thread(target=lambda: answer.update(taker.reload_all(timeout=10)))
+    relay.start()
+    relay.join(timeout=0.5)
+    assert relay.is_alive()  # waiting for the worker that is still loading
+    loading.watch_seconds = 0.05
+    loading.start()  # its first load is done: the watcher catches up
+    relay.join(timeout=10)
+    assert calls == ["reload"]
+    assert answer == {"version": "2", "workers": 2}
+    loading.close()
+    taker.close()
