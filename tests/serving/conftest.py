@@ -3,6 +3,7 @@ on a free loopback port started in a subprocess with that environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -43,18 +44,56 @@ def build_champion(
     root: Path, fmnist: dict, n_train: int = 400, n_test: int = 100, **overrides: dict
 ) -> Champion:
     """Ingest a small real CSV catalogue, train a tiny CNN, register it with its index, promote.
-    `overrides`: more params sections to update (shrunk_params)."""
-    csv = write_csv_catalogue(root / "shop", fmnist, n_train=n_train, n_test=n_test)
-    params = shrunk_params(
+    `overrides`: more params sections to update (shrunk_params).
+
+    Champions of the same catalogue and training params (the serving modules' and test_faults'
+    defaults) share one real run of ingest, validate, labels, train and evaluate (seeded: each
+    would train the same model, at about a minute each on two cores): trained_run copies it
+    into `root`, and registration, compressed variants and promotion happen in `root`'s own
+    state folder and MLflow store, so each champion's registry is its own."""
+    shared = {section: values for section, values in overrides.items() if section != "registry"}
+    trained = trained_run(root.parent, fmnist, n_train, n_test, shared)
+    for part in ("shop", "catalogue", "run", "state"):  # state: checkpoints, image caches
+        shutil.copytree(trained / part, root / part)
+    for report in (root / "run").rglob("*.json"):  # validate's data docs folder, by its path
+        report.write_text(report.read_text().replace(str(trained), str(root)))
+    csv = root / "shop" / "catalogue.csv"
+    params = champion_params(root, csv, overrides)
+    params_path = write_params(root / "params.yaml", params)
+    paths = state_paths(root / "state")
+    ctx = RunContext(load_params(params_path), paths, work=root / "run", repo=root)
+    registry = open_registry(ctx.paths, ctx.params)
+    version = register.run(ctx, registry, cause="test")["version"]
+    registry.promote(version, bootstrap_without_approval=True, floors_passed=True)
+    env = {"VITRINE_HOME": str(paths.home), "VITRINE_PARAMS": str(params_path)}
+    return Champion(ctx, registry, version, env)
+
+
+def champion_params(root: Path, csv: Path, overrides: dict) -> dict:
+    return shrunk_params(
         root / "catalogue",
         data={"source": str(csv)},
         train={"epochs": 2, "max_batches_per_epoch": 20},
         labels={"folds": 2},
         **overrides,
     )
-    params_path = write_params(root / "params.yaml", params)
-    paths = state_paths(root / "state")
-    ctx = RunContext(load_params(params_path), paths, work=root / "run", repo=root)
+
+
+_TRAINED: dict[str, Path] = {}  # the shape of a champion's run -> its trained run folder
+
+
+def trained_run(parent: Path, fmnist: dict, n_train: int, n_test: int, overrides: dict) -> Path:
+    """A folder with a real ingested catalogue (shop/, catalogue/) and a real run of validate,
+    labels, train and evaluate on it (run/, state/), made once per shape and never changed:
+    champions copy it. Paths in its manifests and index are relative to the catalogue; only
+    its JSON reports name the folder (build_champion rewrites them)."""
+    key = json.dumps([n_train, n_test, overrides], sort_keys=True)
+    if key in _TRAINED:
+        return _TRAINED[key]
+    root = parent / f"trained-run-{len(_TRAINED)}"
+    csv = write_csv_catalogue(root / "shop", fmnist, n_train=n_train, n_test=n_test)
+    params_path = write_params(root / "params.yaml", champion_params(root, csv, overrides))
+    ctx = RunContext(load_params(params_path), state_paths(root / "state"), root / "run", root)
     catalogue.ingest_catalogue(
         str(csv),
         ctx.catalogue_dir,
@@ -65,11 +104,8 @@ def build_champion(
     labels.run(ctx)
     train.run(ctx)
     evaluate.run(ctx)
-    registry = open_registry(ctx.paths, ctx.params)
-    version = register.run(ctx, registry, cause="test")["version"]
-    registry.promote(version, bootstrap_without_approval=True, floors_passed=True)
-    env = {"VITRINE_HOME": str(paths.home), "VITRINE_PARAMS": str(params_path)}
-    return Champion(ctx, registry, version, env)
+    _TRAINED[key] = root
+    return root
 
 
 def register_distinct(champion: Champion, cause: str = "test") -> str:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from components.config import PROJECT_ROOT
 from tests.serving.conftest import (
@@ -52,41 +52,57 @@ def classify(url: str, champion) -> httpx.Response:
     return httpx.post(f"{url}/classify", files={"image": a_photo(champion)}, timeout=60)
 
 
+def failed_reloads(url: str) -> float:
+    """vitrine_reloads_total{outcome="failed"}, summed over the workers."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vitrine_reloads_total" and sample.labels["outcome"] == "failed"
+    )
+
+
 def stored_weights(champion) -> set[Path]:
     return set(champion.ctx.paths.artifacts.rglob("*.pth"))
 
 
-def test_a_champion_whose_weights_were_damaged_on_disk_is_refused(champion, tmp_path):
-    server = start_server(service_env(champion), tmp_path / "serve.log")
-    try:
-        serving = readyz(server.url).json()["model_version"]
-        before = stored_weights(champion)
-        damaged = register_approved(champion)
-        added = stored_weights(champion) - before  # the new version's weights on disk
-        assert added
-        for weights in added:  # one flipped byte in the tensor data: torch still loads it
-            data = bytearray(weights.read_bytes())
-            data[-100] ^= 0xFF
-            weights.write_bytes(bytes(data))
-        champion.registry.promote(damaged)
-        reload = httpx.post(
-            f"{server.url}/admin/reload", headers={"x-admin-token": ADMIN_TOKEN}, timeout=120
-        )
-        assert reload.status_code == 500
-        ready = readyz(server.url).json()
-        assert ready["model_version"] == serving != damaged
-        assert f"version {damaged}: artifact model/" in ready["last_reload_error"]
-        assert "is corrupted" in ready["last_reload_error"]
-        answer = classify(server.url, champion)
-        assert answer.status_code == 200 and answer.json()["model_version"] == serving
-    finally:
-        stop_server(server.proc)
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    """One `bentoml serve` (about 30 s to start on two cores) for the first two tests: the
+    first has it refuse damaged weights, the second kills it with SIGKILL."""
+    running = start_server(service_env(champion), tmp_path_factory.mktemp("faults") / "serve.log")
+    yield running
+    stop_server(running.proc)
+
+
+def test_a_champion_whose_weights_were_damaged_on_disk_is_refused(champion, server):
+    serving = readyz(server.url).json()["model_version"]
+    before = stored_weights(champion)
+    damaged = register_approved(champion)
+    added = stored_weights(champion) - before  # the new version's weights on disk
+    assert added
+    for weights in added:  # one flipped byte in the tensor data: torch still loads it
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    champion.registry.promote(damaged)
+    reload = httpx.post(
+        f"{server.url}/admin/reload", headers={"x-admin-token": ADMIN_TOKEN}, timeout=120
+    )
+    assert reload.status_code == 500
+    ready = readyz(server.url).json()
+    assert ready["model_version"] == serving != damaged
+    assert f"version {damaged}: artifact model/" in ready["last_reload_error"]
+    assert "is corrupted" in ready["last_reload_error"]
+    answer = classify(server.url, champion)
+    assert answer.status_code == 200 and answer.json()["model_version"] == serving
     champion.registry.rollback(serving)  # the next test starts from a loadable champion
 
 
-def test_a_server_killed_with_sigkill_restarts_on_the_audited_champion(champion, tmp_path):
+def test_a_server_killed_with_sigkill_restarts_on_the_audited_champion(champion, server, tmp_path):
     env = service_env(champion)
-    first = start_server(env, tmp_path / "first.log")
+    first = server  # the module's server, up since the first test
     port = int(first.url.rsplit(":", 1)[1])
     promoted = register_and_promote(champion)
     httpx.post(f"{first.url}/admin/reload", headers={"x-admin-token": ADMIN_TOKEN}, timeout=120)
@@ -118,7 +134,8 @@ def test_a_server_killed_with_sigkill_restarts_on_the_audited_champion(champion,
 def test_an_unreachable_tracking_store_at_start_is_a_clear_503_then_recovers(champion, tmp_path):
     store_port = free_port()
     store = f"http://127.0.0.1:{store_port}"
-    env = service_env(champion, VITRINE_TRACKING_URI=store)
+    poll = 1  # seconds: the failed polls below, and the recovery, wait for the next poll
+    env = service_env(champion, VITRINE_TRACKING_URI=store, VITRINE_POLL_SECONDS=str(poll))
     log = tmp_path / "serve.log"
     port = free_port()
     proc = subprocess.Popen(
@@ -146,7 +163,9 @@ def test_an_unreachable_tracking_store_at_start_is_a_clear_503_then_recovers(cha
         assert body["ready"] is False and body["model_version"] is None
         assert f"MLflow tracking store {store} is unavailable" in body["last_reload_error"]
         workers = descendants(proc.pid)
-        time.sleep(3 * POLL_SECONDS)  # several failed polls later: still the same processes
+        # several failed polls later (three of each worker's, counted): the same processes
+        failed = failed_reloads(url)
+        wait_for(lambda: failed_reloads(url) >= failed + 3 * len(workers), 60, "failed polls")
         assert proc.poll() is None and alive(workers) == workers
         assert readyz(url).status_code == 503
         health = httpx.get(f"{url}/healthz", timeout=10)
