@@ -689,9 +689,10 @@ def worker(
 ) -> None:
     """Execute the deployments' runs: a Prefect process worker on `schedules.work_pool`.
 
-    Foreground until SIGTERM or Ctrl-C: then the worker takes no new run, a running one gets
-    --grace seconds to finish, after which it is stopped (Prefect marks it Crashed; a run
-    stopped before registration leaves the registry as it was). Workers on several hosts may
+    Foreground until SIGTERM or Ctrl-C: then a running run gets --grace seconds to finish,
+    after which it is stopped (Prefect marks it Crashed; a run stopped before registration
+    leaves the registry as it was). Known bug: the worker still polls during the grace and
+    can leave a run that was waiting for the retrain slot Pending (docs/scale.md). Workers on several hosts may
     poll the same pool: each runs in its own state folder and params (VITRINE_HOME,
     VITRINE_PARAMS) and shares the registry through `registry.tracking_uri` (docs/scale.md).
     """
