@@ -47,7 +47,9 @@ class Control:
     model_name: str = ""
 
     def registry(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.env["VITRINE_TRACKING_URI"])
+        # the registry URI too: MLflow's process-wide default may be another test's server
+        url = self.env["VITRINE_TRACKING_URI"]
+        return MlflowClient(tracking_uri=url, registry_uri=url)
 
     def versions(self) -> list[str]:
         found = self.registry().search_model_versions(f"name = '{self.model_name}'")
