@@ -43,12 +43,14 @@ def shards(products: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
     return [products.iloc[i : i + rows] for i in range(0, len(products), rows)]
 
 
-def describe_catalogue(ctx: RunContext, products: pd.DataFrame) -> Catalogue:
+def describe_catalogue(
+    ctx: RunContext, products: pd.DataFrame, model: VitrineNet | None = None
+) -> Catalogue:
     """Embed products with this run's trained model and tag their colours: one shard's work
     (on Dask, each worker loads the model from the run folder)."""
     from components.retrieval.colours import catalogue_colours
 
-    model = load_trained_model(ctx)
+    model = model or load_trained_model(ctx)
     _, emb = training.predict_batches(model, load_images(ctx, products, model))
     paths = [ctx.catalogue_dir / p for p in products["path"]]
     colours = catalogue_colours(  # reads every photo again
@@ -57,12 +59,14 @@ def describe_catalogue(ctx: RunContext, products: pd.DataFrame) -> Catalogue:
     return Catalogue(emb.astype(np.float32), list(colours))
 
 
-def reference_rows(ctx: RunContext, test: pd.DataFrame) -> pd.DataFrame:
+def reference_rows(
+    ctx: RunContext, test: pd.DataFrame, model: VitrineNet | None = None
+) -> pd.DataFrame:
     """The drift reference's rows for test products (components/model/reference.py): one
     shard's work."""
     from components.model import reference
 
-    model = load_trained_model(ctx)
+    model = model or load_trained_model(ctx)
     return reference.build_reference(model, test, ctx.catalogue_dir, ctx.params.data.categories)
 
 
@@ -99,7 +103,7 @@ def run(
     (flows/retrain.py); without them this process computes them."""
     accepted = accepted_products(ctx)
     model = load_trained_model(ctx)
-    catalogue = catalogue or describe_catalogue(ctx, accepted)
+    catalogue = catalogue or describe_catalogue(ctx, accepted, model)  # the model loaded once
     if len(catalogue.embeddings) != len(accepted):
         raise ValueError(f"{len(catalogue.embeddings)} embeddings for {len(accepted)} products")
     index_dir = build_index(ctx, accepted, catalogue)
@@ -130,7 +134,9 @@ def run(
     if ctx.params.text_search.enabled:
         result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
-    write_drift_reference(ctx, reference if reference is not None else reference_rows(ctx, test))
+    if reference is None:
+        reference = reference_rows(ctx, test, model)
+    write_drift_reference(ctx, reference)
     return result.metrics
 
 
