@@ -56,6 +56,7 @@ from components.retrieval.tags import GROUPS, OTHER_GROUP, group_of
 PRODUCT_COLUMNS = ["product_id", "category", "title", "path"]
 FAISS_FILE, META_FILE = "index.faiss", "index.json"
 MAX_EF_SEARCH = 4096
+EXACT_MAX, IVF_MIN = 100_000, 2_000_000  # build(): exact up to EXACT_MAX, HNSW below IVF_MIN
 SHARD_ROWS = 500_000  # vectors handed to faiss (and decoded) at a time
 IVF_TRAIN_PER_LIST = 40  # k-means training vectors per ivf list (faiss asks for at least 39)
 # Scalar-quantizer codes cover each dimension's range in the training sample widened by this
@@ -195,12 +196,15 @@ class CatalogueIndex:
         embeddings: np.ndarray,
         products: Products,
         *,
-        exact_max: int = 100_000,
-        ivf_min: int = 2_000_000,
+        exact_max: int | None = None,
+        ivf_min: int | None = None,
         **settings,
     ) -> CatalogueIndex:
-        """Exact index up to `exact_max` products, HNSW up to `ivf_min`, IVF above; row i of
-        embeddings (an array or a memory map) = products row i. Fed to faiss in shards."""
+        """Exact index up to `exact_max` (EXACT_MAX) products, HNSW below `ivf_min` (IVF_MIN),
+        IVF above; row i of embeddings (an array or a memory map) = products row i. Fed to
+        faiss in shards."""
+        exact_max = EXACT_MAX if exact_max is None else exact_max
+        ivf_min = IVF_MIN if ivf_min is None else ivf_min
         n = len(embeddings)
         if n != len(products):
             raise ValueError(f"{len(products)} products but {n} embeddings")
@@ -265,7 +269,7 @@ class CatalogueIndex:
 
     def save(self, index_dir: Path) -> None:
         """Write the live products in artifact format (an ivf index writes its decoded
-        vectors), plus the faiss index when it maps 1:1 (no removals)."""
+        vectors), plus the faiss index when it maps 1:1 (`write_search_structure`)."""
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
         rows = np.flatnonzero(self._alive)
@@ -277,10 +281,20 @@ class CatalogueIndex:
         out.flush()
         del out
         pq.write_table(self._records.take(rows), index_dir / "products.parquet")
+        self.write_search_structure(index_dir)
+
+    def write_search_structure(self, index_dir: Path) -> None:
+        """Write the faiss index (and index.json) beside the artifact's embeddings.npy and
+        products.parquet, so `load` reads it instead of building: an HNSW graph or IVF lists
+        of millions of products take minutes to build. Only when it maps 1:1 onto those files
+        (no removals); otherwise an older one is deleted and `load` builds."""
+        index_dir = Path(index_dir)
         (index_dir / FAISS_FILE).unlink(missing_ok=True)
-        if len(rows) == len(self._alive):  # no removals: faiss ids are rows 0..n-1 of the files
-            faiss.write_index(self._faiss, str(index_dir / FAISS_FILE))
-        meta = {"kind": self._kind, "rows": len(rows), "dim": self.dim}
+        (index_dir / META_FILE).unlink(missing_ok=True)
+        if self._live != len(self._alive):  # removals: faiss ids are no longer file rows
+            return
+        faiss.write_index(self._faiss, str(index_dir / FAISS_FILE))
+        meta = {"kind": self._kind, "rows": self._live, "dim": self.dim}
         settings = {f: getattr(self.settings, f) for f in Settings.__dataclass_fields__}
         meta |= settings | {"ef_search": self.ef_search, "nprobe": self.nprobe}
         (index_dir / META_FILE).write_text(json.dumps(meta, indent=2))

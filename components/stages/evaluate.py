@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from components.model import evaluation, training
 from components.model.models import VitrineNet
+from components.retrieval.index import EXACT_MAX, CatalogueIndex
 from components.stages.context import (
     RunContext,
     load_images,
@@ -72,7 +73,8 @@ def reference_rows(
 
 def build_index(ctx: RunContext, products: pd.DataFrame, catalogue: Catalogue) -> Path:
     """The search index registered beside the model: every accepted product's embedding
-    and its colour tags."""
+    and its colour tags, and above EXACT_MAX products the HNSW graph / IVF lists built on
+    them (so no service worker builds them at load)."""
     out = ctx.stage_dir("evaluate") / "index"
     out.mkdir(exist_ok=True)
     np.save(out / "embeddings.npy", catalogue.embeddings.astype(np.float32))
@@ -80,6 +82,8 @@ def build_index(ctx: RunContext, products: pd.DataFrame, catalogue: Catalogue) -
     table = products[cols].reset_index(drop=True)
     table["colours"] = catalogue.colours
     table.to_parquet(out / "products.parquet", index=False)
+    if len(table) > EXACT_MAX:  # the service loads the HNSW graph / IVF lists, never builds them
+        CatalogueIndex.load(out).write_search_structure(out)
     return out
 
 

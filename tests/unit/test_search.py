@@ -315,3 +315,30 @@ def test_colliding_product_id_hashes_still_find_the_right_live_row(balanced, mon
     index.add(pd.DataFrame({"product_id": ["p00042"], "category": ["Bag"]}), emb[:1])
     assert index.product("p00042")["category"] == "Bag" and len(index) == 60
     np.testing.assert_allclose(index.embedding_of("p00042"), emb[0])
+
+
+def test_the_evaluate_stage_writes_the_search_structure_the_service_loads(
+    skewed, tmp_path, monkeypatch
+):
+    """Above EXACT_MAX products, build_index saves the built HNSW graph beside the arrays,
+    and CatalogueIndex.load (the service's loader) reads it instead of building one."""
+    from types import SimpleNamespace
+
+    from components.stages import evaluate
+
+    emb, products = skewed
+    monkeypatch.setattr(evaluate, "EXACT_MAX", 500)
+    monkeypatch.setattr(index_module, "EXACT_MAX", 500)
+    ctx = SimpleNamespace(stage_dir=lambda name: tmp_path)
+    catalogue = evaluate.Catalogue(emb, ["navy"] * len(emb))
+    out = evaluate.build_index(ctx, products, catalogue)
+    assert json.loads((out / "index.json").read_text())["kind"] == "hnsw"
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("load built the index instead of reading it")
+
+    monkeypatch.setattr(CatalogueIndex, "build", no_building)
+    loaded = CatalogueIndex.load(out)
+    assert loaded.kind == "hnsw" and len(loaded) == len(emb)
+    assert loaded.search(emb[42], 1)[0].product_id == "p00042"
+    assert loaded.search(emb[42], 1, colour="navy")[0].colours == ("navy",)
