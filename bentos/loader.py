@@ -58,9 +58,14 @@ def serving_example(model: Any) -> Any:
 class ModelLoader:
     """The champion (and challenger) bundles of one service process."""
 
-    def __init__(self, paths: Any, params: Any, metrics: Any, variant: str, ab_mode: str):
+    def __init__(
+        self, paths: Any, params: Any, metrics: Any, variant: str, ab_mode: str, device: Any = None
+    ):
+        import torch
+
         self.paths, self.params, self.metrics = paths, params, metrics
         self.variant, self.ab_mode = variant, ab_mode
+        self.device = device or torch.device("cpu")  # serving.device, resolved
         self.bundle: Bundle | None = None
         self.challenger: Bundle | None = None
         self.last_error: str | None = None
@@ -125,8 +130,14 @@ class ModelLoader:
             raise ValueError(f"model embeds in {with_dim} dims but its index holds {index.dim}")
         from components.model.compress import load_served_model
 
-        served, variant, note = load_served_model(registry, version, model, self.variant)
-        if variant == "fp32":  # the registered weights, compiled for inference (not for /explain)
+        if self.device.type == "cuda":  # the variants and the MKLDNN compile are for CPUs
+            served, variant = model.to(self.device), "fp32"
+            note = (
+                None if self.variant == "fp32" else f"{self.variant} is a CPU variant: fp32 on cuda"
+            )
+        else:
+            served, variant, note = load_served_model(registry, version, model, self.variant)
+        if variant == "fp32" and self.device.type == "cpu":  # compiled (not for /explain)
             served = compile_for_inference(model, serving_example(model))
         loaded_at = datetime.now(UTC).isoformat()
         return Bundle(
@@ -223,6 +234,7 @@ class ModelLoader:
             "variant": bundle.variant if bundle else None,
             "variant_requested": self.variant,
             "variant_note": bundle.variant_note if bundle else None,
+            "device": self.device.type,
             "ab": {
                 "mode": self.ab_mode,
                 "challenger_version": challenger.version if challenger else None,

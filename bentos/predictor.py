@@ -68,6 +68,7 @@ class Predictor:
         """One model call per bundle present in the batch (two only during a swap)."""
         import torch
 
+        from components.model.device import device_of
         from components.model.transforms import to_tensor
 
         results: list[tuple] = [()] * len(items)
@@ -76,11 +77,15 @@ class Predictor:
             groups.setdefault(id(bundle), []).append(i)
         for rows in groups.values():
             model = items[rows[0]][0].model
+            x, device = to_tensor(np.stack([items[i][1] for i in rows])), device_of(model)
+            if device.type != "cpu":  # serving.device cuda: copied through pinned memory
+                x = x.pin_memory().to(device, non_blocking=True)
             with torch.inference_mode():
-                logits, emb = model(to_tensor(np.stack([items[i][1] for i in rows])))
-                probs = torch.softmax(logits.float(), dim=1).numpy()
+                logits, emb = model(x)
+                probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                emb = emb.float().cpu()
             for j, i in enumerate(rows):
-                results[i] = (probs[j], emb[j].float().numpy())
+                results[i] = (probs[j], emb[j].numpy())
         return results
 
     def analyse(self, bundle: Any, data: bytes, content_type: str | None) -> Analysis:

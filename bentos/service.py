@@ -71,15 +71,16 @@ class Vitrine:
         # One thread per model / FAISS call by default: the requests are the parallelism, and
         # idle OpenMP workers spin after every call, taking the core the event loop needs.
         set_call_threads(cfg.threads)
+        device = cfg.resolved_device()  # serving.device: the GPU where there is one (auto)
         self.metrics = m = ServingMetrics()
         self.predictor = Predictor(
-            self.categories, self.limits, cfg.cache_size, cfg.max_batch_size, m
+            self.categories, self.limits, cfg.cache_size, cfg.batch_size(device), m
         )
         self.request_log = RequestLog(
             self.paths.home / "requests", cfg.sample_rate, on_error=m.log_write_failed
         )
         self.ab = ABRouter(cfg.ab_mode, cfg.ab_share, self.paths.home / "requests", m)
-        self.loader = ModelLoader(self.paths, self.params, m, cfg.variant, cfg.ab_mode)
+        self.loader = ModelLoader(self.paths, self.params, m, cfg.variant, cfg.ab_mode, device)
         # joined before the first load: an /admin/reload made while this worker still loads
         # (another worker took it) waits for this one, and the watcher catches up after the load
         self.peers = Peers.for_server(self.paths.home, self.loader.reload_both)

@@ -1,8 +1,8 @@
 """The service's settings: params.yaml's `serving` section, each overridable by a VITRINE_*
 environment variable (tests, ops): VITRINE_MAX_UPLOAD_BYTES, VITRINE_SERVING_THREADS,
 VITRINE_CACHE_SIZE, VITRINE_SAMPLE_RATE, VITRINE_AB_MODE, VITRINE_AB_SHARE, VITRINE_VARIANT,
-VITRINE_POLL_SECONDS, VITRINE_ADMIN_TOKEN. A bad value stops the service with one line
-naming the variable."""
+VITRINE_POLL_SECONDS, VITRINE_DEVICE, VITRINE_CUDA_BATCH_SIZE, VITRINE_ADMIN_TOKEN. A bad value
+stops the service with one line naming the variable."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class ServiceSettings(BaseSettings):
     max_upload_bytes: int = Field(ge=1024)
     max_pixels: int = Field(ge=1)
     max_batch_size: int = Field(ge=1)
+    device: Literal["auto", "cpu", "cuda"]
+    cuda_batch_size: int = Field(ge=1)
     serving_threads: int = Field(ge=0)  # 0 = every core
     cache_size: int = Field(ge=0)
     sample_rate: float = Field(ge=0, le=1)
@@ -45,6 +47,8 @@ class ServiceSettings(BaseSettings):
                 max_upload_bytes=serving.max_upload_bytes,
                 max_pixels=serving.max_pixels,
                 max_batch_size=serving.max_batch_size,
+                device=serving.device,
+                cuda_batch_size=serving.cuda_batch_size,
                 serving_threads=serving.threads,
                 cache_size=serving.cache_size,
                 sample_rate=serving.sample_rate,
@@ -57,6 +61,16 @@ class ServiceSettings(BaseSettings):
             first = error.errors()[0]
             key = f"VITRINE_{str(first['loc'][0]).upper()}"
             raise SettingsError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+
+    def resolved_device(self, cuda_available: bool | None = None):
+        """The torch device the models serve from (DeviceError: cuda without one)."""
+        from components.model.device import resolve_device
+
+        return resolve_device(self.device, cuda_available, key="serving.device")
+
+    def batch_size(self, device) -> int:
+        """The micro-batcher's largest batch: a GPU takes larger ones for the same latency."""
+        return self.cuda_batch_size if device.type == "cuda" else self.max_batch_size
 
     @property
     def threads(self) -> int:

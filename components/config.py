@@ -314,6 +314,8 @@ class ServingParams(_Strict):
     max_upload_bytes: int = Field(10 << 20, ge=1024)
     max_pixels: int = Field(36_000_000, ge=1)
     max_batch_size: int = Field(64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU where torch sees CUDA
+    cuda_batch_size: int = Field(256, ge=1)  # the micro-batcher's max_batch_size on a GPU
     threads: int = Field(1, ge=0)  # torch / FAISS / ONNX Runtime threads per call; 0 = every core
     workers: int = Field(0, ge=0)  # BentoML worker processes (`vitrine serve`); 0 = one per core
     poll_seconds: float = Field(30.0, ge=0)  # 0 = no polling of the champion alias

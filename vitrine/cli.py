@@ -373,12 +373,17 @@ def rollback(
     say(f"champion: {record['from']} → {record['to']} (rollback)")
 
 
-def worker_env(env: dict[str, str], workers: int) -> dict[str, str]:
+def worker_env(env: dict[str, str], workers: int, gpus: int = 0) -> dict[str, str]:
     """The environment of `bentoml serve` with `workers` processes (0: the service's default,
-    one per core), through BentoML's JSON override variable (merged with one already set)."""
+    one per core) and `gpus` GPUs requested (serving.device on cuda), through BentoML's JSON
+    override variable (merged with one already set)."""
+    overrides = json.loads(env.get("BENTOML_CONFIG_OVERRIDES") or "{}")
+    service = overrides.setdefault("services", {}).setdefault("vitrine", {})
     if workers > 0:
-        overrides = json.loads(env.get("BENTOML_CONFIG_OVERRIDES") or "{}")
-        overrides.setdefault("services", {}).setdefault("vitrine", {})["workers"] = workers
+        service["workers"] = workers
+    if gpus > 0:
+        service.setdefault("resources", {})["gpu"] = gpus
+    if service:
         env["BENTOML_CONFIG_OVERRIDES"] = json.dumps(overrides)
     return env
 
@@ -393,8 +398,16 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the champion and its index with BentoML (API, metrics and the web page)."""
+    from components.model.device import DeviceError, resolve_device
+
     serving = load_params().serving
     host, port = host or serving.host, port or serving.port
+    try:  # VITRINE_DEVICE overrides serving.device, as in the service (bentos/settings.py)
+        device = resolve_device(
+            os.environ.get("VITRINE_DEVICE") or serving.device, None, key="serving.device"
+        )
+    except DeviceError as exc:  # a setting this machine cannot meet: a config error
+        fail(str(exc), code=2)
     bentoml = Path(sys.executable).parent / "bentoml"
     say(
         f"serving the champion on http://{host}:{port}/ (page), "
@@ -402,7 +415,11 @@ def serve(
     )
     code = run_children(
         [[str(bentoml), "serve", "bentos.service:Vitrine", "--host", host, "--port", str(port)]],
-        env=worker_env(dict(os.environ), serving.workers if workers is None else workers),
+        env=worker_env(
+            dict(os.environ),
+            serving.workers if workers is None else workers,
+            gpus=1 if device.type == "cuda" else 0,
+        ),
         cwd=PROJECT_ROOT,
     )
     raise typer.Exit(code)

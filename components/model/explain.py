@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from torch import nn
 
+from components.model.device import device_of
 from components.model.models import EfficientNetTrunk
 from components.model.transforms import canonical_image, input_frame, model_input, to_tensor
 
@@ -63,17 +64,17 @@ def grad_cam(model: nn.Module, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """(saliency size×size in 0..1, class probabilities) for one uint8 H×W×C image."""
     model.eval()
     with torch.enable_grad():
-        fmap = feature_map(model, to_tensor(pixels[None]))
+        fmap = feature_map(model, to_tensor(pixels[None]).to(device_of(model)))
         logits = model.classifier(fmap.mean(dim=(2, 3)))  # = the trunk's pool + flatten
         best = int(logits[0].argmax())
         (grad,) = torch.autograd.grad(logits[0, best], fmap)
     weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
+    cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach().cpu()
     size = pixels.shape[0]
     cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-    probs = torch.softmax(logits.detach().float(), dim=1)[0].numpy()
+    probs = torch.softmax(logits.detach().float(), dim=1)[0].cpu().numpy()
     return cam.numpy().astype(np.float32), probs
 
 

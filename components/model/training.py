@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from components.config import TrainParams
+from components.model.device import resolve_device
 from components.model.models import VitrineNet, build_model
 from components.model.transforms import augment, to_tensor
 from components.threads import limited_threads
@@ -131,23 +132,6 @@ def load_checkpoint(checkpoint_dir: Path, fingerprint: str) -> dict | None:
     except Exception:  # a damaged file: start fresh rather than fail the run
         return None
     return state if state.get("fingerprint") == fingerprint else None
-
-
-class DeviceError(RuntimeError):
-    """train.device names a device this machine does not have."""
-
-
-def resolve_device(setting: str, cuda_available: bool | None = None) -> torch.device:
-    """train.device: `auto` is the GPU where torch sees CUDA, else the CPU; `cuda` on a
-    machine without one is an error (not a silent CPU run)."""
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if setting == "cuda" and not cuda_available:
-        raise DeviceError(
-            "train.device is cuda, but torch sees no CUDA device on this machine "
-            "(torch.cuda.is_available() is False): use auto or cpu"
-        )
-    return torch.device("cuda" if cuda_available and setting != "cpu" else "cpu")
 
 
 @dataclass(frozen=True)

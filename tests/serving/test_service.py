@@ -70,6 +70,9 @@ def test_readyz_names_the_champion_and_its_index(server, champion, products):
     assert ready["index_size"] == len(products) and ready["index_kind"] == "exact"
     assert ready["load_seconds"] > 0 and ready["loaded_at"]
     assert ready["last_reload_error"] is None
+    assert ready["device"] == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # serving.device auto
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok", "model_version": "1"}
 
 

@@ -95,6 +95,26 @@ def test_serve_sets_the_worker_count_through_bentomls_overrides():
     env = worker_env({"BENTOML_CONFIG_OVERRIDES": '{"api_server": {"workers": 9}}'}, 3)
     overrides = json.loads(env["BENTOML_CONFIG_OVERRIDES"])
     assert overrides == {"api_server": {"workers": 9}, "services": {"vitrine": {"workers": 3}}}
+    gpu = json.loads(worker_env({}, 0, gpus=1)["BENTOML_CONFIG_OVERRIDES"])
+    assert gpu == {"services": {"vitrine": {"resources": {"gpu": 1}}}}  # serving.device cuda
+
+
+def test_serving_device_settings_choose_the_device_and_the_batch_size(monkeypatch):
+    import torch
+
+    from bentos.settings import ServiceSettings, SettingsError
+    from components.config import ServingParams
+    from components.model.device import DeviceError
+
+    cfg = ServiceSettings.load(ServingParams(device="cuda", max_batch_size=32))
+    assert cfg.resolved_device(cuda_available=True).type == "cuda"
+    with pytest.raises(DeviceError, match="^serving.device is cuda, but torch sees no CUDA"):
+        cfg.resolved_device(cuda_available=False)
+    assert cfg.batch_size(torch.device("cuda")) == 256 and cfg.batch_size(torch.device("cpu")) == 32
+    assert ServiceSettings.load(ServingParams()).resolved_device(cuda_available=False).type == "cpu"
+    monkeypatch.setenv("VITRINE_DEVICE", "gpu")
+    with pytest.raises(SettingsError, match="^VITRINE_DEVICE: Input should be 'auto', 'cpu' or"):
+        ServiceSettings.load(ServingParams())
 
 
 def test_the_tracking_uri_is_the_environment_then_params_then_the_state_folder(
@@ -109,3 +129,15 @@ def test_the_tracking_uri_is_the_environment_then_params_then_the_state_folder(
     assert tracking_uri(paths, shared) == "http://tracking:5000"
     monkeypatch.setenv("VITRINE_TRACKING_URI", "https://other:443")
     assert tracking_uri(paths, shared) == "https://other:443"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without CUDA")
+def test_vitrine_serve_on_cuda_without_a_gpu_is_one_line_and_starts_nothing(tmp_path):
+    path = params_with(tmp_path, "serving", "device", "cuda")
+    result = CliRunner().invoke(app, ["serve"], env={"VITRINE_PARAMS": path})
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [
+        "error: serving.device is cuda, but torch sees no CUDA device on this machine "
+        "(torch.cuda.is_available() is False): use auto or cpu"
+    ]

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from components.config import TrainParams
 from components.data.catalogue import load_fashion_mnist
 from components.model import training
+from components.model.device import DeviceError, resolve_device
 from components.model.models import build_model
 from components.model.training import (
     CHECKPOINT,
@@ -368,17 +369,23 @@ def test_a_pretrained_trunk_fine_tunes_at_a_smaller_learning_rate():
     ("setting", "cuda", "expected"),
     [("auto", False, "cpu"), ("auto", True, "cuda"), ("cpu", True, "cpu"), ("cuda", True, "cuda")],
 )
-def test_train_device_follows_the_setting_and_the_machine(setting, cuda, expected):
-    assert training.resolve_device(setting, cuda_available=cuda).type == expected
+def test_the_device_follows_the_setting_and_the_machine(setting, cuda, expected):
+    assert resolve_device(setting, cuda_available=cuda).type == expected
+    assert resolve_device(setting, cuda, key="serving.device").type == expected
+
+
+def test_a_cuda_setting_without_cuda_names_its_key():
+    with pytest.raises(DeviceError, match="^serving.device is cuda, but torch sees no CUDA"):
+        resolve_device("cuda", cuda_available=False, key="serving.device")
 
 
 def test_a_cuda_device_on_a_machine_without_one_fails_before_any_work(fmnist, tmp_path):
-    with pytest.raises(training.DeviceError, match="train.device is cuda"):
-        training.resolve_device("cuda", cuda_available=False)
+    with pytest.raises(DeviceError, match="train.device is cuda"):
+        resolve_device("cuda", cuda_available=False)
     if torch.cuda.is_available():
         return  # the rest is about a machine without a GPU
     images, labels = fmnist
-    with pytest.raises(training.DeviceError, match="use auto or cpu"):
+    with pytest.raises(DeviceError, match="use auto or cpu"):
         train_model(images, labels, SMALL.model_copy(update={"device": "cuda"}), 10, tmp_path)
     assert not (tmp_path / CHECKPOINT).exists()
 
