@@ -154,12 +154,12 @@ def memory_gb() -> tuple[float, float]:
     return tuple(int(fields[f].split()[0]) / 2**20 for f in ("VmRSS", "VmHWM"))
 
 
-def serve_and_measure(folder: str, kind: str, widths: list[int], k: int) -> dict:
+def serve_and_measure(folder: str, kind: str, codes: str, widths: list[int], k: int) -> dict:
     """In a fresh process: load the index as the service does, sweep the search width."""
     folder = Path(folder)
     forced = {"exact": {}, "hnsw": {"exact_max": 0}, "ivf": {"exact_max": 0, "ivf_min": 0}}
     t0 = time.perf_counter()
-    index = CatalogueIndex.load(folder, **forced.get(kind, {}))
+    index = CatalogueIndex.load(folder, codes=codes, **forced.get(kind, {}))
     build_s = time.perf_counter() - t0
     settle_heap()  # what the service does after each load (gc freeze, malloc_trim)
     rss_loaded, _ = memory_gb()
@@ -217,6 +217,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=0.02, help="isotropic per-dimension noise std")
     p.add_argument("--kind", choices=["auto", "exact", "hnsw", "ivf"], default="auto")
     p.add_argument("--widths", default=None, help="efSearch / nprobe sweep, comma-separated")
+    p.add_argument("--codes", default="SQ8", help="IVF codes (a faiss factory suffix: PQ32, …)")
     p.add_argument("--target-recall", type=float, default=None)
     p.add_argument("--exact-loop-queries", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -249,7 +250,7 @@ def main() -> None:
         widths = [int(v) for v in (args.widths or default_widths).split(",")]
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            served = pool.submit(serve_and_measure, tmp, args.kind, widths, k).result()
+            served = pool.submit(serve_and_measure, tmp, args.kind, args.codes, widths, k).result()
     target, min_speedup, max_rss = GOALS[served["kind"]]
     target = args.target_recall or target
     print(
