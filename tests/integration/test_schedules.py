@@ -348,5 +348,7 @@ def test_sigterm_to_vitrine_worker_stops_it_and_crashes_its_running_flow_run(wor
     deadline = time.time() + 60
     while state_of(run.id) in ("RUNNING", "PENDING") and time.time() < deadline:
         time.sleep(0.5)
-    assert state_of(run.id) == "CRASHED"
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    assert state.type.value == "CRASHED", f"{state.type.value}: {state.message}"
     assert registry.list_versions() == before
