@@ -17,6 +17,7 @@ reaches the model the way a catalogue image does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,10 @@ def canonicalise(image: Image.Image, size: int, mode: str | None = None) -> np.n
 
 
 def canonical_with_frame(
-    image: Image.Image, size: int, mode: str | None = None
+    image: Image.Image,
+    size: int,
+    mode: str | None = None,
+    segment: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A photo of one product (mode L or RGB), as the catalogue shows products: uint8
     size×size in `mode` (default: the photo's), L or RGB.
@@ -168,7 +172,9 @@ def canonical_with_frame(
     4. the box is padded to a centred square (with the background) and resized so its longer
        side fills `size`: Fashion-MNIST's own framing (trimmed, longest edge 28 px).
     A photo where no product stands out keeps its whole frame. Also returns the frame: the
-    model input's square as (x, y, side) in the photo's own pixels (for explanations)."""
+    model input's square as (x, y, side) in the photo's own pixels (for explanations).
+    `segment` (float H×W×3 → bool H×W or None) replaces `busy_mask` on a busy background
+    (benchmarks/segmenter_experiment.py tries a learned one)."""
     mode = mode or image.mode
     factor = max(1, max(image.size) // LOCATE_MAX_SIDE)
     if factor > 1:
@@ -176,7 +182,8 @@ def canonical_with_frame(
     arr = np.asarray(image).astype(np.float32)
     lum = arr if arr.ndim == 2 else arr @ LUMA
     background, spread, box = product_box(lum)
-    mask = busy_mask(arr) if arr.ndim == 3 and spread > BUSY_SPREAD else None
+    busy = arr.ndim == 3 and spread > BUSY_SPREAD
+    mask = (segment or busy_mask)(arr) if busy else None
     if mask is not None:
         box = mask_box(mask)
     if mode == "L":
