@@ -43,6 +43,7 @@ from components.model.transforms import canonical_image, image_to_uint8
 
 DEGRADATIONS = ("jpeg", "blur_noise", "occlusion", "rotation")  # the catalogue image's own frame
 SETTINGS = tuple(s for s in SHIFTS if s not in DEGRADATIONS)  # the product placed on a setting
+LOOKS = ("as_is", "tinted", "colour_mapped")  # render_with_mask: the product recoloured
 SILHOUETTE_MIN = 10.0  # distance from the background (0-255) that makes a pixel the product's
 
 
@@ -221,24 +222,33 @@ def render(image: Image.Image, shift: str, rng: np.random.Generator) -> Image.Im
 
 
 def render_with_mask(
-    image: Image.Image, shift: str, rng: np.random.Generator
+    image: Image.Image, shift: str, rng: np.random.Generator, look: str = "as_is"
 ) -> tuple[Image.Image, np.ndarray]:
     """`render`'s photo (the same pixels for the same generator) and the product's pixels in it
     (bool H×W), known by construction. Only the shifts that place the product on a setting:
-    a degradation keeps the catalogue's own frame and has no placement."""
+    a degradation keeps the catalogue's own frame and has no placement. `look` (LOOKS)
+    recolours the product first: "tinted" dyes it one saturated colour, "colour_mapped" maps
+    its shading to two colours (what colour_tint and colour_photo do); "as_is" (the default)
+    keeps it, and only then is the photo `render`'s."""
     if shift not in SHIFTS or shift in DEGRADATIONS:
         raise ValueError(f"no placement for shift {shift!r}: choose from {', '.join(SETTINGS)}")
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
     if image.mode not in ("L", "RGB"):
         image = canonical_image(image, 3)
-    photo, alpha, box = _placed(image, shift, rng)
+    photo, alpha, box = _placed(image, shift, rng, look)
     return photo, placed_mask(alpha, box, photo.size)
 
 
 def _placed(
-    image: Image.Image, shift: str, rng: np.random.Generator
+    image: Image.Image, shift: str, rng: np.random.Generator, look: str = "as_is"
 ) -> tuple[Image.Image, np.ndarray, tuple[int, int, int]]:
     """(photo, silhouette, box) of a shift that places the product on a setting."""
     appearance, alpha = product_layers(image)
+    if look == "tinted":
+        appearance = _tinted(appearance, _saturated_colour(rng))
+    elif look == "colour_mapped":
+        appearance = _colour_mapped(appearance, rng)
     if shift == "phone":
         photo, box = _phone(appearance, alpha, rng)
         return photo, alpha, box

@@ -70,6 +70,20 @@ def test_render_with_mask_gives_the_same_photo_and_where_the_product_is(products
         assert (differs & mask).sum() / differs.sum() > 0.95
 
 
+@pytest.mark.parametrize("look", ["tinted", "colour_mapped"])
+def test_render_with_mask_recolours_the_product_on_request(products, look):
+    """A grey catalogue product in colour on clutter: a segmenter cannot learn "grey = product"."""
+    rng = shopper.shift_rng(0, "busy_background", 4)
+    photo, mask = shopper.render_with_mask(products[4], "busy_background", rng, look)
+    rgb = np.asarray(photo).astype(np.float64)[mask]
+    assert np.median(rgb.max(axis=1) - rgb.min(axis=1)) > 10  # the product's own pixels: colour
+    grey, grey_mask = shopper.render_with_mask(products[4], "busy_background", rng)
+    rgb = np.asarray(grey).astype(np.float64)[grey_mask]
+    assert np.median(rgb.max(axis=1) - rgb.min(axis=1)) < 5
+    with pytest.raises(ValueError, match="unknown look"):
+        shopper.render_with_mask(products[4], "busy_background", rng, "sepia")
+
+
 def test_render_with_mask_refuses_a_degradation(products):
     with pytest.raises(ValueError, match="no placement"):
         shopper.render_with_mask(products[0], "jpeg", shopper.shift_rng(0, "jpeg", 0))
