@@ -2,14 +2,20 @@
 (issue 14): is a tiny network's mask better than `busy_mask`'s colour-palette heuristic, and
 cheap enough to serve?
 
-Masks are known by construction (shopper.render_with_mask). The script
+Masks are known by construction (shopper.render_with_mask). The script trains the library's
+segmenter (components/model/segmenter.py: `train_segmenter`, what the train stage runs when
+params train.segmenter is on), which
   1. renders --views shopper views of TRAINING-split products under every setting shift
      (--busy-share of them busy, the rest spread over white, light, textured, colour_tint,
-     colour_photo and phone), box-reduced to 64×64 RGB, with their true masks;
+     colour_photo and phone; --colour-share of them with the product recoloured: tinted or
+     colour-mapped), box-reduced to --side × --side RGB, with their true masks;
   2. trains a tiny fully-convolutional segmenter (a two-level U-Net, ~46k weights, a
      per-pixel product logit) on them for --train-seconds of one thread;
+then
   3. on --images busy views of TEST-split products (the evaluate stage's seeded sample, the
-     photos benchmarks/canonical.py scores) compares, against the true mask, the precision,
+     photos benchmarks/canonical.py scores), with the product as it is and recoloured
+     (busy_background+tinted, +colour_mapped: a net that learned "grey = product" fails
+     these), compares, against the true mask, the precision,
      recall and IoU of the heuristic mask and of the learned one (medians), and the
      canonical.py correlation of the canonical image to the catalogue image with the
      heuristic, the learned and the true mask (an upper bound) plugged into
@@ -32,8 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,6 +46,7 @@ from canonical import correlation  # noqa: E402  (benchmarks/canonical.py's metr
 
 from components.config import load_params  # noqa: E402
 from components.data.catalogue import load_fashion_mnist  # noqa: E402
+from components.model import segmenter as segmenting  # noqa: E402
 from components.model import shopper  # noqa: E402
 from components.model.evaluation import pick_shopper_rows  # noqa: E402
 from components.model.transforms import (  # noqa: E402
@@ -54,105 +59,14 @@ from components.model.transforms import (  # noqa: E402
     product_box,
 )
 
-SIDE = 64  # the segmenter's input: the photo box-reduced to SIDE×SIDE RGB
-
-
-class TinySegmenter(nn.Module):
-    """64×64 RGB → 64×64 product logits: one level at full size, two down (stride 2), dilated
-    convolutions at 16 px for context, one skip back up at 32 px, logits upsampled to 64 px
-    plus a 1×1 read-out of the full-size features (edges)."""
-
-    def __init__(self, width: int = 24) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-            conv = nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False)
-            return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-        self.at64 = block(3, 12)
-        self.at32 = nn.Sequential(block(12, width, 2), block(width, width))
-        self.at16 = nn.Sequential(
-            block(width, 32, 2), block(32, 32, dilation=2), block(32, 32, dilation=4)
-        )
-        self.merge = block(32 + width, width)
-        self.head_half, self.head_full = nn.Conv2d(width, 1, 1), nn.Conv2d(12, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        full = self.at64(x)
-        half = self.at32(full)
-        up = nn.functional.interpolate(self.at16(half), scale_factor=2, mode="bilinear")
-        logits = self.head_half(self.merge(torch.cat([up, half], 1)))
-        logits = nn.functional.interpolate(logits, scale_factor=2, mode="bilinear")
-        return (logits + self.head_full(full))[:, 0]
-
-
-def to_input(rgb: np.ndarray) -> np.ndarray:
-    """float/uint8 H×W×3 → uint8 SIDE×SIDE×3 (box filter)."""
-    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
-    return np.asarray(image.resize((SIDE, SIDE), Image.Resampling.BOX))
-
-
-def to_tensor(batch: np.ndarray) -> torch.Tensor:
-    return (torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).float() - 127.0) / 128.0
-
-
-def training_views(images: np.ndarray, n: int, seed: int, busy_share: float):
-    """(uint8 n×64×64×3 inputs, uint8 n×64×64 target shares 0-255) of n distinct products."""
-    rng = np.random.default_rng(seed)
-    others = [s for s in shopper.SETTINGS if s != "busy_background"]
-    odds = [busy_share] + [(1 - busy_share) / len(others)] * len(others)
-    shifts = rng.choice(["busy_background", *others], size=n, p=odds)
-    rows = rng.choice(len(images), size=n, replace=False)
-    x = np.empty((n, SIDE, SIDE, 3), np.uint8)
-    y = np.empty((n, SIDE, SIDE), np.uint8)
-    for k, (row, shift) in enumerate(zip(rows, shifts, strict=True)):
-        view = shopper.shift_rng(seed, f"segmenter-{shift}", int(row))
-        photo, mask = shopper.render_with_mask(Image.fromarray(images[row]), shift, view)
-        x[k] = to_input(np.asarray(photo))
-        share = Image.fromarray(mask.astype(np.float32), "F").resize((SIDE, SIDE), Image.BOX)
-        y[k] = np.clip(np.asarray(share) * 255 + 0.5, 0, 255).astype(np.uint8)
-    return x, y
-
-
-def train_segmenter(x: np.ndarray, y: np.ndarray, seconds: float, seed: int) -> dict:
-    """Adam, batches of 32, random horizontal flips, learning rate cosine over the time budget;
-    soft targets (the product's share of each 64-px cell), binary cross-entropy."""
-    torch.manual_seed(seed)
-    model, rng = TinySegmenter(), np.random.default_rng(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start, steps, losses = time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - start) < seconds:
-        for group in optimiser.param_groups:
-            group["lr"] = 3e-3 * 0.5 * (1 + np.cos(np.pi * elapsed / seconds))
-        pick = rng.integers(0, len(x), 32)
-        xb, yb = to_tensor(x[pick]), torch.from_numpy(y[pick]).float() / 255.0
-        if rng.random() < 0.5:
-            xb, yb = xb.flip(3), yb.flip(2)
-        loss = nn.functional.binary_cross_entropy_with_logits(model(xb), yb)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        steps += 1
-        if steps % 500 == 0:
-            print(f"  step {steps}  {elapsed:.0f} s  loss {np.mean(losses[-500:]):.4f}")
-    model.eval()
-    summary = {"steps": steps, "samples": steps * 32, "final_loss": float(np.mean(losses[-200:]))}
-    return {"model": model, **summary, "weights": sum(p.numel() for p in model.parameters())}
-
-
-def learned_mask(model: nn.Module):
-    """rgb float H×W×3 → bool H×W: probability > 0.5 at 64 px, upsampled, holes filled."""
-
-    def segment(rgb: np.ndarray) -> np.ndarray | None:
-        h, w = rgb.shape[:2]
-        with torch.inference_mode():
-            logits = model(to_tensor(to_input(rgb)[None]))[0].numpy()
-        prob = Image.fromarray(logits.astype(np.float32), "F").resize((w, h), Image.BILINEAR)
-        mask = ndimage.binary_fill_holes(np.asarray(prob) > 0)
-        return mask if mask.any() else None
-
-    return segment
+# (shift, product look): busy photos of the product as it is and recoloured (the "grey =
+# product" check: the catalogue's products are grey), then every other setting shift
+CASES = [
+    ("busy_background", "as_is"),
+    ("busy_background", "tinted"),
+    ("busy_background", "colour_mapped"),
+    *((s, "as_is") for s in shopper.SETTINGS if s != "busy_background"),
+]
 
 
 def mask_scores(mask: np.ndarray | None, truth: np.ndarray) -> tuple[float, float, float]:
@@ -173,15 +87,17 @@ def located(photo: Image.Image, truth: np.ndarray) -> tuple[Image.Image, np.ndar
     return small, np.asarray(Image.fromarray(truth).resize(small.size, Image.NEAREST))
 
 
-def evaluate(images, ids, shift: str, seed: int, segment) -> dict:
+def evaluate(images, ids, shift: str, seed: int, segment, look: str = "as_is") -> dict:
     """Medians over the photos of `shift`: mask scores (heuristic, learned) against the true
     mask, and the canonical image's correlation to the catalogue image's (heuristic, learned,
     true mask), as benchmarks/canonical.py scores it; `busy_path`: the share of photos where
-    canonical_with_frame takes the busy path (the ring's spread above BUSY_SPREAD)."""
+    canonical_with_frame takes the busy path (the ring's spread above BUSY_SPREAD). `look`:
+    the product recoloured (shopper.LOOKS), e.g. a coloured product on clutter."""
     scores: dict[str, list] = {k: [] for k in ("heuristic", "learned", "busy_path")}
     canon: dict[str, list[float]] = {"heuristic": [], "learned": [], "true_mask": []}
     for image, i in zip(images, ids, strict=True):
-        photo, truth = shopper.render_with_mask(image, shift, shopper.shift_rng(seed, shift, i))
+        rng = shopper.shift_rng(seed, shift, i)
+        photo, truth = shopper.render_with_mask(image, shift, rng, look)
         small, truth = located(photo, truth)
         rgb = np.asarray(small).astype(np.float32)
         scores["busy_path"].append(product_box(rgb @ LUMA)[1] > BUSY_SPREAD)
@@ -203,12 +119,12 @@ def evaluate(images, ids, shift: str, seed: int, segment) -> dict:
     return row
 
 
-def time_masks(images, ids, seed: int, model: nn.Module) -> dict:
+def time_masks(images, ids, seed: int, segment: segmenting.Segmenter) -> dict:
     """Per busy photo, one thread: p50/p90 ms of busy_mask, the segmenter's forward alone
     (a 64×64 input) and the whole learned mask (resize, forward, upsample, fill holes)."""
-    model_input = to_tensor(to_input(np.zeros((SIDE, SIDE, 3)))[None])
+    side = segment.side
+    model_input = segmenting.to_tensor(segmenting.to_input(np.zeros((side, side, 3)), side)[None])
     times: dict[str, list[float]] = {"busy_mask": [], "forward": [], "learned_mask": []}
-    segment = learned_mask(model)
     for image, i in zip(images, ids, strict=True):
         photo = shopper.render(
             image, "busy_background", shopper.shift_rng(seed, "busy_background", i)
@@ -216,7 +132,7 @@ def time_masks(images, ids, seed: int, model: nn.Module) -> dict:
         rgb = np.asarray(photo).astype(np.float32)
         for name, call in (
             ("busy_mask", busy_mask),
-            ("forward", lambda _rgb: model(model_input)),
+            ("forward", lambda _rgb: segment.net(model_input)),
             ("learned_mask", segment),
         ):
             with torch.inference_mode():
@@ -234,13 +150,13 @@ def time_masks(images, ids, seed: int, model: nn.Module) -> dict:
 
 def print_table(result: dict) -> None:
     print(
-        f"\n{'shift':<21}{'n':>4}{'busy':>6} | {'mask P / R / IoU heuristic':>27}"
+        f"\n{'shift':<31}{'n':>4}{'busy':>6} | {'mask P / R / IoU heuristic':>27}"
         f" | {'learned':>19} | {'canonical corr. heur / learned / true':>38}"
     )
     for shift, r in result["shifts"].items():
         h, m, c = r["heuristic"], r["learned"], r["canonical_median"]
         print(
-            f"{shift:<21}{r['photos']:>4}{r['busy_path']:>6.2f} | "
+            f"{shift:<31}{r['photos']:>4}{r['busy_path']:>6.2f} | "
             f"{h['precision']:>11.3f} {h['recall']:.3f} {h['iou']:.3f} | "
             f"{m['precision']:.3f} {m['recall']:.3f} {m['iou']:.3f} | "
             f"{c['heuristic']:>22.3f} {c['learned']:.3f} {c['true_mask']:.3f}"
@@ -255,7 +171,9 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=480.0)
     parser.add_argument("--views", type=int, default=16000, help="training views rendered")
     parser.add_argument("--busy-share", type=float, default=0.4)
-    parser.add_argument("--images", type=int, default=300, help="busy test photos")
+    parser.add_argument("--colour-share", type=float, default=0.5, help="recoloured products")
+    parser.add_argument("--side", type=int, default=segmenting.SIDE)
+    parser.add_argument("--images", type=int, default=300, help="busy test photos (per look)")
     parser.add_argument("--others", type=int, default=100, help="test photos per other shift")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", type=Path, default=None)
@@ -265,25 +183,30 @@ def main() -> None:
     params = load_params(args.params)
     data = load_fashion_mnist(params.data.fashion_mnist_dir)
     start = time.perf_counter()
-    x, y = training_views(data["train"][0], args.views, args.seed, args.busy_share)
-    render_s = time.perf_counter() - start
-    print(
-        f"{args.views} training views rendered in {render_s:.0f} s; training {args.train_seconds:.0f} s"
+    print(f"{args.views} training views, training {args.train_seconds:.0f} s")
+    segment, trained = segmenting.train_segmenter(
+        data["train"][0],
+        args.train_seconds,
+        args.seed,
+        views=args.views,
+        busy_share=args.busy_share,
+        colour_share=args.colour_share,
+        side=args.side,
+        log=print,
     )
-    trained = train_segmenter(x, y, args.train_seconds, args.seed)
-    model = trained.pop("model")
-    segment = learned_mask(model)
     x_test, y_test = data["test"]
     seed = params.evaluation.shopper.seed
-    result = {"training": {**trained, "views": args.views, "render_seconds": round(render_s, 1)}}
+    result = {"training": {**trained, "colour_share": args.colour_share, "side": args.side}}
     result["shifts"] = {}
-    for shift in ["busy_background", *(s for s in shopper.SETTINGS if s != "busy_background")]:
+    rows_for = {}
+    for shift, look in CASES:
         n = args.images if shift == "busy_background" else args.others
-        rows = [int(i) for i in pick_shopper_rows(y_test, n, seed)]
+        rows = rows_for.setdefault(n, [int(i) for i in pick_shopper_rows(y_test, n, seed)])
         images = [Image.fromarray(x_test[i]) for i in rows]
-        result["shifts"][shift] = evaluate(images, rows, shift, seed, segment)
-        if shift == "busy_background":
-            result["timing"] = time_masks(images, rows, seed, model)
+        name = shift if look == "as_is" else f"{shift}+{look}"
+        result["shifts"][name] = evaluate(images, rows, shift, seed, segment, look)
+        if name == "busy_background":
+            result["timing"] = time_masks(images, rows, seed, segment)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print_table(result)
     if args.json:
