@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from components.config import SHOPPER_SHIFTS as SHIFTS
-from components.model.transforms import canonical_image, image_to_uint8
+from components.model.transforms import Segment, canonical_image, image_to_uint8
 
 DEGRADATIONS = ("jpeg", "blur_noise", "occlusion", "rotation")  # the catalogue image's own frame
 SETTINGS = tuple(s for s in SHIFTS if s not in DEGRADATIONS)  # the product placed on a setting
@@ -329,9 +329,9 @@ def training_shift(seed: int, index: int, odds: np.ndarray) -> tuple[str, np.ran
     return SHIFTS[int(rng.choice(len(SHIFTS), p=odds))], rng
 
 
-def _render_views_chunk(job: tuple[list, list[int], int, int, int, bool, np.ndarray]) -> np.ndarray:
+def _render_views_chunk(job: tuple) -> np.ndarray:
     """Worker: open, render under a per-image shift, preprocess; uint8 N×size×size×channels."""
-    paths, indices, seed, size, channels, canonical, odds = job
+    paths, indices, seed, size, channels, canonical, odds, segment = job
     out = []
     for path, i in zip(paths, indices, strict=True):
         shift, rng = training_shift(seed, i, odds)
@@ -340,7 +340,7 @@ def _render_views_chunk(job: tuple[list, list[int], int, int, int, bool, np.ndar
         else:
             with Image.open(path) as image:
                 photo = render(image, shift, rng)
-        out.append(image_to_uint8(photo, size, channels, canonical))
+        out.append(image_to_uint8(photo, size, channels, canonical, segment))
     return np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
 
 
@@ -353,13 +353,16 @@ def render_views(
     processes: int | None = None,
     progress: bool = True,
     weights: dict[str, float] | None = None,
+    segment: Segment | None = None,
 ) -> np.ndarray:
     """One shopper-style view per catalogue image (each under a shift drawn for it with the
     odds of `weights`, see training_shift_odds), as the model takes it: training's
     augmentation towards the shopper domain (training rows only; evaluation renders the test
     split with its own seed). Rendered in `processes` worker
     processes (default: every core), forked: a spawned worker would re-import the caller's
-    main module, and the workers use numpy and PIL only (no torch threads)."""
+    main module, and the workers use numpy and PIL only (no torch threads). With `segment` (a
+    learned segmenter, canonical only: it runs torch) the views are rendered in this process:
+    torch after a fork of a process that ran OpenMP threads can deadlock."""
     import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -376,10 +379,13 @@ def render_views(
             channels,
             canonical,
             training_shift_odds(weights),
+            segment,
         )
         for i in range(0, len(paths), chunk)
     ]
     workers = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
+    if segment is not None:
+        workers = 1
     parts = []
     with tqdm(total=len(paths), desc="shopper views", unit="img", disable=not progress) as bar:
         if workers == 1:
