@@ -8,8 +8,9 @@ photo, holes filled. It is trained (`train_segmenter`) on shopper-style renderin
 products, whose masks are known by construction (shopper.render_with_mask), a share of them
 recoloured so that "grey = product" cannot be learned.
 
-benchmarks/segmenter_experiment.py measured it (480 s of one thread): busy mask IoU 0.617
-(busy_mask) → 0.962, 2.7 ms a photo against busy_mask's 5.5 ms. A model trained with one
+benchmarks/segmenter_experiment.py measured it (480 s of one thread, docs/shopper.md): busy
+mask IoU 0.617 (busy_mask) → 0.955 on grey products, 0.607 → 0.948 on tinted ones; 2.9 ms a
+photo against busy_mask's 5.8 ms. A model trained with one
 carries it as `model.segmenter` (transforms.model_input passes it on); saved on its own with
 `save` / `load` (a state dict and the shape, loadable with weights_only).
 """
