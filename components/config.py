@@ -119,6 +119,27 @@ SHOPPER_SHIFTS = (  # components/model/shopper.py renders these (kept here: conf
 ShopperShift = Literal[SHOPPER_SHIFTS]  # type: ignore[valid-type]
 
 
+class SegmenterParams(_Strict):
+    """A learned busy-background mask for canonical preprocessing (components/model/segmenter.py):
+    trained by the train stage on training-split products, before the classifier, and carried by
+    the model. Off: canonical preprocessing uses the busy_mask heuristic."""
+
+    enabled: bool = False
+    budget_seconds: float = Field(480.0, gt=0)  # optimisation seconds (rendering not counted)
+    max_steps: int | None = Field(None, ge=1)  # tests shrink this; null = the time budget only
+    views: int = Field(16000, ge=32)  # shopper-style renderings of training products
+    busy_share: float = Field(0.4, ge=0, le=1)  # of them on clutter, the rest on other settings
+    colour_share: float = Field(0.5, ge=0, le=1)  # of them with the product recoloured
+    side: int = Field(64, ge=16, le=256)  # the network's input side (px); a multiple of 4
+
+    @field_validator("side")
+    @classmethod
+    def _side_multiple_of_4(cls, side: int) -> int:
+        if side % 4:
+            raise ValueError("the segmenter's input side must be a multiple of 4 (64, 32, ...)")
+        return side
+
+
 class TrainParams(_Strict):
     backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
     # the compact CNN: conv width and number of conv blocks per stage, a 2x2 max-pool between
@@ -146,6 +167,8 @@ class TrainParams(_Strict):
     shopper_share: float = Field(0.0, ge=0, le=1)
     # how often each shift is drawn for a row's view, relative (a shift not named: 1; 0: never)
     shopper_weights: dict[ShopperShift, float] = Field(default_factory=dict)
+    # canonical only: a learned product mask on busy backgrounds instead of busy_mask
+    segmenter: SegmenterParams = Field(default_factory=SegmenterParams)
     # side in pixels of a square cutout augmentation; 0 = off (8 measured 0.9388 vs 0.9399, docs/defaults.md)
     cutout: int = Field(0, ge=0)
     # progressive resizing: sides (px) of the earlier epochs, e.g. [20, 24]. The epochs split

@@ -12,7 +12,9 @@ A variant is produced at registration from the version's own fp32 weights, measu
 same frozen test split, and stored as an artifact of the same run (`compressed/`), so model,
 variant and index always come from one version. `OnnxModel` answers exactly like the torch
 model (class logits, L2-normalised embedding; same shapes), so evaluation and serving use it
-unchanged. No mlflow here: the registry is passed in.
+unchanged. No mlflow here: the registry is passed in. A model with a learned segmenter
+(components/model/segmenter.py) has it saved in the same folder (`segmenter.pt`, named in
+variants.json): the variant preprocesses exactly like its fp32 model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.model import segmenter as segmenting
 from components.model.models import VitrineNet
 from components.model.transforms import to_tensor
 
@@ -135,14 +138,23 @@ def model_meta(model: VitrineNet) -> dict[str, Any]:
         "embedding_dim": int(model.embedding_dim),
         "backbone_name": str(model.backbone_name),
         "preprocess": str(getattr(model, "preprocess", "plain")),
+        "segmenter": segmenting.FILE if segmenting.segmenter_of(model) is not None else None,
     }
 
 
 class OnnxModel(nn.Module):
     """An ONNX Runtime session behind VitrineNet's interface: forward(x) → (logits, embedding)
-    as torch tensors, plus the attributes serving and evaluation read (image_size, …)."""
+    as torch tensors, plus the attributes serving and evaluation read (image_size, …, and the
+    fp32 model's `segmenter`, loaded once with the variant)."""
 
-    def __init__(self, path: Path, variant: str, meta: dict[str, Any], threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        variant: str,
+        meta: dict[str, Any],
+        threads: int | None = None,
+        segmenter: segmenting.Segmenter | None = None,
+    ):
         super().__init__()
         import onnxruntime as ort
 
@@ -158,6 +170,7 @@ class OnnxModel(nn.Module):
         self.num_classes, self.embedding_dim = meta["num_classes"], meta["embedding_dim"]
         self.backbone_name = meta["backbone_name"]
         self.preprocess = meta.get("preprocess", "plain")  # variants built before it: plain
+        self.segmenter = segmenter
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +194,12 @@ def build_variant(model: VitrineNet, variant: str, folder: Path, calibration: np
 
 
 def write_meta(folder: Path, model: VitrineNet, verdicts: dict[str, dict]) -> Path:
-    """variants.json: the model's interface and, per variant, its measured verdict."""
+    """variants.json: the model's interface and, per variant, its measured verdict; the model's
+    segmenter beside it, if it has one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    segmenter = segmenting.segmenter_of(model)
+    if segmenter is not None:
+        segmenter.save(folder / segmenting.FILE)
     path = folder / META_FILE
     path.write_text(json.dumps({**model_meta(model), "variants": verdicts}, indent=2))
     return path
@@ -199,7 +217,10 @@ def load_variant(folder: Path, variant: str, threads: int | None = None) -> Onnx
     if not verdict or not verdict.get("passed"):
         reason = (verdict or {}).get("reason", "not produced")
         raise VariantUnavailable(f"variant {variant} is not available: {reason}")
-    return OnnxModel(Path(folder) / FILES[variant], variant, meta, threads)
+    segmenter = None
+    if meta.get("segmenter"):
+        segmenter = segmenting.Segmenter.load(Path(folder) / meta["segmenter"])
+    return OnnxModel(Path(folder) / FILES[variant], variant, meta, threads, segmenter)
 
 
 def variant_tag(variant: str) -> str:

@@ -343,8 +343,11 @@ def _sources_digest(sources: list, keys: list[int], seed: int) -> str:
 
 def _shopper_cache(cache_dir: Path, model: nn.Module, photos_digest: str, shift: str) -> Path:
     """Where one shift's model inputs are cached: named by the photos, the shift and the
-    model's size, channels and preprocessing."""
+    model's size, channels and preprocessing (with its learned segmenter's digest, if any)."""
     preprocess = getattr(model, "preprocess", "plain")
+    segmenter = getattr(model, "segmenter", None)
+    if segmenter is not None and preprocess == "canonical":
+        preprocess = f"{preprocess}_seg{segmenter.digest}"
     size, channels = model.image_size, model.in_channels  # type: ignore[attr-defined]
     return Path(cache_dir) / f"{shift}-{preprocess}-{size}-{channels}-{photos_digest}.npy"
 

@@ -100,6 +100,11 @@ class VitrineNet(nn.Module):
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.preprocess = "plain"  # or "canonical" (transforms.model_input; set by build_model)
+        # canonical only: a learned busy-background mask (components/model/segmenter.py), set by
+        # the train stage when params train.segmenter is on; None = the busy_mask heuristic. A
+        # plain attribute, not a submodule: the classifier's weights, ONNX graph and int8
+        # variant are the same with or without it; it pickles with the model.
+        self.segmenter = None
         self.trunk = trunk
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, num_classes)
@@ -173,13 +178,14 @@ SERVED_ATTRIBUTES = (
 class CompiledNet(nn.Module):
     """A VitrineNet compiled for inference (`compile_for_inference`): its trunk rewritten, its
     heads the model's own layers. Same outputs within float rounding (1.5e-8 measured), no
-    gradients; it carries the attributes serving reads."""
+    gradients; it carries the attributes serving reads (and the model's segmenter)."""
 
     def __init__(self, model: VitrineNet, trunk: nn.Module):
         super().__init__()
         self.trunk, self.classifier, self.embedding = trunk, model.classifier, model.embedding
         for name in SERVED_ATTRIBUTES:
             setattr(self, name, getattr(model, name))
+        self.segmenter = getattr(model, "segmenter", None)  # models pickled before it: none
 
     adapt_input = VitrineNet.adapt_input  # reads image_size and in_channels only
 

@@ -39,8 +39,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from components.config import SHOPPER_SHIFTS as SHIFTS
-from components.model.transforms import canonical_image, image_to_uint8
+from components.model.transforms import Segment, canonical_image, image_to_uint8
 
+DEGRADATIONS = ("jpeg", "blur_noise", "occlusion", "rotation")  # the catalogue image's own frame
+SETTINGS = tuple(s for s in SHIFTS if s not in DEGRADATIONS)  # the product placed on a setting
+LOOKS = ("as_is", "tinted", "colour_mapped")  # render_with_mask: the product recoloured
 SILHOUETTE_MIN = 10.0  # distance from the background (0-255) that makes a pixel the product's
 
 
@@ -137,14 +140,26 @@ def clutter(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(canvas).astype(np.float32)
 
 
+def placed_mask(alpha: np.ndarray, box: tuple[int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """The product's pixels (bool H×W) in a photo of `size` (width, height) where `composite`
+    pasted the silhouette `alpha` at `box`: the ground truth of a segmenter."""
+    width, height = size
+    placed = composite(
+        np.zeros((height, width, 1), np.float32), np.ones((*alpha.shape, 1)), alpha, box
+    )
+    return placed[..., 0] > 0.5
+
+
 def _on_background(
     appearance: np.ndarray, alpha: np.ndarray, rng: np.random.Generator, make_background
-) -> np.ndarray:
-    """The product (56-112 px) with a 5-25% margin, somewhere on a square background."""
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(photo, box): the product (56-112 px) with a 5-25% margin, somewhere on a square
+    background."""
     side = int(rng.integers(56, 113))
     canvas = int(side * rng.uniform(1.1, 1.5))
     x, y = (int(rng.integers(0, canvas - side + 1)) for _ in range(2))
-    return composite(make_background(canvas, canvas), appearance, alpha, (x, y, side))
+    box = (x, y, side)
+    return composite(make_background(canvas, canvas), appearance, alpha, box), box
 
 
 def _tinted(appearance: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -173,7 +188,9 @@ def _as_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-def _phone(appearance: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def _phone(
+    appearance: np.ndarray, alpha: np.ndarray, rng: np.random.Generator
+) -> tuple[Image.Image, tuple[int, int, int]]:
     short = int(rng.integers(200, 401))
     aspect = [4 / 3, 16 / 9, 3 / 4][int(rng.integers(3))]  # height / width
     width, height = short, round(short * aspect)
@@ -187,7 +204,7 @@ def _phone(appearance: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) 
     x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
     look = _colour_mapped(appearance, rng) if rng.random() < 0.7 else appearance
     photo = composite(np.clip(background, 0, 255), look, alpha, (x, y, side))
-    return _jpeg(_as_image(photo), int(rng.integers(70, 91)))
+    return _jpeg(_as_image(photo), int(rng.integers(70, 91))), (x, y, side)
 
 
 def render(image: Image.Image, shift: str, rng: np.random.Generator) -> Image.Image:
@@ -199,29 +216,60 @@ def render(image: Image.Image, shift: str, rng: np.random.Generator) -> Image.Im
         "RGB",
     ):  # transparency, palettes, CMYK, 16-bit: as the model sees them
         image = canonical_image(image, 3)
-    if shift in ("jpeg", "blur_noise", "occlusion", "rotation"):
+    if shift in DEGRADATIONS:
         return degrade(image, shift, rng)
+    return _placed(image, shift, rng)[0]
+
+
+def render_with_mask(
+    image: Image.Image, shift: str, rng: np.random.Generator, look: str = "as_is"
+) -> tuple[Image.Image, np.ndarray]:
+    """`render`'s photo (the same pixels for the same generator) and the product's pixels in it
+    (bool H×W), known by construction. Only the shifts that place the product on a setting:
+    a degradation keeps the catalogue's own frame and has no placement. `look` (LOOKS)
+    recolours the product first: "tinted" dyes it one saturated colour, "colour_mapped" maps
+    its shading to two colours (what colour_tint and colour_photo do); "as_is" (the default)
+    keeps it, and only then is the photo `render`'s."""
+    if shift not in SHIFTS or shift in DEGRADATIONS:
+        raise ValueError(f"no placement for shift {shift!r}: choose from {', '.join(SETTINGS)}")
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
+    if image.mode not in ("L", "RGB"):
+        image = canonical_image(image, 3)
+    photo, alpha, box = _placed(image, shift, rng, look)
+    return photo, placed_mask(alpha, box, photo.size)
+
+
+def _placed(
+    image: Image.Image, shift: str, rng: np.random.Generator, look: str = "as_is"
+) -> tuple[Image.Image, np.ndarray, tuple[int, int, int]]:
+    """(photo, silhouette, box) of a shift that places the product on a setting."""
     appearance, alpha = product_layers(image)
+    if look == "tinted":
+        appearance = _tinted(appearance, _saturated_colour(rng))
+    elif look == "colour_mapped":
+        appearance = _colour_mapped(appearance, rng)
     if shift == "phone":
-        return _phone(appearance, alpha, rng)
+        photo, box = _phone(appearance, alpha, rng)
+        return photo, alpha, box
     if shift == "white_background":
         level = rng.uniform(235, 255)
-        photo = _on_background(appearance, alpha, rng, lambda h, w: np.full((h, w, 3), level))
+        photo, box = _on_background(appearance, alpha, rng, lambda h, w: np.full((h, w, 3), level))
     elif shift == "light_background":
         colour = _light_colour(rng)
-        photo = _on_background(appearance, alpha, rng, lambda h, w: np.tile(colour, (h, w, 1)))
+        photo, box = _on_background(appearance, alpha, rng, lambda h, w: np.tile(colour, (h, w, 1)))
     elif shift == "textured_background":
-        photo = _on_background(appearance, alpha, rng, lambda h, w: texture(h, w, rng))
+        photo, box = _on_background(appearance, alpha, rng, lambda h, w: texture(h, w, rng))
     elif shift == "busy_background":
-        photo = _on_background(appearance, alpha, rng, lambda h, w: clutter(h, w, rng))
+        photo, box = _on_background(appearance, alpha, rng, lambda h, w: clutter(h, w, rng))
     elif shift == "colour_tint":
         look = _tinted(appearance, _saturated_colour(rng))
-        photo = _on_background(look, alpha, rng, lambda h, w: np.full((h, w, 3), 245.0))
+        photo, box = _on_background(look, alpha, rng, lambda h, w: np.full((h, w, 3), 245.0))
     else:  # colour_photo
         look = _colour_mapped(appearance, rng)
         colour = _light_colour(rng, 0.1)
-        photo = _on_background(look, alpha, rng, lambda h, w: np.tile(colour, (h, w, 1)))
-    return _as_image(photo)
+        photo, box = _on_background(look, alpha, rng, lambda h, w: np.tile(colour, (h, w, 1)))
+    return _as_image(photo), alpha, box
 
 
 def degrade(image: Image.Image, shift: str, rng: np.random.Generator) -> Image.Image:
@@ -281,9 +329,9 @@ def training_shift(seed: int, index: int, odds: np.ndarray) -> tuple[str, np.ran
     return SHIFTS[int(rng.choice(len(SHIFTS), p=odds))], rng
 
 
-def _render_views_chunk(job: tuple[list, list[int], int, int, int, bool, np.ndarray]) -> np.ndarray:
+def _render_views_chunk(job: tuple) -> np.ndarray:
     """Worker: open, render under a per-image shift, preprocess; uint8 N×size×size×channels."""
-    paths, indices, seed, size, channels, canonical, odds = job
+    paths, indices, seed, size, channels, canonical, odds, segment = job
     out = []
     for path, i in zip(paths, indices, strict=True):
         shift, rng = training_shift(seed, i, odds)
@@ -292,7 +340,7 @@ def _render_views_chunk(job: tuple[list, list[int], int, int, int, bool, np.ndar
         else:
             with Image.open(path) as image:
                 photo = render(image, shift, rng)
-        out.append(image_to_uint8(photo, size, channels, canonical))
+        out.append(image_to_uint8(photo, size, channels, canonical, segment))
     return np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
 
 
@@ -305,13 +353,16 @@ def render_views(
     processes: int | None = None,
     progress: bool = True,
     weights: dict[str, float] | None = None,
+    segment: Segment | None = None,
 ) -> np.ndarray:
     """One shopper-style view per catalogue image (each under a shift drawn for it with the
     odds of `weights`, see training_shift_odds), as the model takes it: training's
     augmentation towards the shopper domain (training rows only; evaluation renders the test
     split with its own seed). Rendered in `processes` worker
     processes (default: every core), forked: a spawned worker would re-import the caller's
-    main module, and the workers use numpy and PIL only (no torch threads)."""
+    main module, and the workers use numpy and PIL only (no torch threads). With `segment` (a
+    learned segmenter, canonical only: it runs torch) the views are rendered in this process:
+    torch after a fork of a process that ran OpenMP threads can deadlock."""
     import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -328,10 +379,13 @@ def render_views(
             channels,
             canonical,
             training_shift_odds(weights),
+            segment,
         )
         for i in range(0, len(paths), chunk)
     ]
     workers = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
+    if segment is not None:
+        workers = 1
     parts = []
     with tqdm(total=len(paths), desc="shopper views", unit="img", disable=not progress) as bar:
         if workers == 1:

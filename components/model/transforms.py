@@ -17,6 +17,7 @@ reaches the model the way a catalogue image does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -144,12 +145,20 @@ def busy_mask(rgb: np.ndarray) -> np.ndarray | None:
     return keep
 
 
-def canonicalise(image: Image.Image, size: int, mode: str | None = None) -> np.ndarray:
-    return canonical_with_frame(image, size, mode)[0]
+Segment = Callable[[np.ndarray], np.ndarray | None]  # float H×W×3 → bool H×W mask, or None
+
+
+def canonicalise(
+    image: Image.Image, size: int, mode: str | None = None, segment: Segment | None = None
+) -> np.ndarray:
+    return canonical_with_frame(image, size, mode, segment)[0]
 
 
 def canonical_with_frame(
-    image: Image.Image, size: int, mode: str | None = None
+    image: Image.Image,
+    size: int,
+    mode: str | None = None,
+    segment: Segment | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A photo of one product (mode L or RGB), as the catalogue shows products: uint8
     size×size in `mode` (default: the photo's), L or RGB.
@@ -168,7 +177,9 @@ def canonical_with_frame(
     4. the box is padded to a centred square (with the background) and resized so its longer
        side fills `size`: Fashion-MNIST's own framing (trimmed, longest edge 28 px).
     A photo where no product stands out keeps its whole frame. Also returns the frame: the
-    model input's square as (x, y, side) in the photo's own pixels (for explanations)."""
+    model input's square as (x, y, side) in the photo's own pixels (for explanations).
+    `segment` (float H×W×3 → bool H×W or None) replaces `busy_mask` on a busy background: a
+    model's learned segmenter (components/model/segmenter.py, `model.segmenter`)."""
     mode = mode or image.mode
     factor = max(1, max(image.size) // LOCATE_MAX_SIDE)
     if factor > 1:
@@ -176,7 +187,8 @@ def canonical_with_frame(
     arr = np.asarray(image).astype(np.float32)
     lum = arr if arr.ndim == 2 else arr @ LUMA
     background, spread, box = product_box(lum)
-    mask = busy_mask(arr) if arr.ndim == 3 and spread > BUSY_SPREAD else None
+    busy = arr.ndim == 3 and spread > BUSY_SPREAD
+    mask = (segment or busy_mask)(arr) if busy else None
     if mask is not None:
         box = mask_box(mask)
     if mode == "L":
@@ -221,11 +233,17 @@ def _located(image: Image.Image, channels: int) -> Image.Image:
 
 
 def image_to_uint8(
-    image: Image.Image, size: int, channels: int = 1, canonical: bool = False
+    image: Image.Image,
+    size: int,
+    channels: int = 1,
+    canonical: bool = False,
+    segment: Segment | None = None,
 ) -> np.ndarray:
-    """The model input for one photo: size×size×channels uint8 (see the module docstring)."""
+    """The model input for one photo: size×size×channels uint8 (see the module docstring);
+    `segment`: the mask function of a busy background (canonical only; default busy_mask)."""
     if canonical:
-        arr = canonicalise(_located(image, channels), size, "L" if channels == 1 else "RGB")
+        mode = "L" if channels == 1 else "RGB"
+        arr = canonicalise(_located(image, channels), size, mode, segment)
     else:
         arr = np.asarray(square_resize(canonical_image(image, channels), size), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
@@ -237,25 +255,34 @@ def input_frame(image: Image.Image, model: object) -> tuple[float, float, float]
     if getattr(model, "preprocess", "plain") == "canonical":
         channels, size = model.in_channels, model.image_size  # type: ignore[attr-defined]
         mode = "L" if channels == 1 else "RGB"
-        return canonical_with_frame(_located(image, channels), size, mode)[1]
+        segment = getattr(model, "segmenter", None)
+        return canonical_with_frame(_located(image, channels), size, mode, segment)[1]
     w, h = image.size
     side = max(w, h)
     return (-((side - w) // 2), -((side - h) // 2), side)
 
 
 def model_input(image: Image.Image, model: object) -> np.ndarray:
-    """`image_to_uint8` with the model's own input size, channels and preprocessing."""
+    """`image_to_uint8` with the model's own input size, channels and preprocessing, and its
+    learned segmenter where it carries one (`model.segmenter`, loaded with the model)."""
     return image_to_uint8(
         image,
         model.image_size,  # type: ignore[attr-defined]
         model.in_channels,  # type: ignore[attr-defined]
         canonical=getattr(model, "preprocess", "plain") == "canonical",
+        segment=getattr(model, "segmenter", None),
     )
 
 
-def load_uint8(path: Path, size: int, channels: int = 1, canonical: bool = False) -> np.ndarray:
+def load_uint8(
+    path: Path,
+    size: int,
+    channels: int = 1,
+    canonical: bool = False,
+    segment: Segment | None = None,
+) -> np.ndarray:
     with Image.open(path) as image:
-        return image_to_uint8(image, size, channels, canonical)
+        return image_to_uint8(image, size, channels, canonical, segment)
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:

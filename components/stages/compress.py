@@ -98,7 +98,8 @@ def judge_variant(
     """Build, measure and gate one variant; a failure to build it is a refusal, not a crash."""
     try:
         path = compress.build_variant(model, variant, folder, split.calibration)
-        candidate = compress.OnnxModel(path, variant, compress.model_meta(model))
+        meta, segmenter = compress.model_meta(model), getattr(model, "segmenter", None)
+        candidate = compress.OnnxModel(path, variant, meta, segmenter=segmenter)
         metrics = measure_variant(ctx, candidate, split, ctx.stage_dir("compress") / variant)
     except Exception as error:  # a broken exporter must not block registering the fp32 model
         reason = f"refused: building or measuring {variant} failed: {type(error).__name__}: {error}"

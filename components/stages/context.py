@@ -17,6 +17,7 @@ from tqdm import tqdm
 from components.config import PROJECT_ROOT, Params, StatePaths
 from components.data import catalogue, versioning
 from components.model.models import VitrineNet
+from components.model.segmenter import Segmenter, segmenter_of
 from components.model.transforms import load_uint8
 
 
@@ -57,23 +58,25 @@ def load_images(
     size: int | None = None,
     channels: int | None = None,
     canonical: bool | None = None,
+    segmenter: Segmenter | None = None,
 ) -> np.ndarray:
     """Decode manifest rows through the shared preprocessing at the model's input size, channels
-    and preprocessing (or the given / configured ones); cached on disk by content and all
-    three."""
+    and preprocessing (or the given / configured ones), canonical with the model's learned
+    segmenter (or `segmenter`) where there is one; cached on disk by content and all four."""
     size = size or (model.image_size if model is not None else ctx.params.train.image_size)
     channels = channels or (model.in_channels if model is not None else ctx.channels)
     if canonical is None:
         mode = getattr(model, "preprocess", "plain") if model else ctx.params.train.preprocess
         canonical = mode == "canonical"
+    segmenter = (segmenter or segmenter_of(model)) if canonical else None
     key = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()[:16]
-    suffix = "-canonical" if canonical else ""
+    suffix = ("-canonical" if canonical else "") + (f"-seg{segmenter.digest}" if segmenter else "")
     cache = ctx.paths.home / "cache" / f"images-{key}-{size}-{channels}{suffix}.npy"
     if cache.exists():
         return np.load(cache)
     paths = [ctx.catalogue_dir / p for p in manifest["path"]]
     arrays = [
-        load_uint8(p, size, channels, canonical)
+        load_uint8(p, size, channels, canonical, segmenter)
         for p in tqdm(paths, desc="decode", unit="img", mininterval=2)
     ]
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
@@ -82,10 +85,13 @@ def load_images(
     return images
 
 
-def load_views(ctx: RunContext, manifest: pd.DataFrame) -> np.ndarray | None:
+def load_views(
+    ctx: RunContext, manifest: pd.DataFrame, segmenter: Segmenter | None = None
+) -> np.ndarray | None:
     """One shopper-style rendering per manifest row as the configured model takes it
-    (components/model/shopper.py), for training's augmentation; None when
-    params.train.shopper_share is 0. Cached on disk like load_images."""
+    (components/model/shopper.py; canonical with `segmenter` where given), for training's
+    augmentation; None when params.train.shopper_share is 0. Cached on disk like
+    load_images."""
     from components.model import shopper
 
     train = ctx.params.train
@@ -93,7 +99,10 @@ def load_views(ctx: RunContext, manifest: pd.DataFrame) -> np.ndarray | None:
         return None
     weights = json.dumps(train.shopper_weights, sort_keys=True)
     key = hashlib.sha256(("".join(manifest["sha256"]) + weights).encode()).hexdigest()[:16]
-    name = f"views-{key}-{train.image_size}-{ctx.channels}-{train.preprocess}-{train.seed}.npy"
+    canonical = train.preprocess == "canonical"
+    segmenter = segmenter if canonical else None
+    seg = f"-seg{segmenter.digest}" if segmenter else ""
+    name = f"views-{key}-{train.image_size}-{ctx.channels}-{train.preprocess}{seg}-{train.seed}.npy"
     cache = ctx.paths.home / "cache" / name
     if cache.exists():
         return np.load(cache)
@@ -102,8 +111,9 @@ def load_views(ctx: RunContext, manifest: pd.DataFrame) -> np.ndarray | None:
         seed=train.seed,
         size=train.image_size,
         channels=ctx.channels,
-        canonical=train.preprocess == "canonical",
+        canonical=canonical,
         weights=train.shopper_weights,
+        segment=segmenter,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, views)

@@ -12,6 +12,7 @@ import pandas as pd
 from components.config import HEADLINE_METRICS, Params
 from components.data import catalogue
 from components.model.compress import ARTIFACT_DIR
+from components.model.segmenter import FILE as SEGMENTER_FILE
 from components.model.transforms import to_tensor
 from components.release.gate import read_gate_passed
 from components.release.registry import Registry, open_registry
@@ -109,6 +110,8 @@ def run(ctx: RunContext, registry: Registry | None = None, cause: str = "manual"
         FINGERPRINT_TAG: run_fingerprint(ctx),
         **{name: f"{metrics[name]:.4f}" for name in HEADLINE_METRICS},
     }
+    if getattr(model, "segmenter", None) is not None:  # which learned mask it preprocesses with
+        tags["segmenter"] = model.segmenter.digest
     compression = compress.run(ctx, model)  # variants gated on the frozen test split
     tags.update(compression["tags"])
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -127,6 +130,8 @@ def run(ctx: RunContext, registry: Registry | None = None, cause: str = "manual"
             artifacts["reference"] = work / "evaluate" / "reference"
         if compression["folder"] is not None:  # accepted variants, beside model and index
             artifacts[ARTIFACT_DIR] = compression["folder"]
+        if (work / "train" / SEGMENTER_FILE).is_file():  # also inside the pickled model
+            artifacts["segmenter"] = work / "train" / SEGMENTER_FILE
         version = registry.log_and_register_model(
             model, example, extra_artifacts=artifacts, tags=tags
         )

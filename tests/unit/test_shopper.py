@@ -57,6 +57,38 @@ def test_phone_frames_are_large_not_square_and_the_product_is_small(products):
         assert alpha.sum() < 0.5 * w * h
 
 
+@pytest.mark.parametrize("shift", shopper.SETTINGS)
+def test_render_with_mask_gives_the_same_photo_and_where_the_product_is(products, shift):
+    photo, mask = shopper.render_with_mask(products[3], shift, shopper.shift_rng(0, shift, 5))
+    same = shopper.render(products[3], shift, shopper.shift_rng(0, shift, 5))
+    assert np.array_equal(np.asarray(photo), np.asarray(same))
+    assert mask.dtype == bool and mask.shape == (photo.size[1], photo.size[0])
+    assert 0.02 < mask.mean() < 0.8  # the product, not the frame and not nothing
+    if shift == "white_background":  # a plain setting: the mask is what differs from it
+        lum = np.asarray(photo.convert("L"), np.float64)
+        differs = np.abs(lum - np.median(lum[0])) > 30
+        assert (differs & mask).sum() / differs.sum() > 0.95
+
+
+@pytest.mark.parametrize("look", ["tinted", "colour_mapped"])
+def test_render_with_mask_recolours_the_product_on_request(products, look):
+    """A grey catalogue product in colour on clutter: a segmenter cannot learn "grey = product"."""
+    rng = shopper.shift_rng(0, "busy_background", 4)
+    photo, mask = shopper.render_with_mask(products[4], "busy_background", rng, look)
+    rgb = np.asarray(photo).astype(np.float64)[mask]
+    assert np.median(rgb.max(axis=1) - rgb.min(axis=1)) > 10  # the product's own pixels: colour
+    grey, grey_mask = shopper.render_with_mask(products[4], "busy_background", rng)
+    rgb = np.asarray(grey).astype(np.float64)[grey_mask]
+    assert np.median(rgb.max(axis=1) - rgb.min(axis=1)) < 5
+    with pytest.raises(ValueError, match="unknown look"):
+        shopper.render_with_mask(products[4], "busy_background", rng, "sepia")
+
+
+def test_render_with_mask_refuses_a_degradation(products):
+    with pytest.raises(ValueError, match="no placement"):
+        shopper.render_with_mask(products[0], "jpeg", shopper.shift_rng(0, "jpeg", 0))
+
+
 def test_colour_shifts_are_in_colour(products):
     for shift in ("colour_tint", "colour_photo"):
         photo = np.asarray(shopper.render(products[2], shift, shopper.shift_rng(0, shift, 2)))
