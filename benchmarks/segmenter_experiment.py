@@ -3,7 +3,7 @@
 cheap enough to serve?
 
 Masks are known by construction (shopper.render_with_mask). The script trains the library's
-segmenter (components/model/segmenter.py: `train_segmenter`, what the train stage runs when
+segmenter (components/model/segmenter_training.py: `train_segmenter`, what the train stage runs when
 params train.segmenter is on), which
   1. renders --views shopper views of TRAINING-split products under every setting shift
      (--busy-share of them busy, the rest spread over white, light, textured, colour_tint,
@@ -47,7 +47,7 @@ from canonical import correlation  # noqa: E402  (benchmarks/canonical.py's metr
 from components.config import load_params  # noqa: E402
 from components.data.catalogue import load_fashion_mnist  # noqa: E402
 from components.model import segmenter as segmenting  # noqa: E402
-from components.model import shopper  # noqa: E402
+from components.model import segmenter_training, shopper  # noqa: E402
 from components.model.evaluation import pick_shopper_rows  # noqa: E402
 from components.model.transforms import (  # noqa: E402
     BUSY_SPREAD,
@@ -184,7 +184,7 @@ def main() -> None:
     data = load_fashion_mnist(params.data.fashion_mnist_dir)
     start = time.perf_counter()
     print(f"{args.views} training views, training {args.train_seconds:.0f} s")
-    segment, trained = segmenting.train_segmenter(
+    segment, trained = segmenter_training.train_segmenter(
         data["train"][0],
         args.train_seconds,
         args.seed,

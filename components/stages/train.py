@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from components.model import segmenter as segmenting
-from components.model import training
+from components.model import segmenter_training, training
 from components.stages.context import (
     RunContext,
     load_images,
@@ -80,7 +80,7 @@ def train_segmenter(
         return segmenter, {"resumed_from": saved.name, "digest": segmenter.digest}
     log.info("training the segmenter: %d views, %.0f s", settings.views, settings.budget_seconds)
     with limited_threads(training.count_threads()):
-        segmenter, summary = segmenting.train_segmenter(
+        segmenter, summary = segmenter_training.train_segmenter(
             [ctx.catalogue_dir / p for p in train["path"]],
             settings.budget_seconds,
             params.seed,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from components.config import Params, TrainParams, state_paths
-from components.model import compress, shopper
+from components.model import compress, segmenter_training, shopper
 from components.model import segmenter as segmenting
 from components.model.models import CompiledNet, MkldnnTrunk, build_model
 from components.model.transforms import busy_mask, image_to_uint8, model_input
@@ -30,7 +30,7 @@ TINY = {"views": 600, "side": 32, "max_steps": 200}
 @pytest.fixture(scope="module")
 def trained(fmnist):
     with limited_threads(1):
-        return segmenting.train_segmenter(fmnist["train"][0][:100], 600, seed=0, **TINY)
+        return segmenter_training.train_segmenter(fmnist["train"][0][:100], 600, seed=0, **TINY)
 
 
 def busy_photos(fmnist, look: str, n: int = 12) -> list[tuple[Image.Image, np.ndarray]]:
