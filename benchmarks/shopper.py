@@ -14,6 +14,10 @@ same category = relevant), each shift's ratio to in-domain, and vitrine's ratio 
 baseline. Goals (issue: the shopper's photo): every shift's accuracy >= 0.90 x in-domain and
 Recall@1 >= 0.88 x in-domain, in-domain accuracy >= 0.94.
 
+With `train.segmenter.enabled: true` in the --params file, the vitrine model first trains the
+learned busy-background mask (its own budget, outside --budget-minutes) and is canonicalised,
+trained and evaluated with it, as the train stage does (benchmarks/train.py prepare).
+
     python benchmarks/shopper.py --budget-minutes 20 --json bench-shopper.json
     python benchmarks/shopper.py --budget-minutes 1 --images 200     # a quick look
 """

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,15 +103,35 @@ def plan_epochs(budget_s: float, epoch_s: dict[int, float], params: TrainParams)
     return epochs
 
 
-def prepare(data: dict, params: TrainParams) -> tuple[dict, np.ndarray | None, float]:
+def prepare(data: dict, params: TrainParams) -> tuple[dict, np.ndarray | None, float, Any]:
     """(the splits through the configured preprocessing, the training rows' shopper-style
-    views or None, seconds spent): what the loop's load_images / load_views hand training."""
+    views or None, seconds spent, the learned segmenter or None): what the loop's train stage
+    hands training. With canonical preprocessing and train.segmenter on, the segmenter is
+    trained first on the training split (its own budget, counted in the seconds) and every
+    image and view is canonicalised with it, as the train stage does."""
     start = time.perf_counter()
     canonical = params.preprocess == "canonical"
+    segmenter = None
+    if canonical and params.segmenter.enabled:
+        from components.model.segmenter_training import train_segmenter
+
+        settings = params.segmenter
+        segmenter, _ = train_segmenter(
+            list(data["train"][0]),
+            settings.budget_seconds,
+            params.seed,
+            views=settings.views,
+            busy_share=settings.busy_share,
+            colour_share=settings.colour_share,
+            side=settings.side,
+            max_steps=settings.max_steps,
+        )
     out = {}
     for split, (x, y) in data.items():
         if canonical:
-            x = np.stack([image_to_uint8(Image.fromarray(im[..., 0]), 28, 1, True) for im in x])
+            x = np.stack(
+                [image_to_uint8(Image.fromarray(im[..., 0]), 28, 1, True, segmenter) for im in x]
+            )
         out[split] = (x, y)
     views = None
     if params.shopper_share > 0:
@@ -120,10 +141,12 @@ def prepare(data: dict, params: TrainParams) -> tuple[dict, np.ndarray | None, f
             28,
             1,
             canonical,
+            processes=1 if segmenter is not None else None,  # torch after a fork can deadlock
             progress=False,
             weights=params.shopper_weights,
+            segment=segmenter,
         )
-    return out, views, time.perf_counter() - start
+    return out, views, time.perf_counter() - start, segmenter
 
 
 def train_budgeted(
@@ -163,9 +186,10 @@ def train_and_score(
 ) -> tuple[torch.nn.Module, np.ndarray, dict]:
     """Prepare, train in the budget, score on the test split: (model, the training rows'
     embeddings (the catalogue searched), test scores + timing)."""
-    prepared, views, prepare_s = prepare(data, params)
+    prepared, views, prepare_s, segmenter = prepare(data, params)
     (x_train, y_train), (x_test, y_test) = prepared["train"], prepared["test"]
     result, timing = train_budgeted(x_train, y_train, params, budget_min, views)
+    result.model.segmenter = segmenter  # evaluation's model_input canonicalises with it
     probs, test_emb = training.predict_batches(result.model, x_test)
     _, train_emb = training.predict_batches(result.model, x_train)
     row = {
