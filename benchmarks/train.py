@@ -113,19 +113,9 @@ def prepare(data: dict, params: TrainParams) -> tuple[dict, np.ndarray | None, f
     canonical = params.preprocess == "canonical"
     segmenter = None
     if canonical and params.segmenter.enabled:
-        from components.model.segmenter_training import train_segmenter
+        from components.model.segmenter_training import train_from_params
 
-        settings = params.segmenter
-        segmenter, _ = train_segmenter(
-            list(data["train"][0]),
-            settings.budget_seconds,
-            params.seed,
-            views=settings.views,
-            busy_share=settings.busy_share,
-            colour_share=settings.colour_share,
-            side=settings.side,
-            max_steps=settings.max_steps,
-        )
+        segmenter, _ = train_from_params(list(data["train"][0]), params.segmenter, params.seed)
     out = {}
     for split, (x, y) in data.items():
         if canonical:

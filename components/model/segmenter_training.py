@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from components.config import SegmenterParams
 from components.model import shopper
 from components.model.segmenter import SIDE, WIDTH, Segmenter, TinySegmenter, to_input, to_tensor
 
@@ -132,3 +133,24 @@ def train_segmenter(
         "render_seconds": render_seconds,
         "digest": segmenter.digest,
     }
+
+
+def train_from_params(
+    images: Sequence[Any],
+    settings: SegmenterParams,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Segmenter, dict]:
+    """`train_segmenter` with params.yaml's train.segmenter settings (the train stage and
+    benchmarks/train.py train it alike)."""
+    return train_segmenter(
+        images,
+        settings.budget_seconds,
+        seed,
+        views=settings.views,
+        busy_share=settings.busy_share,
+        colour_share=settings.colour_share,
+        side=settings.side,
+        max_steps=settings.max_steps,
+        log=log,
+    )

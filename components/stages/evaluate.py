@@ -83,7 +83,7 @@ def build_index(ctx: RunContext, products: pd.DataFrame, catalogue: Catalogue) -
     table["colours"] = catalogue.colours
     table.to_parquet(out / "products.parquet", index=False)
     if len(table) > EXACT_MAX:  # the service loads the HNSW graph / IVF lists, never builds them
-        CatalogueIndex.load(out).write_search_structure(out)
+        CatalogueIndex.build(catalogue.embeddings, table).write_search_structure(out)
     return out
 
 

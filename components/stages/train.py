@@ -80,16 +80,8 @@ def train_segmenter(
         return segmenter, {"resumed_from": saved.name, "digest": segmenter.digest}
     log.info("training the segmenter: %d views, %.0f s", settings.views, settings.budget_seconds)
     with limited_threads(training.count_threads()):
-        segmenter, summary = segmenter_training.train_segmenter(
-            [ctx.catalogue_dir / p for p in train["path"]],
-            settings.budget_seconds,
-            params.seed,
-            views=settings.views,
-            busy_share=settings.busy_share,
-            colour_share=settings.colour_share,
-            side=settings.side,
-            max_steps=settings.max_steps,
-            log=log.info,
+        segmenter, summary = segmenter_training.train_from_params(
+            [ctx.catalogue_dir / p for p in train["path"]], settings, params.seed, log.info
         )
     segmenter.save(saved)
     return segmenter, summary
