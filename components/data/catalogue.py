@@ -108,7 +108,7 @@ def ingest_fashion_mnist(root: Path, out_dir: Path, categories: list[str]) -> pd
     return _finish(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), out_dir)
 
 
-def _probe(path: Path) -> tuple[str, int, int]:
+def probe_file(path: Path) -> tuple[str, int, int]:
     """sha256 and size of one image file; size 0×0 when it does not open as an image."""
     blob = path.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
@@ -127,15 +127,24 @@ def _assign_split(product_ids: pd.Series, labels: pd.Series, test_fraction: floa
     return pd.Series(np.where(rank <= test_fraction, "test", "train"), index=product_ids.index)
 
 
-def ingest_csv(csv_path: Path, out_dir: Path, categories: list[str], test_fraction: float):
-    """Copy a shop's catalogue (CSV: product_id,image,label[,title,split…]) into out_dir."""
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+def read_catalogue_csv(csv_path: Path) -> pd.DataFrame:
+    """A shop's catalogue CSV as strings; CatalogueError when a required column is missing."""
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise CatalogueError(f"{csv_path}: cannot read it as a CSV ({exc})") from None
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
         raise CatalogueError(
             f"{csv_path}: missing required column(s) {', '.join(missing)}; "
             f"a catalogue CSV needs {', '.join(REQUIRED_CSV_COLUMNS)}"
         )
+    return table
+
+
+def ingest_csv(csv_path: Path, out_dir: Path, categories: list[str], test_fraction: float):
+    """Copy a shop's catalogue (CSV: product_id,image,label[,title,split…]) into out_dir."""
+    table = read_catalogue_csv(csv_path)
     index = {name: i for i, name in enumerate(categories)}
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -146,7 +155,7 @@ def ingest_csv(csv_path: Path, out_dir: Path, categories: list[str], test_fracti
         if src.is_file():
             rel = f"images/{n:06d}{src.suffix.lower()}"
             shutil.copyfile(src, out_dir / rel)
-            digest, width, height = _probe(out_dir / rel)
+            digest, width, height = probe_file(out_dir / rel)
         title = rec.get("title") or rec["label"]
         rows.append(
             (
@@ -211,6 +220,41 @@ def ingest_catalogue(
     incoming.rename(out_dir)
     shutil.rmtree(retired, ignore_errors=True)
     return manifest
+
+
+def scan_source(
+    source: str, catalogue_dir: Path, categories: list[str], test_fraction: float = 0.15
+) -> pd.DataFrame:
+    """The catalogue source as it is now, read in place (nothing copied, for an index refresh):
+    manifest columns with `path` the absolute path of each image file ('' when it is missing)
+    and `sha256` the digest of its bytes; width and height are left 0 (probed when a row is
+    staged). For 'fashion-mnist', whose Debian files never change, the ingested catalogue."""
+    if source == "fashion-mnist":
+        manifest = read_manifest(catalogue_dir)
+        paths = [str(Path(catalogue_dir) / p) if p else "" for p in manifest["path"]]
+        return manifest.assign(path=paths)
+    csv_path = Path(source)
+    if not csv_path.is_file():
+        raise CatalogueError(f"catalogue source {source!r} is neither 'fashion-mnist' nor a CSV")
+    table = read_catalogue_csv(csv_path)
+    index = {name: i for i, name in enumerate(categories)}
+    rows = []
+    for rec in tqdm(table.to_dict("records"), desc="scan csv", unit="img", mininterval=2):
+        src = csv_path.parent / rec["image"]
+        path, digest = ("", "")
+        if src.is_file():
+            path, digest = str(src), hashlib.sha256(src.read_bytes()).hexdigest()
+        title = rec.get("title") or rec["label"]
+        label = index.get(rec["label"], -1)
+        split = rec.get("split", "")
+        rows.append((rec["product_id"], path, label, rec["label"], title, digest, 0, 0, split))
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS[:-1]).assign(source=table["image"])
+    unsplit = ~manifest["split"].isin(["train", "test"])
+    if unsplit.any():
+        manifest.loc[unsplit, "split"] = _assign_split(
+            manifest.loc[unsplit, "product_id"], manifest.loc[unsplit, "label"], test_fraction
+        )
+    return manifest.astype({"label": "int64", "width": "int64", "height": "int64"})
 
 
 def read_manifest(catalogue_dir: Path) -> pd.DataFrame:
