@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import hashlib
 import json
 import os
@@ -76,6 +77,8 @@ class ArtifactCorrupt(ValueError):
     """A version's stored artifact is missing or differs from what was registered."""
 
 
+INDEX_REVISION_TAG = "index_revision"  # the revision of the version's index to serve (0: none)
+REVISION_FILE = "revision.json"  # in a refresh's revision: what changed and each file's sha256
 INTEGRITY_TAG = "artifact_sha256"  # {"model/…" | "index/…": sha256} written at registration
 WRITTEN_ON_DOWNLOAD = {"registered_model_meta"}  # MLflow writes it into each models:/ download
 
@@ -95,6 +98,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def revision_artifact(revision: int) -> str:
+    """Where revision `revision` of a version's index is stored: 0 is the `index` its training
+    run registered, N > 0 the N-th refresh (components/retrieval/revisions.py)."""
+    return "index" if revision == 0 else f"index-revisions/{revision}"
 
 
 def _is_outage(error: BaseException) -> bool:
@@ -433,6 +442,75 @@ class Registry:
         found = self.client.search_model_versions(f"name='{self.model_name}'")
         rows = [{"version": str(mv.version), "tags": dict(mv.tags)} for mv in found]
         return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
+
+    # ----------------------------------------------------------------- index revisions
+    @_guarded
+    def index_revision(self, version: str) -> dict:
+        """The revision of `version`'s index to serve: its number, when it was built and
+        where it is stored (revision 0: the `index` the training run registered)."""
+        mv = self.client.get_model_version(self.model_name, str(version))
+        revision = int(mv.tags.get(INDEX_REVISION_TAG, "0"))
+        if revision == 0:
+            built = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat()
+            return {"revision": 0, "built_at": built, "artifact": revision_artifact(0)}
+        record = json.loads(mv.tags[f"{INDEX_REVISION_TAG}_{revision}"])
+        return {**record, "artifact": revision_artifact(revision)}
+
+    @_guarded
+    def download_index(self, version: str, revision: dict, dst: Path) -> Path:
+        """Download revision `revision` (an `index_revision` answer) of `version`'s index into
+        `dst`, checked: revision 0 against the registration digests, a refresh's revision
+        against its revision.json, whose own digest its version tag records."""
+        if revision["revision"] == 0:
+            return self.download_artifacts(version, revision["artifact"], dst)
+        mv = self.client.get_model_version(self.model_name, str(version))
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id,
+                artifact_path=revision["artifact"],
+                dst_path=str(dst),
+                tracking_uri=self.tracking_uri,
+            )
+        )
+        manifest = local / REVISION_FILE
+        where = f"version {version} index revision {revision['revision']}"
+        if not manifest.is_file() or _sha256(manifest) != revision["manifest_sha256"]:
+            raise ArtifactCorrupt(f"{where}: {REVISION_FILE} is missing or altered")
+        expected = json.loads(manifest.read_text())["files"]
+        found = file_digests(local, "index")
+        for name, digest in expected.items():
+            if found.get(name) != digest:
+                state = "missing" if name not in found else "corrupted"
+                raise ArtifactCorrupt(f"{where}: {name} is {state}")
+        return local
+
+    @_guarded
+    def publish_index_revision(self, version: str, folder: Path, summary: dict) -> dict:
+        """Store `folder` (an index, its revision.json and store images) as the next revision
+        of `version`'s index and make it the one served (the `index_revision` tag, set last).
+        Audited like a promotion: the record is a version tag and a line of the audit log.
+        Under the promotion lock, so two refreshes never take the same number."""
+        with self.promotion_lock(self.lock_wait_seconds):
+            mv = self.client.get_model_version(self.model_name, str(version))
+            revision = int(mv.tags.get(INDEX_REVISION_TAG, "0")) + 1
+            self.client.log_artifacts(mv.run_id, str(folder), revision_artifact(revision))
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+            record = {
+                "action": "index_refresh",
+                "version": str(version),
+                "revision": revision,
+                "built_at": _now().isoformat(),
+                "by": f"{user}@{socket.gethostname()}",
+                **summary,
+                "manifest_sha256": _sha256(Path(folder) / REVISION_FILE),
+            }
+            self._tag(version, f"{INDEX_REVISION_TAG}_{revision}", json.dumps(record))
+            self._tag(version, INDEX_REVISION_TAG, str(revision))
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.audit_log.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        return record
 
     # ----------------------------------------------------------------- gate and approval
     @_guarded

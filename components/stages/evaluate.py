@@ -78,7 +78,7 @@ def build_index(ctx: RunContext, products: pd.DataFrame, catalogue: Catalogue) -
     out = ctx.stage_dir("evaluate") / "index"
     out.mkdir(exist_ok=True)
     np.save(out / "embeddings.npy", catalogue.embeddings.astype(np.float32))
-    cols = ["product_id", "label", "category", "title", "path", "split"]
+    cols = ["product_id", "label", "category", "title", "path", "split", "sha256"]
     table = products[cols].reset_index(drop=True)
     table["colours"] = catalogue.colours
     table.to_parquet(out / "products.parquet", index=False)

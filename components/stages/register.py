@@ -28,7 +28,7 @@ from components.stages.context import (
 from components.stages.context import data_version as read_data_version
 
 FINGERPRINT_TAG = "run_fingerprint"
-UNTRACKED_SECTIONS = ("schedules",)  # when the loop runs, not what it makes
+UNTRACKED_SECTIONS = ("schedules", "refresh")  # when the loop runs / the index later, not the model
 
 
 def run_fingerprint(ctx: RunContext) -> str:

@@ -26,6 +26,7 @@ from components.release.registry import (
     PromotionRefused,
     Registry,
     RegistryUnavailable,
+    file_digests,
 )
 
 MODEL = "vitrine-product"
@@ -444,3 +445,55 @@ def test_a_version_whose_stored_artifacts_changed_is_refused_on_load(tmp_path: P
     next(stored.rglob("embeddings.npy")).unlink()
     with pytest.raises(ArtifactCorrupt, match="artifact index/embeddings.npy is missing"):
         registry.download_artifacts(version, "index", tmp_path / "damaged")
+
+
+def publish_revision(registry: Registry, tmp: Path, rows: int, value: float) -> dict:
+    """A revision folder as a refresh writes one (an index file and revision.json), published
+    for version 1."""
+    folder = tmp / f"revision-{value}"
+    folder.mkdir()
+    np.save(folder / "embeddings.npy", np.full((rows, 3), value, np.float32))
+    (folder / "revision.json").write_text(json.dumps({"files": file_digests(folder, "index")}))
+    return registry.publish_index_revision("1", folder, {"size": rows})
+
+
+def test_index_revisions_are_numbered_audited_and_the_newest_is_served(
+    registry: Registry, tmp_path: Path
+):
+    assert registry.index_revision("1") | {"built_at": None} == {
+        "revision": 0,
+        "built_at": None,
+        "artifact": "index",
+    }
+    first = publish_revision(registry, tmp_path, 2, 1.0)
+    second = publish_revision(registry, tmp_path, 3, 2.0)
+    assert (first["revision"], second["revision"]) == (1, 2)
+    served = registry.index_revision("1")
+    assert served["revision"] == 2 and served["size"] == 3 and served["by"]
+    assert served["artifact"] == "index-revisions/2" and served["built_at"] > first["built_at"]
+    local = registry.download_index("1", served, tmp_path / "download")
+    assert (np.load(local / "embeddings.npy") == 2.0).all()
+    assert registry.index_revision("2")["revision"] == 0  # another version's index is its own
+    assert [(r["action"], r["revision"]) for r in audit_lines(registry)[-2:]] == [
+        ("index_refresh", 1),
+        ("index_refresh", 2),
+    ]
+    assert registry.alias_version("champion") is None  # no alias moved
+
+
+def test_a_revision_changed_in_the_artifact_store_is_refused(registry: Registry, tmp_path: Path):
+    revision = publish_revision(registry, tmp_path, 2, 5.0)
+    run_id = registry.version_info("1")["run_id"]
+    stored = next(
+        path
+        for path in registry.artifact_root.rglob("embeddings.npy")
+        if run_id in path.parts and path.parent.name == str(revision["revision"])
+    )
+    original = stored.read_bytes()
+    try:
+        stored.write_bytes(original[:-4] + b"\0\0\0\1")
+        served = registry.index_revision("1")
+        with pytest.raises(ArtifactCorrupt, match="embeddings.npy is corrupted"):
+            registry.download_index("1", served, tmp_path / "download")
+    finally:
+        stored.write_bytes(original)

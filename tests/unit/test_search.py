@@ -32,6 +32,7 @@ def make_catalogue(shares: dict[str, float], n: int = 2000, seed: int = 0):
             "title": [f"{c} #{i}" for i, c in enumerate(cats)],
             "path": [f"images/{i:05d}.png" for i in range(len(cats))],
             "split": "train",
+            "sha256": [f"{i:064x}" for i in range(len(cats))],  # as in the manifest
         }
     )
     return emb, products
