@@ -453,6 +453,7 @@ class SchedulesParams(_Strict):
         default_factory=lambda: MonitorScheduleParams(cron="0 * * * *")
     )
     promote: ScheduleParams = Field(default_factory=lambda: ScheduleParams(cron="*/10 * * * *"))
+    refresh: ScheduleParams = Field(default_factory=lambda: ScheduleParams(cron="15 * * * *"))
 
     @field_validator("timezone")
     @classmethod
@@ -464,6 +465,14 @@ class SchedulesParams(_Strict):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown timezone {value!r} (IANA name, e.g. UTC)") from exc
         return value
+
+
+class RefreshParams(_Strict):
+    """`vitrine index refresh`: the champion's index brought up to date with the catalogue
+    source without retraining (components/stages/refresh.py)."""
+
+    # a refresh that would delist more than this share of the index at once is refused
+    max_removed_share: float = Field(default=0.2, ge=0.0, le=1.0)
 
 
 class DistributedParams(_Strict):
@@ -489,6 +498,7 @@ class Params(_Strict):
     serving: ServingParams = Field(default_factory=ServingParams)
     monitoring: MonitoringParams = Field(default_factory=MonitoringParams)
     schedules: SchedulesParams = Field(default_factory=SchedulesParams)
+    refresh: RefreshParams = Field(default_factory=RefreshParams)
     distributed: DistributedParams = Field(default_factory=DistributedParams)
 
 
@@ -576,6 +586,12 @@ class StatePaths:
     @property
     def audit_log(self) -> Path:
         return self.home / "audit.jsonl"
+
+    @property
+    def product_images(self) -> Path:
+        """Images of products an index refresh added or changed, named by content digest
+        (components/retrieval/revisions.py); the catalogue folder holds the others."""
+        return self.home / "product-images"
 
     @property
     def auth(self) -> Path:

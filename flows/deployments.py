@@ -1,9 +1,9 @@
 """The loop's schedules as Prefect deployments on the local Prefect server (what `vitrine deploy`
 registers and `vitrine schedules` lists).
 
-How runs execute: `vitrine deploy` registers three deployments, each named `vitrine`, in the
+How runs execute: `vitrine deploy` registers four deployments, each named `vitrine`, in the
 `process` work pool `schedules.work_pool`: `retrain` (nightly cron), `monitor` (hourly),
-`promote` (every 10 minutes). The server's scheduler turns their crons into scheduled flow runs;
+`promote` (every 10 minutes), `refresh` (hourly: the champion's index follows the catalogue). The server's scheduler turns their crons into scheduled flow runs;
 `vitrine worker` (a `prefect worker` on that pool) picks each due run up and executes it as a
 subprocess of the project's virtualenv (the entrypoints are importable modules, e.g.
 `flows.retrain.retrain`, so no code is copied), with the worker's environment (VITRINE_HOME,
@@ -37,10 +37,11 @@ from prefect.types.entrypoint import EntrypointType
 from components.config import PROJECT_ROOT, Params
 from flows.monitor import monitor
 from flows.promote import promote
+from flows.refresh import refresh
 from flows.retrain import retrain
 from flows.server import DEPLOYMENT
 
-FLOWS = ("retrain", "monitor", "promote")
+FLOWS = ("retrain", "monitor", "promote", "refresh")
 
 
 def ensure_work_pool(name: str) -> None:
@@ -84,11 +85,19 @@ def _specs(params: Params) -> list[tuple[Any, Any, dict, dict, str]]:
             {},
             "champion <- an approved, gate-passed challenger (approvals made in the MLflow UI)",
         ),
+        (
+            refresh,
+            sched.refresh,
+            {},
+            {},
+            "the champion's index <- new, changed and delisted products of the catalogue "
+            "source, as a new index revision of the same model version (no retraining)",
+        ),
     ]
 
 
 def build_deployments(params: Params) -> list:
-    """The three RunnerDeployments, all built (crons validated by Prefect) before any is sent."""
+    """The four RunnerDeployments, all built (crons validated by Prefect) before any is sent."""
     sched = params.schedules
     built = []
     for flow, setting, parameters, schedule_parameters, description in _specs(params):
@@ -125,7 +134,7 @@ def build_deployments(params: Params) -> list:
 
 
 def apply_deployments(params: Params) -> list[str]:
-    """Create or update the three deployments (idempotent); returns their full names."""
+    """Create or update the four deployments (idempotent); returns their full names."""
     deployments = build_deployments(params)
     ensure_work_pool(params.schedules.work_pool)
     for deployment in deployments:
@@ -154,7 +163,7 @@ def _next_runs(client, deployment_id, schedule, n: int = 3) -> tuple[list[dateti
 
 
 def list_deployments() -> list[dict]:
-    """Each of the three deployments: schedule, state, work pool, next run times."""
+    """Each of the four deployments: schedule, state, work pool, next run times."""
     rows = []
     with get_client(sync_client=True) as client:
         for name in FLOWS:

@@ -35,6 +35,8 @@ stage_app = typer.Typer(help="Run one stage of the loop on ./work (what `dvc rep
 app.add_typer(stage_app, name="stage")
 ab_app = typer.Typer(help="The online A/B between champion and challenger (serving.ab).")
 app.add_typer(ab_app, name="ab")
+index_app = typer.Typer(help="The champion's catalogue index: refresh it without retraining.")
+app.add_typer(index_app, name="index")
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")]
 
@@ -209,6 +211,13 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             say(f"  - {reason}")
     say(f"previous champion: {data.get('previous_champion') or 'none'}")
     say(f"data version: {data.get('data_version') or 'unknown'}")
+    champion_tags = (data.get("champion") or {}).get("tags", {})
+    if (revision := champion_tags.get("index_revision", "0")) != "0":  # vitrine index refresh
+        record = json.loads(champion_tags[f"index_revision_{revision}"])
+        say(
+            f"champion's index: revision {revision} ({record['size']} products, built "
+            f"{record['built_at'][:19].replace('T', ' ')} UTC by {record['by']})"
+        )
     if refused := data.get("champion_refused"):
         console.print(Text(f"REFUSED: {refused}", style="bold red"))
 
@@ -371,6 +380,58 @@ def rollback(
     except (PromotionRefused, RegistryUnavailable) as exc:
         fail(str(exc))
     say(f"champion: {record['from']} → {record['to']} (rollback)")
+
+
+@index_app.command("refresh")
+def index_refresh(
+    source: Annotated[
+        str | None, typer.Option(help="Default: data.source ('fashion-mnist' or a CSV).")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """New, changed and delisted products into the champion's index, without retraining.
+
+    The source is compared with the index the service serves; new and changed rows are
+    validated like ingest's (bad ones quarantined) and embedded with the champion's own model;
+    the result is published as the next index revision of the same model version (audited),
+    and the service swaps to it within serving.poll_seconds. Nothing changed: nothing is
+    published.
+    """
+    from components.data.catalogue import CatalogueError
+    from components.release.registry import PromotionRefused, RegistryUnavailable
+    from components.retrieval.revisions import RefreshRefused
+    from flows.refresh import refresh
+
+    try:
+        result = refresh(source=source)
+    except (CatalogueError, RefreshRefused) as exc:
+        fail(str(exc), 2)
+    except (PromotionRefused, RegistryUnavailable) as exc:
+        fail(str(exc))
+    except Exception as exc:  # the flow already logged the traceback; say it plainly
+        fail(f"index refresh failed: {type(exc).__name__}: {exc}")
+    say(refresh_summary(result))
+    emit(result, json_path)
+
+
+def refresh_summary(result: dict) -> str:
+    """One paragraph on what `vitrine index refresh` did."""
+    if "version" not in result:
+        return result["reason"]
+    planned = result["planned"]
+    bad = result["quarantined"]
+    quarantined = f"; {bad} quarantined {result['quarantined_by_reason']}" if bad else ""
+    if not result["published"]:
+        return (
+            f"the index of version {result['version']} is current (revision "
+            f"{result['revision']}): {planned['unchanged']} products unchanged{quarantined}"
+        )
+    return (
+        f"version {result['version']}: index revision {result['revision']} published "
+        f"({result['size']} products: {result['added']} added, {result['changed']} changed, "
+        f"{result['removed']} delisted{quarantined}) in {result['seconds']} s; the service "
+        "swaps to it at its next registry poll (serving.poll_seconds)"
+    )
 
 
 def worker_env(env: dict[str, str], workers: int, gpus: int = 0) -> dict[str, str]:
@@ -643,8 +704,8 @@ def deploy(
 ) -> None:
     """Create or update the Prefect deployments on the local server (`vitrine ui` starts it).
 
-    Retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes;
-    crons from params.yaml `schedules`. `vitrine worker` executes their runs.
+    Retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes,
+    refresh the champion's index hourly; crons from params.yaml `schedules`. `vitrine worker` executes their runs.
     """
     from flows.deployments import apply_deployments
     from flows.deployments import list_deployments as read_deployments

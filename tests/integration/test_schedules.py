@@ -35,7 +35,12 @@ from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 
 pytestmark = pytest.mark.integration
 
-CRONS = {"retrain": "30 3 * * *", "monitor": "7 * * * *", "promote": "*/10 * * * *"}
+CRONS = {
+    "retrain": "30 3 * * *",
+    "monitor": "7 * * * *",
+    "promote": "*/10 * * * *",
+    "refresh": "45 * * * *",
+}
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +174,7 @@ def test_deploy_creates_the_configured_schedules(world):
         assert retrain_dep.parameters == {"refresh_data": True}
         assert client.read_work_pool("vitrine-test").type == "process"
         names = [d.name for d in client.read_deployments() if d.name == "vitrine"]
-        assert len(names) == 3
+        assert len(names) == 4
     listed = json.loads(invoke(["deploy", "--list", "--json"], world["api"]).output)
     rows = {row["name"]: row for row in listed["deployments"]}
     now = datetime.now(UTC)

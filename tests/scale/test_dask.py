@@ -105,3 +105,21 @@ def test_without_a_scheduler_address_evaluate_runs_on_a_local_cluster(trained, s
     assert pd.read_parquet(index / "products.parquet")["colours"].tolist() == expected.colours
     written = pd.read_parquet(trained.work / "evaluate" / "reference" / "reference.parquet")
     assert written["product_id"].tolist() == expected_reference["product_id"].tolist()
+
+
+def test_an_index_refresh_embeds_on_a_local_dask_cluster_as_in_one_process(trained, prefect_api):
+    """`vitrine index refresh` at catalogue scale: the new and changed rows embedded and
+    colour-tagged in shards on the Dask task runner equal the refresh's one-process path."""
+    from components.stages import refresh
+    from flows.refresh import describe_on_dask
+    from flows.retrain import dask_runner
+
+    rows = evaluate_stage.accepted_products(trained).head(200)
+    model_path = trained.work / "train" / "model.pt"
+    expected = refresh.describe_rows(trained, model_path, rows)
+    on_dask = sharded(trained, local_workers=2)
+    runner = dask_runner(on_dask.params.distributed)
+    described = describe_on_dask.with_options(task_runner=runner)(on_dask, model_path, rows)
+    assert len(described.embeddings) == 200
+    np.testing.assert_allclose(described.embeddings, expected.embeddings, atol=1e-5)
+    assert described.colours == expected.colours

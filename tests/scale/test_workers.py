@@ -36,7 +36,7 @@ pytestmark = pytest.mark.scale
 VITRINE = str(PROJECT_ROOT / ".venv" / "bin" / "vitrine")
 POOL = "vitrine-hosts"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-FLOWS = ("retrain", "monitor", "promote")
+FLOWS = ("retrain", "monitor", "promote", "refresh")
 
 
 @dataclass
