@@ -116,14 +116,15 @@ def parse_colour_or_422(value: str | None) -> str | None:
         return check_colour(value)
 
 
-def catalogue_file(catalogue_dir: Path, record: dict, product_id: str) -> Path:
-    """The product's image file, which must lie inside the catalogue folder; else a 404."""
-    path = (catalogue_dir / str(record.get("path", ""))).resolve()
-    if (
-        not record.get("path")
-        or not path.is_file()
-        or not path.is_relative_to(catalogue_dir.resolve())
-    ):
+def catalogue_file(catalogue_dir: Path, record: dict, product_id: str, store: Path) -> Path:
+    """The product's image file, which must lie inside the catalogue folder (or, for a product
+    an index refresh added or changed, the product-image store); else a 404."""
+    from components.retrieval.revisions import STORE_PREFIX, image_file
+
+    rel = str(record.get("path") or "")
+    root = store if rel.startswith(STORE_PREFIX) else catalogue_dir
+    path = image_file(rel, catalogue_dir, store).resolve()
+    if not rel or not path.is_file() or not path.is_relative_to(Path(root).resolve()):
         raise ApiError(404, f"no image file for product {product_id}")
     return path
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import numpy as np
 from components.serving.runtime import settle_heap
 
 log = logging.getLogger("vitrine.service")
+# The text space is N x 384 float32 in each worker: up to this, about 1.3M products. Above,
+# the version serves image search only and /search_text answers 409 saying why.
+TEXT_SPACE_MAX_BYTES = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,35 @@ class Bundle:
     torch_model: Any = None  # the version's fp32 weights (gradients for /explain)
     variant: str = "fp32"  # what `model` is: fp32, or a compressed variant of the same version
     variant_note: str | None = None  # why a requested variant is not the one served
+    index_revision: int = 0  # 0: the index of the training run; N: the N-th refresh
+    index_built_at: str | None = None
+    text_note: str | None = None  # why a version with a text projection serves no text search
 
     def text_space(self) -> np.ndarray:
         """The products in the text space; a 409 when the version has none."""
         if self.text is None:
             from bentos.http import ApiError
 
-            why = "was registered without text search (text_search.enabled was false)"
+            why = self.text_note or (
+                "was registered without text search (text_search.enabled was false)"
+            )
             raise ApiError(409, f"model version {self.version} {why}")
         return self.text
+
+
+def keep_store_images(index_dir: Path, store: Path) -> None:
+    """Copy a refreshed revision's product images (images/, named by content digest) into
+    the state folder's store, where /products/{id}/image finds them; present ones are kept."""
+    from components.retrieval.revisions import STORE_DIR
+
+    folder = index_dir / STORE_DIR
+    if not folder.is_dir():
+        return
+    store.mkdir(parents=True, exist_ok=True)
+    for image in folder.iterdir():
+        if not (store / image.name).is_file():
+            shutil.copyfile(image, store / f".{image.name}.part")
+            (store / f".{image.name}.part").rename(store / image.name)
 
 
 def serving_example(model: Any) -> Any:
@@ -107,24 +131,45 @@ class ModelLoader:
             self._registry = open_registry(self.paths, self.params)
         return self._registry
 
-    def load_bundle(self, registry: Any, version: str) -> Bundle:
-        from components.model.models import compile_for_inference, serving_layout
+    def load_index(
+        self, registry: Any, version: str, revision: dict
+    ) -> tuple[Any, Any, str | None]:
+        """(index, text space, why there is no text space) of `revision`
+        (Registry.index_revision) of `version`'s index; the store images of a refreshed
+        revision go to the state folder's product images."""
         from components.retrieval.index import CatalogueIndex
 
-        start = time.perf_counter()
-        model = serving_layout(registry.load_model(version).eval())
-        text = None
+        text, note = None, None
         with tempfile.TemporaryDirectory(prefix=f"vitrine-index-v{version}-") as tmp:
-            index_dir = registry.download_artifacts(version, "index", Path(tmp))
+            index_dir = registry.download_index(version, revision, Path(tmp))
             index = CatalogueIndex.load(index_dir)
+            keep_store_images(index_dir, self.paths.product_images)
             if (index_dir / "text_projection.npz").exists():
                 from components.retrieval import text as textsearch
 
-                projection = textsearch.TextProjection.load(index_dir / "text_projection.npz")
-                text = projection.project(index.embeddings)
-                textsearch.load_text_encoder()  # the first text query should not pay for it
+                need = len(index) * textsearch.TEXT_DIM * 4
+                if need > TEXT_SPACE_MAX_BYTES:  # N x 384 floats in every worker
+                    note = (
+                        f"serves no text search: its {len(index):,} products would take "
+                        f"{need / 1e9:.1f} GB of text space per worker (limit "
+                        f"{TEXT_SPACE_MAX_BYTES / 1e9:.0f} GB; docs/scale.md)"
+                    )
+                    log.warning("version %s %s", version, note)
+                else:
+                    projection = textsearch.TextProjection.load(index_dir / "text_projection.npz")
+                    text = projection.project(index.embeddings)
+                    textsearch.load_text_encoder()  # the first text query should not pay
         if len(index) == 0:
             raise ValueError(f"version {version} has an empty index")
+        return index, text, note
+
+    def load_bundle(self, registry: Any, version: str) -> Bundle:
+        from components.model.models import compile_for_inference, serving_layout
+
+        start = time.perf_counter()
+        model = serving_layout(registry.load_model(version).eval())
+        revision = registry.index_revision(version)
+        index, text, text_note = self.load_index(registry, version, revision)
         with_dim = getattr(model, "embedding_dim", index.dim)
         if with_dim != index.dim:
             raise ValueError(f"model embeds in {with_dim} dims but its index holds {index.dim}")
@@ -150,6 +195,28 @@ class ModelLoader:
             torch_model=model,
             variant=variant,
             variant_note=note,
+            index_revision=revision["revision"],
+            index_built_at=revision["built_at"],
+            text_note=text_note,
+        )
+
+    def refresh_index(self, registry: Any, bundle: Bundle) -> Bundle | None:
+        """The served version with its newest index revision, or None when it is current:
+        the same model objects, the new index and text space (an index refresh)."""
+        revision = registry.index_revision(bundle.version)
+        if revision["revision"] == bundle.index_revision:
+            return None
+        start = time.perf_counter()
+        index, text, text_note = self.load_index(registry, bundle.version, revision)
+        return replace(
+            bundle,
+            index=index,
+            text=text,
+            text_note=text_note,
+            loaded_at=datetime.now(UTC).isoformat(),
+            load_seconds=round(time.perf_counter() - start, 3),
+            index_revision=revision["revision"],
+            index_built_at=revision["built_at"],
         )
 
     def reload(self) -> dict:
@@ -171,9 +238,12 @@ class ModelLoader:
                 if target is None:
                     raise LookupError("no version has the `champion` alias yet")
                 if target == old:
-                    self.last_error = None
-                    return {"reloaded": False, "model_version": old, "previous_version": old}
-                bundle = self.load_bundle(registry, target)
+                    bundle = self.refresh_index(registry, self.bundle)
+                    if bundle is None:
+                        self.last_error = None
+                        return {"reloaded": False, "model_version": old, "previous_version": old}
+                else:
+                    bundle = self.load_bundle(registry, target)
             except Exception as error:
                 self.last_error = f"{type(error).__name__}: {str(error)[:500]}"
                 self.metrics.reloads.labels("failed").inc()
@@ -183,8 +253,18 @@ class ModelLoader:
             settle_heap()
             self.metrics.reloads.labels("loaded").inc()
             self.metrics.set_model_version(bundle.version, old)
-            log.info("serving model version %s (was %s)", bundle.version, old)
-            return {"reloaded": True, "model_version": bundle.version, "previous_version": old}
+            log.info(
+                "serving model version %s index revision %s (was %s)",
+                bundle.version,
+                bundle.index_revision,
+                old,
+            )
+            return {
+                "reloaded": True,
+                "model_version": bundle.version,
+                "index_revision": bundle.index_revision,
+                "previous_version": old,
+            }
 
     def reload_challenger(self) -> None:
         """A/B on: keep the `challenger` alias's version loaded beside the champion (or none)."""
@@ -225,12 +305,15 @@ class ModelLoader:
             "model_version": bundle.version if bundle else None,
             "index_size": len(bundle.index) if bundle else 0,
             "index_kind": bundle.index.kind if bundle else None,
+            "index_revision": bundle.index_revision if bundle else None,
+            "index_built_at": bundle.index_built_at if bundle else None,
             "loaded_at": bundle.loaded_at if bundle else None,
             "load_seconds": bundle.load_seconds if bundle else None,
             "last_reload_error": self.last_error,
             "champion_alias_refused": self.refused,
             "last_check_at": self.last_check_at,
             "text_search": bool(bundle and bundle.text is not None),
+            "text_search_note": bundle.text_note if bundle else None,
             "variant": bundle.variant if bundle else None,
             "variant_requested": self.variant,
             "variant_note": bundle.variant_note if bundle else None,

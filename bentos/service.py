@@ -203,7 +203,8 @@ class Vitrine:
     async def product_image(self, product_id: str) -> FileResponse:
         bundle = self.current()
         record = await guarded(bundle.index.product, product_id)
-        path = catalogue_file(self.catalogue_dir, record, product_id)  # 404 outside the folder
+        store = self.paths.product_images  # images of products an index refresh added
+        path = catalogue_file(self.catalogue_dir, record, product_id, store)  # 404 outside
         return FileResponse(path, headers={"X-Model-Version": bundle.version})
 
     @app.post("/admin/reload", **c.ADMIN_ROUTE)
