@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -57,16 +56,12 @@ class Bundle:
 def keep_store_images(index_dir: Path, store: Path) -> None:
     """Copy a refreshed revision's product images (images/, named by content digest) into
     the state folder's store, where /products/{id}/image finds them; present ones are kept."""
-    from components.retrieval.revisions import STORE_DIR
+    from components.retrieval.revisions import STORE_DIR, store_image
 
     folder = index_dir / STORE_DIR
-    if not folder.is_dir():
-        return
-    store.mkdir(parents=True, exist_ok=True)
-    for image in folder.iterdir():
-        if not (store / image.name).is_file():
-            shutil.copyfile(image, store / f".{image.name}.part")
-            (store / f".{image.name}.part").rename(store / image.name)
+    if folder.is_dir():
+        for image in folder.iterdir():
+            store_image(image, store, image.name)
 
 
 def serving_example(model: Any) -> Any:

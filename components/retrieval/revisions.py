@@ -18,6 +18,9 @@ products use, so a service on another host fetches them with the index.
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +124,19 @@ def check_removals(plan: RefreshPlan, indexed: int, max_share: float) -> None:
 def store_name(sha256: str, suffix: str) -> str:
     """A product image's name in the store: its content digest and the source's suffix."""
     return f"{sha256}{suffix.lower()}"
+
+
+def store_image(src: Path, store: Path, name: str) -> Path:
+    """Put a copy of `src` in the store as `name` unless it is there: written under a name of
+    this process and thread, then renamed, so service workers filling the same store at once
+    never see (or rename away) each other's half-written copies."""
+    target = Path(store) / name
+    if not target.is_file():
+        Path(store).mkdir(parents=True, exist_ok=True)
+        part = Path(store) / f".{name}.{os.getpid()}.{threading.get_ident()}.part"
+        shutil.copyfile(src, part)
+        os.replace(part, target)
+    return target
 
 
 def image_file(path: str, catalogue_dir: Path, store_dir: Path) -> Path:

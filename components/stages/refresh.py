@@ -114,17 +114,13 @@ def known_quarantine(
 def stage_images(rows: pd.DataFrame, store: Path) -> pd.DataFrame:
     """Copy each row's image file into the content-addressed store (`@store/<sha256><ext>`)
     and read its size; a missing file keeps path '' (validation quarantines it)."""
-    store.mkdir(parents=True, exist_ok=True)
     paths, widths, heights = [], [], []
     for src, digest in zip(rows["path"], rows["sha256"], strict=True):
         if not src:
             paths.append(""), widths.append(0), heights.append(0)
             continue
         name = revisions.store_name(digest, Path(src).suffix)
-        if not (store / name).is_file():
-            shutil.copyfile(src, store / f".{name}.part")
-            (store / f".{name}.part").rename(store / name)
-        _, width, height = catalogue.probe_file(store / name)
+        _, width, height = catalogue.probe_file(revisions.store_image(Path(src), store, name))
         paths.append(revisions.STORE_PREFIX + name), widths.append(width), heights.append(height)
     return rows.assign(path=paths, width=widths, height=heights)
 

@@ -129,3 +129,18 @@ def test_scan_of_a_csv_without_its_columns_names_them(tmp_path):
     (tmp_path / "cat.csv").write_text("id,picture\n1,x.png\n")
     with pytest.raises(CatalogueError, match="missing required column"):
         scan_source(str(tmp_path / "cat.csv"), Path("."), ["Bag"])
+
+
+def test_workers_filling_the_store_at_once_each_succeed_and_leave_one_whole_copy(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.retrieval.revisions import store_image
+
+    src = tmp_path / "photo.png"
+    src.write_bytes(bytes(range(256)) * 4096)  # 1 MiB: copies overlap in time
+    store = tmp_path / "store"
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda _: store_image(src, store, "abc.png"), range(16)))
+    assert done == [store / "abc.png"] * 16
+    assert (store / "abc.png").read_bytes() == src.read_bytes()
+    assert [p.name for p in store.iterdir()] == ["abc.png"]  # no half-written copy left
