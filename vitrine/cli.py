@@ -644,8 +644,11 @@ def deploy(
     """Create or update the Prefect deployments on the local server (`vitrine ui` starts it).
 
     Retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes;
-    crons from params.yaml `schedules`. `vitrine worker` executes their runs.
+    crons from params.yaml `schedules`. `vitrine worker` executes their runs. Also the
+    dead-host automation: a run silent for schedules.dead_host_seconds (no heartbeat: its
+    host died) is marked Crashed.
     """
+    from flows.dead_hosts import read_automation
     from flows.deployments import apply_deployments
     from flows.deployments import list_deployments as read_deployments
     from flows.server import PrefectUnavailable, api_url, prefect_api
@@ -658,12 +661,14 @@ def deploy(
                 if not as_json:
                     say(f"deployed {', '.join(names)} on {api_url(params)}")
             rows = read_deployments()
+            dead_host = read_automation()
     except PrefectUnavailable as exc:
         fail(str(exc))
     except ValueError as exc:  # a cron or time zone Prefect refuses: nothing half-applied
         fail(f"params.yaml schedules: {exc}", 2)
     if as_json:
-        return emit({"api_url": api_url(params), "deployments": rows}, None, as_json=True)
+        payload = {"api_url": api_url(params), "deployments": rows, "dead_host": dead_host}
+        return emit(payload, None, as_json=True)
     table = make_table("deployment", "cron", "timezone", "state", "next runs")
     for row in rows:
         if not row["exists"]:
@@ -688,6 +693,18 @@ def deploy(
     console.print(table)
     pool = params.schedules.work_pool
     say(f"runs execute when a worker polls work pool {pool!r}: `vitrine worker`")
+    say(describe_dead_host(dead_host))
+
+
+def describe_dead_host(automation: dict) -> str:
+    name = automation["name"]
+    if not automation["exists"]:
+        return f"dead hosts: no automation {name!r} yet: `vitrine deploy` creates it"
+    off = "" if automation["enabled"] else " (disabled in the Prefect UI)"
+    return (
+        f"dead hosts: a run silent for {automation['dead_host_seconds']} s (no heartbeat: its "
+        f"host died) is marked Crashed by automation {name!r}{off}"
+    )
 
 
 @app.command()

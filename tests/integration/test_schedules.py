@@ -36,6 +36,7 @@ from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 pytestmark = pytest.mark.integration
 
 CRONS = {"retrain": "30 3 * * *", "monitor": "7 * * * *", "promote": "*/10 * * * *"}
+DEAD_HOST_SECONDS = 600
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,9 @@ def world(tmp_path_factory, fmnist, api):
     schedules = {
         "work_pool": "vitrine-test",
         "timezone": "UTC",
+        # a deployment run is executed below by `prefect flow-run execute`, which beats at
+        # Prefect's default (every 180 s), not the deployments' rate: a dead-host window above
+        "dead_host_seconds": DEAD_HOST_SECONDS,
         **{name: {"cron": cron} for name, cron in CRONS.items()},
     }
     params = shrunk_params(
@@ -168,9 +172,25 @@ def test_deploy_creates_the_configured_schedules(world):
         retrain_dep = client.read_deployment_by_name("retrain/vitrine")
         assert retrain_dep.parameters == {"refresh_data": True}
         assert client.read_work_pool("vitrine-test").type == "process"
-        names = [d.name for d in client.read_deployments() if d.name == "vitrine"]
-        assert len(names) == 3
+        deployments = [d for d in client.read_deployments() if d.name == "vitrine"]
+        assert len(deployments) == 3
+        # every run beats (any worker of the pool applies the deployment's environment) ...
+        for dep in deployments:
+            env = dep.job_variables["env"]
+            assert env == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(DEAD_HOST_SECONDS // 3)}
+        # ... and one automation crashes a run of these deployments that stops beating
+        (automation,) = client.read_automations_by_name("vitrine: crash runs of a dead host")
+    trigger = automation.trigger
+    assert automation.enabled and trigger.posture.value == "Proactive"
+    assert trigger.within.total_seconds() == DEAD_HOST_SECONDS
+    assert trigger.after == {"prefect.flow-run.Running", "prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed"} <= trigger.expect
+    watched = trigger.match_related.root["prefect.resource.id"]  # the three deployments' runs
+    assert sorted(watched) == sorted(f"prefect.deployment.{d.id}" for d in deployments)
+    assert [action.state.value for action in automation.actions] == ["CRASHED"]
     listed = json.loads(invoke(["deploy", "--list", "--json"], world["api"]).output)
+    assert listed["dead_host"]["exists"]
+    assert listed["dead_host"]["dead_host_seconds"] == DEAD_HOST_SECONDS
     rows = {row["name"]: row for row in listed["deployments"]}
     now = datetime.now(UTC)
     for name, cron in CRONS.items():
@@ -183,6 +203,7 @@ def test_deploy_creates_the_configured_schedules(world):
             assert {t.minute for t in times} == {int(minute)}
     text = invoke(["deploy", "--list"], world["api"]).output
     assert "retrain/vitrine" in text and "30 3 * * *" in text and "vitrine worker" in text
+    assert f"dead hosts: a run silent for {DEAD_HOST_SECONDS} s" in text
 
 
 def test_monitor_without_a_verdict_starts_no_retrain(world):
