@@ -723,28 +723,31 @@ def worker(
 ) -> None:
     """Execute the deployments' runs: a Prefect process worker on `schedules.work_pool`.
 
-    Foreground until SIGTERM or Ctrl-C: then a running run gets --grace seconds to finish,
-    after which it is stopped (Prefect marks it Crashed; a run stopped before registration
-    leaves the registry as it was). Known bug: the worker still polls during the grace and
-    can leave a run that was waiting for the retrain slot Pending (docs/scale.md). Workers on several hosts may
-    poll the same pool: each runs in its own state folder and params (VITRINE_HOME,
-    VITRINE_PARAMS) and shares the registry through `registry.tracking_uri` (docs/scale.md).
+    Foreground until SIGTERM or Ctrl-C. The worker then stops polling at once: it claims no
+    run after the signal, so a run waiting for the retrain slot stays for another worker. A
+    running run gets --grace seconds to finish, after which it is stopped (Prefect marks it
+    Crashed; a run stopped before registration leaves the registry as it was). Exit 0 after a
+    stop by signal, 1 when the worker gave up (the Prefect server failed it repeatedly).
+    Workers on several hosts may poll the same pool: each runs in its own state folder and
+    params (VITRINE_HOME, VITRINE_PARAMS) and shares the registry through
+    `registry.tracking_uri`; a host that dies without a SIGTERM is caught by `vitrine
+    deploy`'s dead-host automation (docs/scale.md).
     """
-    from flows.server import PrefectUnavailable, api_url, check_server
-    from vitrine.children import run_children
+    from flows.server import PrefectUnavailable, api_url, prefect_api
 
     params = load_params()
+    name = name or f"vitrine@{socket.gethostname()}"
     url = api_url(params)
+    os.environ["PREFECT_API_URL"] = url  # inherited by every run this process starts
     try:
-        check_server(url)
+        with prefect_api(url):
+            from vitrine.worker import run_worker
+
+            failure = run_worker(params.schedules.work_pool, name, grace, say=say)
     except PrefectUnavailable as exc:
         fail(str(exc))
-    prefect = Path(sys.executable).parent / "prefect"
-    cmd = [str(prefect), "worker", "start", "--pool", params.schedules.work_pool]
-    cmd += ["--type", "process", "--name", name or f"vitrine@{socket.gethostname()}"]
-    env = {**os.environ, "PREFECT_API_URL": url}
-    code = run_children([cmd], env=env, cwd=PROJECT_ROOT, grace=grace, sessions_first=True)
-    raise typer.Exit(code)
+    if failure:
+        fail(f"worker {name!r} gave up: {failure}")
 
 
 @stage_app.command("validate")

@@ -355,8 +355,8 @@ def test_sigterm_to_vitrine_worker_stops_it_and_crashes_its_running_flow_run(wor
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, f"the run never started: {log.read_text()[-3000:]}"
             time.sleep(0.5)
-        tree = descendants(proc.pid)  # the Prefect worker and the flow run's process
-        assert len(tree) >= 2, tree
+        tree = descendants(proc.pid)  # the flow run's process (the worker is vitrine's own)
+        assert tree, log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
     finally:
