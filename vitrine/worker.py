@@ -4,12 +4,14 @@ its polling before the grace begins.
 Run as a child (`prefect worker start`), the worker polled the work pool until its process
 ended. During the grace, once its own run had ended, it could claim a retrain run that was
 waiting for the deployment's slot (AwaitingConcurrencySlot), then exit without starting it:
-that run stayed Pending and no other host took it. Here SIGTERM or SIGINT (Ctrl-C) first ends
-the worker's loops, so it claims no run after the signal (a waiting run stays Scheduled for
-another worker). The runs it holds then get `grace` seconds to end; whatever still runs is
-sent SIGTERM (each flow run leads a process group of its own), and SIGKILL `settle` seconds
-later. The worker stays up until they have ended and records each stopped run Crashed (its
-process exited non-zero). Further signals during the stop are ignored.
+that run stayed Pending and no other host took it (and a run claimed but not yet started at
+the signal was left Pending too: the grace waited only for started processes). Here SIGTERM or
+SIGINT (Ctrl-C) first ends the worker's loops, so it claims no run after the signal (a waiting
+run stays Scheduled for another worker). The runs it holds, from their claim on, then get
+`grace` seconds to end; whatever still runs is sent SIGTERM (each flow run leads a process
+group of its own), and SIGKILL `settle` seconds later. The worker stays up until they have
+ended and records each stopped run Crashed (its process exited non-zero). Further signals
+during the stop are ignored.
 """
 
 from __future__ import annotations

@@ -286,8 +286,9 @@ def test_a_stopped_worker_claims_no_run_after_the_signal(control, hosts):
     """SIGTERM to a worker holding a retrain while a second one waits for the slot: from the
     signal on the worker claims nothing, neither the waiting retrain when its own run ends nor
     a run due after the signal; its own run finishes within the grace. A worker started again
-    runs the other two to completion. (The `prefect worker start` child of the old `vitrine
-    worker` polled on through the grace: it claimed the promote run within its 2-s poll.)"""
+    runs the other two to completion. (Fails on the old `vitrine worker`, a `prefect worker
+    start` child: signalled while its run was still Pending, the child exited at once without
+    starting it, and left it Pending.)"""
     # a host that registered a version above: its retrains on the same data are quick no-ops
     host = next((h for h in hosts if h.run_folders()), hosts[0])
     for other in hosts:
