@@ -44,6 +44,10 @@ FASHION_MNIST_CATEGORIES = [
 ]
 
 
+# Prefect refuses flow-run heartbeats more often than this (its flows.heartbeat_frequency)
+HEARTBEAT_FLOOR_SECONDS = 30
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -454,6 +458,16 @@ class SchedulesParams(_Strict):
     )
     promote: ScheduleParams = Field(default_factory=lambda: ScheduleParams(cron="*/10 * * * *"))
     refresh: ScheduleParams = Field(default_factory=lambda: ScheduleParams(cron="15 * * * *"))
+    # a run of these deployments whose host went silent this long (no heartbeat, no end) is
+    # marked Crashed by the server (`vitrine deploy`'s automation, docs/scale.md); its runs
+    # beat every heartbeat_seconds, so at least 60: one missed beat at Prefect's 30 s floor
+    dead_host_seconds: int = Field(120, ge=60)
+
+    @property
+    def heartbeat_seconds(self) -> int:
+        """How often a deployment run reports it is alive: three beats per dead_host_seconds,
+        never under Prefect's floor (flows.heartbeat_frequency >= 30)."""
+        return max(HEARTBEAT_FLOOR_SECONDS, self.dead_host_seconds // 3)
 
     @field_validator("timezone")
     @classmethod

@@ -8,6 +8,8 @@ How runs execute: `vitrine deploy` registers four deployments, each named `vitri
 subprocess of the project's virtualenv (the entrypoints are importable modules, e.g.
 `flows.retrain.retrain`, so no code is copied), with the worker's environment (VITRINE_HOME,
 VITRINE_PARAMS, PREFECT_API_URL). Without a worker, runs wait in the Prefect UI as Late.
+`vitrine deploy` also keeps the dead-host automation (flows/dead_hosts.py): the deployments'
+runs send heartbeats, and a run whose host goes silent is marked Crashed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
 from components.config import PROJECT_ROOT, Params
+from flows.dead_hosts import HEARTBEAT_SETTING, apply_automation
 from flows.monitor import monitor
 from flows.promote import promote
 from flows.refresh import refresh
@@ -123,7 +126,11 @@ def build_deployments(params: Params) -> list:
             tags=["vitrine"],
             description=description,
             work_pool_name=sched.work_pool,
-            job_variables={"working_dir": str(PROJECT_ROOT)},
+            # every worker of the pool runs them with the heartbeat the automation expects
+            job_variables={
+                "working_dir": str(PROJECT_ROOT),
+                "env": {HEARTBEAT_SETTING: str(sched.heartbeat_seconds)},
+            },
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
         # pull step `set_working_directory` to the project: without one, Prefect copies the
@@ -134,11 +141,12 @@ def build_deployments(params: Params) -> list:
 
 
 def apply_deployments(params: Params) -> list[str]:
-    """Create or update the four deployments (idempotent); returns their full names."""
+    """Create or update the four deployments and the dead-host automation over their runs
+    (idempotent); returns the deployments' full names."""
     deployments = build_deployments(params)
     ensure_work_pool(params.schedules.work_pool)
-    for deployment in deployments:
-        deployment.apply(work_pool_name=params.schedules.work_pool)
+    ids = [d.apply(work_pool_name=params.schedules.work_pool) for d in deployments]
+    apply_automation(params.schedules, ids)
     return [f"{d.flow_name}/{d.name}" for d in deployments]
 
 

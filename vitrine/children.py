@@ -6,10 +6,9 @@ gunicorn's) can be reached together. SIGTERM or SIGINT to the vitrine process (w
 a container runtime, a supervisor or Ctrl-C sends) is passed on as SIGTERM to every child's
 group: the servers stop gracefully (in-flight requests finish). What a child started in a
 session of its own gets SIGTERM after `grace` seconds if it has not ended by then, and
-whatever is still running `settle` seconds later is killed. `vitrine worker` stops in the
-other order: Prefect's flow-run processes (sessions of their own) get `grace` seconds, then
-SIGTERM while the worker still runs, so that it records them Crashed; then the worker stops. Without this, SIGTERM ended vitrine and left its
-servers answering on their ports, orphans nobody stopped.
+whatever is still running `settle` seconds later is killed. Without this, SIGTERM ended
+vitrine and left its servers answering on their ports, orphans nobody stopped. (`vitrine
+worker` runs Prefect's worker in its own process instead: vitrine/worker.py.)
 """
 
 from __future__ import annotations
@@ -24,22 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def stop_group(
-    proc: subprocess.Popen, grace: float, settle: float = 10.0, sessions_first: bool = False
-) -> None:
-    """Stop the child, its process group and what it started in sessions of its own.
-
-    By default the group gets SIGTERM first and the other sessions after `grace` s. With
-    `sessions_first` (a Prefect worker: its flow runs have sessions of their own and report
-    their end through it) the other sessions get `grace` s to end while the child still
-    runs, then SIGTERM, and the child's group is stopped after them."""
-    if sessions_first:
-        outside = _wait(proc, descendants(proc.pid), grace, outside_only=True)
-        _signal_groups({_pgid(pid) for pid in outside} - {proc.pid}, signal.SIGTERM)
-        _wait(proc, outside, settle, outside_only=True)
+def stop_group(proc: subprocess.Popen, grace: float, settle: float = 10.0) -> None:
+    """Stop the child, its process group and what it started in sessions of its own: the
+    group gets SIGTERM first, the other sessions after `grace` s, SIGKILL after `settle`."""
     tree = descendants(proc.pid)  # before the leader can exit and orphan them
     _signal_groups({proc.pid}, signal.SIGTERM)
-    tree = _wait(proc, tree, grace if not sessions_first else settle)
+    tree = _wait(proc, tree, grace)
     _signal_groups({_pgid(pid) for pid in tree} - {proc.pid}, signal.SIGTERM)
     tree = _wait(proc, tree, settle)
     _signal_groups({proc.pid} | {_pgid(pid) for pid in tree}, signal.SIGKILL)
@@ -52,19 +41,14 @@ def _signal_groups(pgids: set[int | None], signum: int) -> None:
             os.killpg(pgid, signum)
 
 
-def _wait(
-    proc: subprocess.Popen, tree: set[int], seconds: float, outside_only: bool = False
-) -> set[int]:
-    """Wait up to `seconds` for `tree` (and, unless `outside_only`, the child's group) to end;
-    returns the part of `tree` still alive. With `outside_only`, `tree` is narrowed to the
-    processes outside the child's group."""
+def _wait(proc: subprocess.Popen, tree: set[int], seconds: float) -> set[int]:
+    """Wait up to `seconds` for `tree` and the child's group to end; returns the part of `tree`
+    still alive."""
     deadline = time.monotonic() + seconds
     while True:
         proc.poll()  # reap the leader, so that the group can empty
         tree = alive(tree | descendants(proc.pid))
-        if outside_only:
-            tree = {pid for pid in tree if _pgid(pid) != proc.pid}
-        if not tree and (outside_only or not group_alive(proc.pid)):
+        if not tree and not group_alive(proc.pid):
             return tree
         if time.monotonic() >= deadline:
             return tree
@@ -117,7 +101,6 @@ def run_children(
     cwd: Path | None = None,
     wait: bool = True,
     grace: float = 20.0,
-    sessions_first: bool = False,
 ) -> int:
     """Start every command; with `wait`, block until a signal stops them or one of them exits
     (then the others are stopped: a UI whose MLflow died must not linger half-alive).
@@ -151,7 +134,7 @@ def run_children(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for proc in procs:
-            stop_group(proc, grace, sessions_first=sessions_first)
+            stop_group(proc, grace)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0 if stopping else code

@@ -705,8 +705,11 @@ def deploy(
     """Create or update the Prefect deployments on the local server (`vitrine ui` starts it).
 
     Retrain nightly, monitor hourly (drift triggers a retrain), promote every 10 minutes,
-    refresh the champion's index hourly; crons from params.yaml `schedules`. `vitrine worker` executes their runs.
+    refresh the champion's index hourly; crons from params.yaml `schedules`. `vitrine worker`
+    executes their runs. Also the dead-host automation: a run silent for
+    schedules.dead_host_seconds (no heartbeat: its host died) is marked Crashed.
     """
+    from flows.dead_hosts import read_automation
     from flows.deployments import apply_deployments
     from flows.deployments import list_deployments as read_deployments
     from flows.server import PrefectUnavailable, api_url, prefect_api
@@ -719,12 +722,14 @@ def deploy(
                 if not as_json:
                     say(f"deployed {', '.join(names)} on {api_url(params)}")
             rows = read_deployments()
+            dead_host = read_automation()
     except PrefectUnavailable as exc:
         fail(str(exc))
     except ValueError as exc:  # a cron or time zone Prefect refuses: nothing half-applied
         fail(f"params.yaml schedules: {exc}", 2)
     if as_json:
-        return emit({"api_url": api_url(params), "deployments": rows}, None, as_json=True)
+        payload = {"api_url": api_url(params), "deployments": rows, "dead_host": dead_host}
+        return emit(payload, None, as_json=True)
     table = make_table("deployment", "cron", "timezone", "state", "next runs")
     for row in rows:
         if not row["exists"]:
@@ -749,6 +754,18 @@ def deploy(
     console.print(table)
     pool = params.schedules.work_pool
     say(f"runs execute when a worker polls work pool {pool!r}: `vitrine worker`")
+    say(describe_dead_host(dead_host))
+
+
+def describe_dead_host(automation: dict) -> str:
+    name = automation["name"]
+    if not automation["exists"]:
+        return f"dead hosts: no automation {name!r} yet: `vitrine deploy` creates it"
+    off = "" if automation["enabled"] else " (disabled in the Prefect UI)"
+    return (
+        f"dead hosts: a run silent for {automation['dead_host_seconds']} s (no heartbeat: its "
+        f"host died) is marked Crashed by automation {name!r}{off}"
+    )
 
 
 @app.command()
@@ -767,28 +784,31 @@ def worker(
 ) -> None:
     """Execute the deployments' runs: a Prefect process worker on `schedules.work_pool`.
 
-    Foreground until SIGTERM or Ctrl-C: then a running run gets --grace seconds to finish,
-    after which it is stopped (Prefect marks it Crashed; a run stopped before registration
-    leaves the registry as it was). Known bug: the worker still polls during the grace and
-    can leave a run that was waiting for the retrain slot Pending (docs/scale.md). Workers on several hosts may
-    poll the same pool: each runs in its own state folder and params (VITRINE_HOME,
-    VITRINE_PARAMS) and shares the registry through `registry.tracking_uri` (docs/scale.md).
+    Foreground until SIGTERM or Ctrl-C. The worker then stops polling at once: it claims no
+    run after the signal, so a run waiting for the retrain slot stays for another worker. A
+    running run gets --grace seconds to finish, after which it is stopped (Prefect marks it
+    Crashed; a run stopped before registration leaves the registry as it was). Exit 0 after a
+    stop by signal, 1 when the worker gave up (the Prefect server failed it repeatedly).
+    Workers on several hosts may poll the same pool: each runs in its own state folder and
+    params (VITRINE_HOME, VITRINE_PARAMS) and shares the registry through
+    `registry.tracking_uri`; a host that dies without a SIGTERM is caught by `vitrine
+    deploy`'s dead-host automation (docs/scale.md).
     """
-    from flows.server import PrefectUnavailable, api_url, check_server
-    from vitrine.children import run_children
+    from flows.server import PrefectUnavailable, api_url, prefect_api
 
     params = load_params()
+    name = name or f"vitrine@{socket.gethostname()}"
     url = api_url(params)
+    os.environ["PREFECT_API_URL"] = url  # inherited by every run this process starts
     try:
-        check_server(url)
+        with prefect_api(url):
+            from vitrine.worker import run_worker
+
+            failure = run_worker(params.schedules.work_pool, name, grace, say=say)
     except PrefectUnavailable as exc:
         fail(str(exc))
-    prefect = Path(sys.executable).parent / "prefect"
-    cmd = [str(prefect), "worker", "start", "--pool", params.schedules.work_pool]
-    cmd += ["--type", "process", "--name", name or f"vitrine@{socket.gethostname()}"]
-    env = {**os.environ, "PREFECT_API_URL": url}
-    code = run_children([cmd], env=env, cwd=PROJECT_ROOT, grace=grace, sessions_first=True)
-    raise typer.Exit(code)
+    if failure:
+        fail(f"worker {name!r} gave up: {failure}")
 
 
 @stage_app.command("validate")

@@ -7,10 +7,15 @@ the tracking server and the Prefect server, both started by `vitrine ui` on a th
   the second waits for a slot while the other host's worker sits idle.
 - Either host's worker may take a run; both register through the shared server.
 - Each run works in the folder of the host that took it: its own catalogue copy, its own run
-  folder; the registry is the shared one."""
+  folder; the registry is the shared one.
+- A stopped worker claims no run after the signal: a retrain waiting for the slot is left for
+  a worker that polls (vitrine/worker.py).
+- A host that dies (its worker and flow run killed, nothing reported) has its run marked
+  Crashed by `vitrine deploy`'s dead-host automation (flows/dead_hosts.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +35,7 @@ from components.data.catalogue import MANIFEST
 from tests.conftest import shrunk_params, write_csv_catalogue, write_params
 from tests.integration.test_owners import start_ui, stop_ui
 from tests.serving.conftest import free_port, wait_for
+from vitrine.children import descendants
 
 pytestmark = pytest.mark.scale
 
@@ -37,6 +43,10 @@ VITRINE = str(PROJECT_ROOT / ".venv" / "bin" / "vitrine")
 POOL = "vitrine-hosts"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 FLOWS = ("retrain", "monitor", "promote", "refresh")
+# the dead-host window (schedules.dead_host_seconds): its least, so runs beat every 30 s
+DEAD_HOST_SECONDS = 60
+GRACE = 300  # `vitrine worker --grace`: a run of these tests ends within it
+SLOT_WAIT = "AwaitingConcurrencySlot"  # a Scheduled run the deployment's limit holds back
 
 
 @dataclass
@@ -129,6 +139,7 @@ def hosts(control, tmp_path_factory, fmnist):
             # the runs are created below as a schedule or the monitor creates them
             schedules={
                 "work_pool": POOL,
+                "dead_host_seconds": DEAD_HOST_SECONDS,
                 **{flow: {"cron": "0 4 * * *", "active": False} for flow in FLOWS},
             },
         )
@@ -145,14 +156,7 @@ def hosts(control, tmp_path_factory, fmnist):
     cli(made[0], "deploy")  # from any host: the deployments live on the Prefect server
     try:
         for host in made:
-            host.proc = subprocess.Popen(
-                [VITRINE, "worker", "--name", host.name, "--grace", "2"],
-                cwd=PROJECT_ROOT,
-                env={**os.environ, **host.env},
-                stdout=host.log.open("w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            start_worker(host)
         wait_for(lambda: online_workers() >= {h.name for h in made}, 90, "both workers online")
         yield made
     finally:
@@ -173,6 +177,22 @@ def cli(host: Host, *args: str) -> str:
     return done.stdout
 
 
+def start_worker(host: Host) -> None:
+    """`vitrine worker` on the host; its log goes on (a restarted worker appends)."""
+    host.proc = subprocess.Popen(
+        [VITRINE, "worker", "--name", host.name, "--grace", str(GRACE)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **host.env},
+        stdout=host.log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def polling(host: Host) -> bool:
+    return host.proc is not None and host.proc.poll() is None
+
+
 def online_workers() -> set[str]:
     with get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(POOL)
@@ -189,13 +209,27 @@ def stop_worker(host: Host) -> None:
             host.proc.wait()
 
 
-def create_retrain(cause: str):
-    """A retrain run of the deployment, as the nightly schedule or the monitor creates one."""
+def create_run(name: str, parameters: dict | None = None):
+    """A run of the deployment `name` (e.g. retrain/vitrine), as a schedule creates one."""
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("retrain/vitrine")
-        return client.create_flow_run_from_deployment(
-            deployment.id, parameters={"refresh_data": True, "force": True, "cause": cause}
-        )
+        deployment = client.read_deployment_by_name(name)
+        return client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+
+
+def create_retrain(cause: str, force: bool = True):
+    """A retrain run, as the nightly schedule or the monitor creates one; `force`: a real
+    retrain, else a no-op where the host registered a version from the same data and params."""
+    return create_run("retrain/vitrine", {"refresh_data": True, "force": force, "cause": cause})
+
+
+def wait_until_ended(runs: list, seconds: float) -> list[tuple[str, str]]:
+    deadline = time.time() + seconds
+    while True:
+        now = states(*runs)
+        if all(kind in TERMINAL for kind, _ in now):
+            return now
+        assert time.time() < deadline, f"runs not finished: {now}"
+        time.sleep(0.5)
 
 
 def states(*runs) -> list[tuple[str, str]]:
@@ -246,3 +280,78 @@ def test_two_worker_hosts_share_the_pool_one_retrain_at_a_time(control, hosts):
         ran = took.count(host)
         assert len(host.run_folders()) == ran, host.name
         assert (host.folder / "catalogue" / MANIFEST).exists() == (ran > 0), host.name
+
+
+def test_a_stopped_worker_claims_no_run_after_the_signal(control, hosts):
+    """SIGTERM to a worker holding a retrain while a second one waits for the slot: from the
+    signal on the worker claims nothing, neither the waiting retrain when its own run ends nor
+    a run due after the signal; its own run finishes within the grace. A worker started again
+    runs the other two to completion. (Fails on the old `vitrine worker`, a `prefect worker
+    start` child: signalled while its run was still Pending, the child exited at once without
+    starting it, and left it Pending.)"""
+    # a host that registered a version above: its retrains on the same data are quick no-ops
+    host = next((h for h in hosts if h.run_folders()), hosts[0])
+    for other in hosts:
+        if other is not host:
+            stop_worker(other)
+    if not polling(host):
+        start_worker(host)
+    runs = [create_retrain("schedule: nightly", force=False), create_retrain("drift", False)]
+    deadline = time.time() + 240
+    while True:  # the worker took one; the server made the other wait for the slot
+        now = list(zip(runs, states(*runs), strict=True))
+        taken = [run for run, (kind, _) in now if kind in ("PENDING", "RUNNING")]
+        waits = [run for run, state in now if state == ("SCHEDULED", SLOT_WAIT)]
+        if taken and waits:
+            break
+        assert time.time() < deadline, f"{now}: {host.log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    (own,), (waiting,) = taken, waits
+    signalled_at = len(host.log.read_text())  # the worker tried `waiting` before: it waits
+    host.proc.send_signal(signal.SIGTERM)
+    due = create_run("promote/vitrine")  # due now: any polling worker would take it at once
+    assert host.proc.wait(timeout=GRACE + 60) == 0, host.log.read_text()[-3000:]
+    assert states(own) == [("COMPLETED", "Completed")]  # finished within the grace
+    # not claimed by the stopped worker (no Pending run left behind), still there to be taken
+    assert [kind for kind, _ in states(waiting, due)] == ["SCHEDULED", "SCHEDULED"]
+    since = host.log.read_text()[signalled_at:]
+    for run in (waiting, due):  # Prefect logs this before it proposes Pending (the claim)
+        assert f"submitting flow run '{run.id}'" not in since, since[-3000:]
+    start_worker(host)
+    assert wait_until_ended([waiting, due], 300) == [("COMPLETED", "Completed")] * 2
+    assert host.took(waiting) and host.took(due)
+
+
+def test_a_dead_hosts_run_is_marked_crashed(control, hosts):
+    """Power loss on a worker host: its worker and its flow run's processes are killed
+    (SIGKILL: nothing reports the run's end). The run's heartbeats stop; `vitrine deploy`'s
+    automation marks it Crashed after schedules.dead_host_seconds, which frees the retrain
+    slot; the run registered nothing."""
+    host = next((h for h in hosts if polling(h)), hosts[0])
+    for other in hosts:
+        if other is not host:
+            stop_worker(other)
+    if not polling(host):
+        start_worker(host)
+    before = control.versions()
+    run = create_retrain("drift: a host about to die")  # forced: long enough to be killed
+    deadline = time.time() + 240
+    while states(run)[0][0] != "RUNNING":
+        assert time.time() < deadline, host.log.read_text()[-3000:]
+        time.sleep(0.2)
+    runs_processes = descendants(host.proc.pid)  # the flow run (a session of its own)
+    assert runs_processes, host.log.read_text()[-3000:]
+    host.proc.kill()  # the worker first: alive, it would record its run's end
+    host.proc.wait()
+    for pid in runs_processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + DEAD_HOST_SECONDS + 90
+    while states(run)[0][0] == "RUNNING":
+        assert time.time() < deadline, "the dead host's run is still Running"
+        time.sleep(1)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    assert state.type.value == "CRASHED", f"{state.type.value}: {state.message}"
+    assert f"no heartbeat for {DEAD_HOST_SECONDS} s" in state.message
+    assert control.versions() == before

@@ -121,6 +121,15 @@ def test_schedules_section_is_validated():
         SchedulesParams.model_validate({"monitor": {"cron": "0 * * * *", "retrain": True}})
 
 
+def test_runs_beat_three_times_per_dead_host_window_never_under_prefects_floor():
+    assert SchedulesParams().dead_host_seconds == 120
+    assert SchedulesParams().heartbeat_seconds == 40
+    assert SchedulesParams(dead_host_seconds=600).heartbeat_seconds == 200
+    assert SchedulesParams(dead_host_seconds=60).heartbeat_seconds == 30  # Prefect's least
+    with pytest.raises(ValueError, match="greater than or equal to 60"):
+        SchedulesParams(dead_host_seconds=45)  # not even one missed beat at 30 s
+
+
 def test_a_run_running_past_the_stale_limit_no_longer_blocks():
     """A worker killed mid-run leaves its retrain "Running" forever on the server."""
     zombie = run("RUNNING", "zombie", created_min_ago=30 * 60, started_min_ago=30 * 60)
