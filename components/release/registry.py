@@ -17,6 +17,7 @@ import re
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -100,10 +101,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def revision_artifact(revision: int) -> str:
-    """Where revision `revision` of a version's index is stored: 0 is the `index` its training
-    run registered, N > 0 the N-th refresh (components/retrieval/revisions.py)."""
-    return "index" if revision == 0 else f"index-revisions/{revision}"
+REVISIONS_ARTIFACT = "index-revisions"  # a refresh's revision: index-revisions/<time>-<id>/
 
 
 def _is_outage(error: BaseException) -> bool:
@@ -452,9 +450,8 @@ class Registry:
         revision = int(mv.tags.get(INDEX_REVISION_TAG, "0"))
         if revision == 0:
             built = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat()
-            return {"revision": 0, "built_at": built, "artifact": revision_artifact(0)}
-        record = json.loads(mv.tags[f"{INDEX_REVISION_TAG}_{revision}"])
-        return {**record, "artifact": revision_artifact(revision)}
+            return {"revision": 0, "built_at": built, "artifact": "index"}
+        return json.loads(mv.tags[f"{INDEX_REVISION_TAG}_{revision}"])  # with its "artifact"
 
     @_guarded
     def download_index(self, version: str, revision: dict, dst: Path) -> Path:
@@ -491,10 +488,14 @@ class Registry:
         of `version`'s index and make it the one served (the `index_revision` tag, set last).
         Audited like a promotion: the record is a version tag and a line of the audit log.
         Under the promotion lock, so two refreshes never take the same number."""
+        # uploaded first, outside the lock (gigabytes at millions of products, longer than
+        # the lock's stale age), under a name of its own; numbered and served under the lock
+        run_id = self.client.get_model_version(self.model_name, str(version)).run_id
+        artifact = f"{REVISIONS_ARTIFACT}/{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.client.log_artifacts(run_id, str(folder), artifact)
         with self.promotion_lock(self.lock_wait_seconds):
             mv = self.client.get_model_version(self.model_name, str(version))
             revision = int(mv.tags.get(INDEX_REVISION_TAG, "0")) + 1
-            self.client.log_artifacts(mv.run_id, str(folder), revision_artifact(revision))
             user = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
             record = {
                 "action": "index_refresh",
@@ -503,6 +504,7 @@ class Registry:
                 "built_at": _now().isoformat(),
                 "by": f"{user}@{socket.gethostname()}",
                 **summary,
+                "artifact": artifact,
                 "manifest_sha256": _sha256(Path(folder) / REVISION_FILE),
             }
             self._tag(version, f"{INDEX_REVISION_TAG}_{revision}", json.dumps(record))

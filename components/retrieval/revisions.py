@@ -7,7 +7,7 @@ holds (`plan_refresh`): products the source lists for the first time are *added*
 whose image, category or title differ are *changed*, products it no longer lists are
 *removed* (delisted). The new and changed rows are validated like ingest's and embedded by the
 version's own model; the result is published as revision N of the SAME version (the artifact
-`index-revisions/N/`, the version tag `index_revision`), so a model and its index still always
+`index-revisions/<time>-<id>/`, the version tag `index_revision`), so a model and its index still always
 belong together, and the service swaps to it as it swaps models.
 
 Images of refreshed products are not in the catalogue folder (which only a retrain's ingest
