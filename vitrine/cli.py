@@ -211,12 +211,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             say(f"  - {reason}")
     say(f"previous champion: {data.get('previous_champion') or 'none'}")
     say(f"data version: {data.get('data_version') or 'unknown'}")
-    champion_tags = (data.get("champion") or {}).get("tags", {})
-    if (revision := champion_tags.get("index_revision", "0")) != "0":  # vitrine index refresh
-        record = json.loads(champion_tags[f"index_revision_{revision}"])
+    index = (data.get("champion") or {}).get("index") or {"revision": 0}
+    if index["revision"]:  # refreshed by `vitrine index refresh`
         say(
-            f"champion's index: revision {revision} ({record['size']} products, built "
-            f"{record['built_at'][:19].replace('T', ' ')} UTC by {record['by']})"
+            f"champion's index: revision {index['revision']} ({index['size']} products, built "
+            f"{index['built_at'][:19].replace('T', ' ')} UTC by {index['by']})"
         )
     if refused := data.get("champion_refused"):
         console.print(Text(f"REFUSED: {refused}", style="bold red"))

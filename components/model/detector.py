@@ -15,8 +15,6 @@ CenterNet's: the penalty-reduced focal loss on the heatmap, L1 on size and offse
 
 from __future__ import annotations
 
-import hashlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,10 +175,3 @@ class Detector:
         image, scale = letterbox(photo, self.side)
         outputs = self.net(to_batch(image[None]))
         return decode(outputs, scale, photo.size, self.min_score, top_k)
-
-    @property
-    def digest(self) -> str:
-        """The sha256 of its weights (first 12 hex digits): which detector a version carries."""
-        buffer = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, buffer)
-        return hashlib.sha256(buffer.getvalue()).hexdigest()[:12]

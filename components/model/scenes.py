@@ -23,7 +23,7 @@ from PIL import Image
 from components.model import shopper
 
 BACKGROUNDS = ("plain_light", "plain_dark", "gradient", "texture", "noise", "clutter")
-LOOKS = ("as_is", "tinted", "colour_mapped")
+LOOKS = shopper.LOOKS
 MAX_TRIES = 20  # placements drawn per item before the scene keeps fewer items
 
 
@@ -58,15 +58,6 @@ def background(kind: str, height: int, width: int, rng: np.random.Generator) -> 
     raise ValueError(f"unknown background {kind!r}: choose from {', '.join(BACKGROUNDS)}")
 
 
-def _look(appearance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    kind = LOOKS[int(rng.integers(len(LOOKS)))]
-    if kind == "tinted":
-        return shopper._tinted(appearance, shopper._saturated_colour(rng))
-    if kind == "colour_mapped":
-        return shopper._colour_mapped(appearance, rng)
-    return appearance
-
-
 def compose_scene(
     images: list[Image.Image],
     labels: list[int],
@@ -88,7 +79,7 @@ def compose_scene(
         appearance, alpha = shopper.product_layers(image)
         if alpha.sum() == 0:
             continue
-        look = _look(appearance, rng)
+        look = shopper.recolour(appearance, LOOKS[int(rng.integers(len(LOOKS)))], rng)
         for _ in range(MAX_TRIES):
             side = int(min(width, height) * rng.uniform(*scale))
             x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))

@@ -176,6 +176,16 @@ def _colour_mapped(appearance: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return dark + t * (light - dark)
 
 
+def recolour(appearance: np.ndarray, look: str, rng: np.random.Generator) -> np.ndarray:
+    """The product in `look` (LOOKS): as it is, dyed one saturated colour, or its shading
+    mapped to two colours."""
+    if look == "tinted":
+        return _tinted(appearance, _saturated_colour(rng))
+    if look == "colour_mapped":
+        return _colour_mapped(appearance, rng)
+    return appearance
+
+
 def _jpeg(image: Image.Image, quality: int) -> Image.Image:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
@@ -245,10 +255,7 @@ def _placed(
 ) -> tuple[Image.Image, np.ndarray, tuple[int, int, int]]:
     """(photo, silhouette, box) of a shift that places the product on a setting."""
     appearance, alpha = product_layers(image)
-    if look == "tinted":
-        appearance = _tinted(appearance, _saturated_colour(rng))
-    elif look == "colour_mapped":
-        appearance = _colour_mapped(appearance, rng)
+    appearance = recolour(appearance, look, rng)
     if shift == "phone":
         photo, box = _phone(appearance, alpha, rng)
         return photo, alpha, box

@@ -723,6 +723,7 @@ class Registry:
                 "metrics": champ_info["metrics"],
                 "tags": champ_info["tags"],
                 "approved_by": champ_info["tags"].get("approved_by"),
+                "index": self.index_revision(champion),  # what `vitrine index refresh` made
             },
             "challenger": chall_info
             and {

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from components.data import catalogue, validation
 from components.model import training
-from components.model.segmenter import segmenter_of
-from components.model.transforms import load_uint8
+from components.model.transforms import model_input
 from components.release.registry import REVISION_FILE, Registry, file_digests, open_registry
 from components.retrieval import revisions
 from components.retrieval.index import FAISS_FILE, META_FILE, CatalogueIndex
@@ -173,9 +173,10 @@ def describe_rows(ctx: RunContext, model_path: Path, rows: pd.DataFrame) -> Cata
     files = [
         revisions.image_file(p, ctx.catalogue_dir, ctx.paths.product_images) for p in rows["path"]
     ]
-    canonical = getattr(model, "preprocess", "plain") == "canonical"
-    segment = segmenter_of(model) if canonical else None
-    images = [load_uint8(f, model.image_size, model.in_channels, canonical, segment) for f in files]
+    images = []
+    for file in files:  # the model's own input size, channels and preprocessing
+        with Image.open(file) as image:
+            images.append(model_input(image, model))
     size, channels = model.image_size, model.in_channels
     batch = np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
     _, emb = training.predict_batches(model, batch)
@@ -220,10 +221,11 @@ def copy_store_images(products: pd.DataFrame, ctx: RunContext, out: Path) -> Non
     """Every store image the revision's products use, in its `images/` folder."""
     folder = out / revisions.STORE_DIR
     folder.mkdir(exist_ok=True)
-    for path in products["path"]:
-        if path.startswith(revisions.STORE_PREFIX):
-            name = path.removeprefix(revisions.STORE_PREFIX)
-            shutil.copyfile(ctx.paths.product_images / name, folder / name)
+    paths = products["path"].astype(str)
+    for name in paths[paths.str.startswith(revisions.STORE_PREFIX)].str[
+        len(revisions.STORE_PREFIX) :
+    ]:
+        shutil.copyfile(ctx.paths.product_images / name, folder / name)
 
 
 def run(ctx: RunContext, source: str | None = None, registry: Registry | None = None) -> dict:
