@@ -28,7 +28,7 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 # The headline metrics (components/model/evaluation.py computes them): tagged on every
 # registered version and shown by `vitrine status`; the run summary adds SUMMARY_METRICS.
 HEADLINE_METRICS = ("accuracy", "macro_f1", "recall_at_1")
-SUMMARY_METRICS = (*HEADLINE_METRICS, "recall_at_10", "map_at_10", "latency_ms")
+SUMMARY_METRICS = (*HEADLINE_METRICS, "recall_at_10", "map_at_10", "latency_ms", "detect_map50")
 
 FASHION_MNIST_CATEGORIES = [
     "T-shirt/top",
@@ -246,6 +246,14 @@ class ShopperGatePolicy(_Strict):
         return bound.get(shift, 0.0) if isinstance(bound, dict) else bound
 
 
+class DetectGatePolicy(_Strict):
+    """The detector's floor (mAP@0.5 on the held-out scenes) and the largest drop versus the
+    champion's detector on the same scenes, absolute."""
+
+    min_map50: float = Field(0.0, ge=0, le=1)
+    max_regression: float = Field(0.03, ge=0, le=1)
+
+
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql")
 
 
@@ -279,6 +287,7 @@ class GatePolicy(_Strict):
     significance_alpha: float = Field(0.05, gt=0, lt=1)
     max_compression_loss: float = Field(0.005, ge=0)  # a variant's accuracy drop vs its fp32
     shopper: ShopperGatePolicy = Field(default_factory=ShopperGatePolicy)
+    detect: DetectGatePolicy = Field(default_factory=DetectGatePolicy)
 
 
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -398,6 +407,15 @@ def _default_columns() -> dict[str, ColumnDriftParams]:
     return columns
 
 
+class DetectedItemsDriftParams(_Strict):
+    """Drift of what /detect finds (items per photo, the share of the photo they cover) against
+    the champion's detector on its held-out scenes (monitoring/detect.py)."""
+
+    min_samples: int = Field(50, ge=10)  # fewer /detect requests in the window: not compared
+    method: ColumnMethod = "ks"
+    threshold: float = Field(0.001, gt=0)
+
+
 class MonitoringParams(_Strict):
     """Drift of the service's request log against the champion's reference (monitoring/)."""
 
@@ -410,6 +428,7 @@ class MonitoringParams(_Strict):
     columns: dict[str, ColumnDriftParams] = Field(default_factory=_default_columns)
     sample_images: int = Field(8, ge=0, le=64)  # catalogue look-alikes of the most drifted slice
     tsne_points: int = Field(150, ge=50)  # per side, for the report's embedding picture only
+    detected_items: DetectedItemsDriftParams = Field(default_factory=DetectedItemsDriftParams)
 
     @field_validator("columns")
     @classmethod
@@ -489,6 +508,39 @@ class RefreshParams(_Strict):
     max_removed_share: float = Field(default=0.2, ge=0.0, le=1.0)
 
 
+class DetectParams(_Strict):
+    """Several products in one photo (issue 18, docs/detection.md): the detector the detector
+    stage trains on scenes composed from training rows, its evaluation on scenes of the frozen
+    test split, and what POST /detect answers."""
+
+    enabled: bool = True  # false: versions carry no detector and /detect answers 409
+    budget_seconds: float = Field(180.0, gt=0)  # its optimisation time (scene composition apart)
+    max_steps: int | None = Field(None, ge=1)  # tests shrink this; null = the time budget only
+    scenes: int = Field(6000, ge=8)  # composed training scenes (1-5 training products each)
+    side: int = Field(192, ge=64, le=512)  # the network's input side (px); a multiple of 16
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    min_score: float = Field(0.3, gt=0, lt=1)  # a box counts from this heat score
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    max_items: int = Field(10, ge=1, le=50)  # at most this many items per photo
+    eval_scenes: int = Field(300, ge=1)  # held-out scenes of 2-5 test products (evaluate, gate)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # training; auto: bf16 where the CPU has it
+    seed: int = 0
+
+    @field_validator("side")
+    @classmethod
+    def _side_multiple_of_16(cls, side: int) -> int:
+        if side % 16:
+            raise ValueError("the detector's input side must be a multiple of 16 (192, 256, ...)")
+        return side
+
+    @field_validator("widths")
+    @classmethod
+    def _three_widths(cls, widths: list[int]) -> list[int]:
+        if len(widths) != 3 or min(widths) < 4:
+            raise ValueError("three conv widths of at least 4, e.g. [16, 32, 64]")
+        return widths
+
+
 class DistributedParams(_Strict):
     """Catalogue-scale work (the index's embeddings and colour tags, the drift reference)
     mapped over shards with Prefect's Dask task runner (flows/retrain.py, docs/scale.md)."""
@@ -513,6 +565,7 @@ class Params(_Strict):
     monitoring: MonitoringParams = Field(default_factory=MonitoringParams)
     schedules: SchedulesParams = Field(default_factory=SchedulesParams)
     refresh: RefreshParams = Field(default_factory=RefreshParams)
+    detect: DetectParams = Field(default_factory=DetectParams)
     distributed: DistributedParams = Field(default_factory=DistributedParams)
 
 

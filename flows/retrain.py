@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.config import DistributedParams, load_params, state_paths
 from components.data import catalogue
+from components.stages import detect as detect_stage
 from components.stages import evaluate as evaluate_stage
 from components.stages import gate as gate_stage
 from components.stages import ingest as ingest_stage
@@ -53,6 +54,11 @@ def clean_labels(ctx: RunContext) -> dict:
 @stage
 def train(ctx: RunContext, fresh: bool) -> dict:
     return train_stage.run(ctx, fresh=fresh)
+
+
+@stage
+def detect(ctx: RunContext, fresh: bool) -> dict:
+    return detect_stage.run(ctx, fresh=fresh)
 
 
 @stage
@@ -138,8 +144,8 @@ def retrain(
 ) -> dict:
     """ingest (when no catalogue yet; with refresh_data also when its source changed, see
     components/data/sources.py: scheduled and drift-triggered runs pass it) → validate → clean
-    labels → train → evaluate → register (challenger, tagged with `cause`) → gate vs
-    champion → bootstrap promotion only with no champion at all (else it awaits approval).
+    labels → train → detect (the product detector) → evaluate → register (challenger, tagged
+    with `cause`) → gate vs champion → bootstrap promotion only with no champion at all (else it awaits approval).
 
     A run on the data and params of an already gated version is a no-op: it returns that
     version's summary ("unchanged since version N") and registers nothing. `force` retrains
@@ -160,6 +166,7 @@ def retrain(
     report = validate(ctx)
     label_summary = clean_labels(ctx)
     train_summary = train(ctx, fresh=force)
+    detect(ctx, fresh=force)
     metrics = evaluate_catalogue_scale(ctx)
     registered = register(ctx, cause)
     verdict = gate(ctx)

@@ -62,11 +62,27 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
         "min_recall_at_1": 0.0,
         "max_regression": {"accuracy": 0.5, "recall_at_1": 0.5},
     }
+    # no detector unless a test asks for one (TEST_DETECTOR): each loop would train one
+    params["detect"].update(enabled=False, eval_scenes=10)
+    params["gate"]["detect"] = {"min_map50": 0.0, "max_regression": 1.0}
     # the names tests approve with (`registry.approve(v, by=...)`) are model owners
     params["promotion"]["owners"] = ["owner", "test"]
     for section, values in overrides.items():
         params[section].update(values)
     return params
+
+
+# A detector small and quick enough for tests that need one to find products (the serving
+# tier, the bundle test): plain-background scenes of a few large products it finds after a
+# few seconds of training (docs/detection.md); not what it scores on the held-out scenes.
+TEST_DETECTOR = {
+    "enabled": True,
+    "max_steps": 150,
+    "scenes": 300,
+    "side": 128,
+    "widths": [8, 16, 32],
+    "eval_scenes": 10,
+}
 
 
 def write_params(path: Path, params: dict) -> Path:

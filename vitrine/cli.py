@@ -203,6 +203,14 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     shopper_table = _shopper_table(data)
     if shopper_table is not None:
         console.print(shopper_table)
+    for role in ("champion", "challenger"):  # the detector on the held-out scenes
+        m = (data.get(role) or {}).get("metrics", {})
+        if "detect_map50" in m:
+            say(
+                f"{role}'s detector: mAP@0.5 {m['detect_map50']:.4f}, item accuracy "
+                f"{m.get('detect_item_accuracy', float('nan')):.4f}, item Recall@1 "
+                f"{m.get('detect_item_recall_at_1', float('nan')):.4f} (held-out scenes)"
+            )
     challenger = data.get("challenger") or {}
     reasons = (challenger.get("gate") or {}).get("reasons", [])
     if reasons:
@@ -833,6 +841,14 @@ def stage_train() -> None:
 
     summary = train.run(_context())
     emit({k: v for k, v in summary.items() if k != "history"}, None, as_json=True)
+
+
+@stage_app.command("detect")
+def stage_detect() -> None:
+    """Train the product detector into work/detect."""
+    from components.stages import detect
+
+    emit(detect.run(_context()), None, as_json=True)
 
 
 @stage_app.command("evaluate")

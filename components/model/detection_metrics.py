@@ -107,3 +107,22 @@ def mean_average_precision(
         aps = [average_precision(truths, predictions, c, threshold) for c in categories]
         per_threshold.append(np.mean([ap for ap in aps if ap is not None]))
     return float(np.mean(per_threshold))
+
+
+def match(
+    truth_boxes: np.ndarray, pred_boxes: np.ndarray, pred_scores: np.ndarray, threshold: float = 0.5
+) -> np.ndarray:
+    """For each true box, the index of the prediction it is matched to (-1: missed): predictions
+    in score order each take the free true box they overlap most, from IoU `threshold` (the
+    one-to-one matching AP counts hits with, categories aside)."""
+    truth_boxes = np.asarray(truth_boxes, np.float64).reshape(-1, 4)
+    matched = np.full(len(truth_boxes), -1, dtype=np.int64)
+    if not len(truth_boxes) or not len(pred_boxes):
+        return matched
+    ious = box_iou(pred_boxes, truth_boxes)
+    for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
+        free = np.where(matched < 0, ious[i], -1.0)
+        best = int(np.argmax(free))
+        if free[best] >= threshold:
+            matched[best] = i
+    return matched

@@ -15,7 +15,9 @@ CenterNet's: the penalty-reduced focal loss on the heatmap, L1 on size and offse
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+FILE = "detector.pt"  # its file in a run's train/ folder and in a version's artifacts
+FORMAT = "vitrine-detector-1"
 STRIDE = 4
 SIDE = 256  # the network's input: the photo's longer side scaled to SIDE, padded square
 WIDTHS = (24, 48, 96)
@@ -164,14 +168,42 @@ def to_batch(images: np.ndarray) -> torch.Tensor:
 
 
 class Detector:
-    """A trained TinyDetector and its settings: what a model version carries (`model.detector`)
-    and the service runs."""
+    """A trained TinyDetector and its settings: what a model version carries (`model.detector`,
+    pickled with the classifier: one bundle, never mixed) and the service runs. `digest` names
+    its weights; the version's `detector` tag records it, and the loader checks the two agree."""
 
     def __init__(self, net: TinyDetector, side: int = SIDE, min_score: float = 0.3):
         self.net, self.side, self.min_score = net.eval(), side, min_score
+        digest = hashlib.sha256(f"{FORMAT}-{side}-{net.widths}".encode())
+        for name, tensor in sorted(net.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
+        self.digest = digest.hexdigest()[:16]
 
     @torch.inference_mode()
     def detect(self, photo: Image.Image, top_k: int = 20) -> list[Box]:
         image, scale = letterbox(photo, self.side)
         outputs = self.net(to_batch(image[None]))
         return decode(outputs, scale, photo.size, self.min_score, top_k)
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"format": FORMAT, "side": self.side, "widths": list(self.net.widths)}
+        torch.save(
+            {**state, "min_score": self.min_score, "state_dict": self.net.state_dict()}, path
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Detector:
+        saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"{path}: detector format {saved.get('format')!r}, expected {FORMAT}")
+        net = TinyDetector(tuple(int(w) for w in saved["widths"]))
+        net.load_state_dict(saved["state_dict"])
+        return cls(net, int(saved["side"]), float(saved["min_score"]))
+
+
+def detector_of(model: object) -> Detector | None:
+    """The version's detector (None: a version trained without one, or before issue 18)."""
+    return getattr(model, "detector", None)

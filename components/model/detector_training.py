@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,43 @@ class DetectorSettings:
     batch_size: int = 32
     lr: float = 3e-3
     min_score: float = 0.3  # a box is an item from this heat score
+    bf16: bool = False  # bf16 autocast + channels-last (a CPU with bf16 instructions)
+
+    @classmethod
+    def of(cls, params) -> DetectorSettings:
+        """From params.yaml's `detect` section (components/config.py DetectParams)."""
+        return cls(
+            budget_seconds=params.budget_seconds,
+            max_steps=params.max_steps,
+            scenes=params.scenes,
+            side=params.side,
+            widths=tuple(params.widths),
+            min_score=params.min_score,
+            bf16=params.precision == "bf16"
+            or (params.precision == "auto" and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        )
+
+
+MAX_PRODUCTS = 20000  # training rows scenes are composed from (a seeded sample above)
+MAX_PRODUCT_SIDE = 192  # px: a product is at most half a 512 x 384 scene's shorter side
+
+
+def scene_products(paths: list[Path], labels: list[int], seed: int) -> tuple[list, list[int]]:
+    """(images, labels) scenes are composed from: a seeded sample of at most MAX_PRODUCTS of the
+    given rows, each decoded and reduced to at most MAX_PRODUCT_SIDE px (a shop's large
+    photos would otherwise hold gigabytes for pixels no scene uses)."""
+    picks = np.arange(len(paths))
+    if len(paths) > MAX_PRODUCTS:
+        picks = np.sort(
+            np.random.default_rng([seed, 0xDE7]).choice(len(paths), MAX_PRODUCTS, False)
+        )
+    images = []
+    for i in picks:
+        with Image.open(paths[i]) as image:
+            image.draft("RGB", (MAX_PRODUCT_SIDE, MAX_PRODUCT_SIDE))  # JPEG: decode reduced
+            image.thumbnail((MAX_PRODUCT_SIDE, MAX_PRODUCT_SIDE))
+            images.append(image.copy())  # any mode: shopper.product_layers converts
+    return images, [int(labels[i]) for i in picks]
 
 
 def training_arrays(
@@ -65,6 +103,9 @@ def train_detector(
     x_all, target_arrays = training_arrays(images, labels, settings, seed)
     targets = [torch.from_numpy(t) for t in target_arrays]
     net = det.TinyDetector(settings.widths)
+    layout = torch.channels_last if settings.bf16 else torch.contiguous_format
+    net = net.to(memory_format=layout)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
     optimiser = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     start, step, losses = time.perf_counter(), 0, []
@@ -77,7 +118,9 @@ def train_detector(
         x, batch_targets = det.to_batch(x_all[idx]), [t[idx] for t in targets]
         if rng.random() < 0.5:
             x, batch_targets = flipped(x, batch_targets)
-        value = det.loss(net(x), *batch_targets)
+        with autocast:
+            outputs = net(x.contiguous(memory_format=layout))
+        value = det.loss(tuple(o.float() for o in outputs), *batch_targets)
         optimiser.zero_grad()
         value.backward()
         optimiser.step()
@@ -87,7 +130,9 @@ def train_detector(
             log(f"detector step {step}: loss {np.mean(losses[-100:]):.3f}")
     summary = {
         "steps": step,
+        "bf16": settings.bf16,
         "seconds": round(time.perf_counter() - start, 1),
         "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None,
     }
+    net = net.to(memory_format=torch.contiguous_format)  # served in fp32, one photo at a time
     return det.Detector(net.eval(), settings.side, settings.min_score), summary

@@ -105,6 +105,9 @@ class VitrineNet(nn.Module):
         # plain attribute, not a submodule: the classifier's weights, ONNX graph and int8
         # variant are the same with or without it; it pickles with the model.
         self.segmenter = None
+        # the version's product detector (components/model/detector.py), set by the detector
+        # stage; pickled with the classifier, so a version's detector never meets another's
+        self.detector = None
         self.trunk = trunk
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, num_classes)
@@ -186,6 +189,7 @@ class CompiledNet(nn.Module):
         for name in SERVED_ATTRIBUTES:
             setattr(self, name, getattr(model, name))
         self.segmenter = getattr(model, "segmenter", None)  # models pickled before it: none
+        self.detector = getattr(model, "detector", None)
 
     adapt_input = VitrineNet.adapt_input  # reads image_size and in_channels only
 

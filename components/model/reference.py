@@ -21,6 +21,7 @@ from components.serving.uploads import compute_image_stats
 
 REFERENCE_ARTIFACT = "reference"  # artifact folder of the registered version
 REFERENCE_FILE = "reference.parquet"
+DETECT_REFERENCE_FILE = "detect_reference.parquet"  # items, item_area per held-out scene
 STAT_COLUMNS = ("width", "height", "aspect", "brightness", "contrast")
 CHUNK = 1024  # images decoded and embedded at a time (bounded memory on a big test split)
 

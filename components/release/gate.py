@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
-from components.config import SHOPPER_SHIFTS, GatePolicy, ShopperGatePolicy
+from components.config import SHOPPER_SHIFTS, DetectGatePolicy, GatePolicy, ShopperGatePolicy
 
 EXACT_TEST_MAX_DISCORDANT = 25  # below this many discordant pairs use the exact binomial test
 
@@ -154,6 +154,32 @@ def check_shopper(
     return results
 
 
+def check_detection(
+    challenger: dict[str, float], champion: dict[str, float] | None, policy: DetectGatePolicy
+) -> list[tuple[bool, str]]:
+    """The detector on the held-out scenes: mAP@0.5 at or above its floor, and (when the
+    champion detects too, measured on the same scenes) no drop beyond the tolerance."""
+    new = challenger.get("detect_map50")
+    if new is None:
+        if policy.min_map50 > 0:
+            why = "the gate has a floor on mAP@0.5; detect.enabled, or gate.detect.min_map50: 0"
+            return [(False, f"FAIL: no detector results ({why})")]
+        return []  # a version without a detector, and no floor asks for one
+    if new < policy.min_map50:
+        return [(False, f"FAIL: detector mAP@0.5 {new:.4g} < floor {policy.min_map50:g}")]
+    old = None if champion is None else champion.get("detect_map50")
+    if old is not None and old - new > policy.max_regression + 1e-12:
+        return [
+            (
+                False,
+                f"FAIL: detector mAP@0.5 {new:.4g} regresses {old - new:.4g} versus the "
+                f"champion's {old:.4g} (tolerance {policy.max_regression:g})",
+            )
+        ]
+    versus = "" if old is None else f", champion {old:.4g} on the same scenes"
+    return [(True, f"detector mAP@0.5 {new:.4g} >= floor {policy.min_map50:g}{versus}")]
+
+
 def check_significance(
     challenger: np.ndarray | None, champion: np.ndarray | None, alpha: float
 ) -> tuple[bool, str]:
@@ -200,6 +226,9 @@ def decide(challenger: Candidate, champion: Candidate | None, policy: GatePolicy
         )
     results += check_shopper(
         challenger.metrics, None if champion is None else champion.metrics, policy.shopper
+    )
+    results += check_detection(
+        challenger.metrics, None if champion is None else champion.metrics, policy.detect
     )
     return Verdict(passed=all(ok for ok, _ in results), reasons=[text for _, text in results])
 

@@ -165,6 +165,19 @@ def _holder_died(holder: str) -> bool:
     return False
 
 
+def check_detector(version: str, tags: dict[str, str], model: Any) -> None:
+    """Raise ArtifactCorrupt unless the detector pickled with the version's classifier is the one
+    registered with it (its `detector` tag): a version never answers /detect with another
+    version's detector, nor with none when it was registered with one."""
+    expected = tags.get("detector")
+    found = getattr(getattr(model, "detector", None), "digest", None)
+    if expected != found:
+        raise ArtifactCorrupt(
+            f"version {version}: its model carries detector {found or 'none'}, but the version "
+            f"was registered with detector {expected or 'none'}"
+        )
+
+
 class Registry:
     def __init__(
         self,
@@ -383,7 +396,9 @@ class Registry:
                 artifact_uri=f"models:/{self.model_name}/{version}", dst_path=tmp
             )
             self._verify(version, tags, Path(local), "model")
-            return mlflow.pytorch.load_model(local)
+            model = mlflow.pytorch.load_model(local)
+        check_detector(version, tags, model)
+        return model
 
     @_guarded
     def download_artifacts(self, version: str, artifact_path: str, dst: Path) -> Path:

@@ -121,7 +121,11 @@ def load_views(
 
 
 def load_trained_model(ctx: RunContext) -> VitrineNet:
-    return torch.load(ctx.work / "train" / "model.pt", weights_only=False).eval()
+    """This run's classifier with its detector (components/stages/detect.py) when it has one."""
+    from components.stages import detect
+
+    model = torch.load(ctx.work / "train" / "model.pt", weights_only=False).eval()
+    return detect.attach(ctx, model)
 
 
 def dvc_tracked(ctx: RunContext) -> bool:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from components.model import evaluation, training
 from components.model.models import VitrineNet
+from components.model.reference import REFERENCE_ARTIFACT
 from components.retrieval.index import EXACT_MAX, CatalogueIndex
 from components.stages.context import (
     RunContext,
@@ -135,6 +136,17 @@ def run(
         ctx.stage_dir("evaluate"),
     )
     result.metrics.update(shopper.metrics)
+    result.metrics.update(
+        evaluate_detection(
+            ctx,
+            model,
+            test,
+            emb[in_catalogue],
+            accepted.loc[in_catalogue, "label"].to_numpy(),
+            ctx.stage_dir("evaluate"),
+            reference_dir=ctx.stage_dir("evaluate") / REFERENCE_ARTIFACT,
+        )
+    )
     if ctx.params.text_search.enabled:
         result.metrics.update(build_text_projection(ctx, accepted, emb, index_dir))
     evaluation.write_evaluation_outputs(result, ctx.stage_dir("evaluate"))
@@ -182,6 +194,69 @@ def evaluate_shopper(
     )
     result.table.to_csv(Path(out_dir) / "shopper.csv", index=False)
     return result
+
+
+def detection_scenes(ctx: RunContext, test: pd.DataFrame) -> list:
+    """The held-out scenes: params detect.eval_scenes scenes of 2-5 products of the frozen test
+    split (never a training row) at 512 x 384, seeded by detect.seed; the same for the
+    challenger and the champion of a gate."""
+    from components.model.detector_training import scene_products
+    from components.model.scenes import compose_scenes
+
+    test = test.sort_values("product_id").reset_index(drop=True)
+    settings = ctx.params.detect
+    images, labels = scene_products(
+        [ctx.catalogue_dir / p for p in test["path"]], test["label"].tolist(), settings.seed
+    )
+    return compose_scenes(
+        images, labels, settings.eval_scenes, settings.seed + 1, items=(2, 5), size=(512, 384)
+    )
+
+
+def evaluate_detection(
+    ctx: RunContext,
+    model: VitrineNet,
+    test: pd.DataFrame,
+    catalogue_embeddings: np.ndarray,
+    catalogue_labels: np.ndarray,
+    out_dir: Path,
+    reference_dir: Path | None = None,
+) -> dict[str, float]:
+    """The model's detector with its classifier on the held-out scenes (detection.evaluate_
+    detection): detect_* metrics, and detect_boxes.png of sample scenes in out_dir; with
+    `reference_dir`, what it found per scene (items, item_area: the drift monitor's reference
+    for /detect requests). Nothing for a model without a detector."""
+    from components.model.detection import evaluate_detection as measure
+    from components.model.detection import plot_detections
+    from components.model.detector import detector_of
+
+    detector = detector_of(model)
+    if detector is None:
+        return {}
+    settings = ctx.params.detect
+    scenes = detection_scenes(ctx, test)
+    with torch.inference_mode():
+        result = measure(
+            detector,
+            model,
+            scenes,
+            catalogue_embeddings,
+            catalogue_labels,
+            settings.max_items,
+            settings.nms_iou,
+        )
+    plot_detections(scenes, result.items, ctx.params.data.categories, out_dir / "detect_boxes.png")
+    if reference_dir is not None:
+        from components.model.detection import item_stats
+        from components.model.reference import DETECT_REFERENCE_FILE
+
+        rows = [
+            item_stats(items, scene.photo.size)
+            for scene, items in zip(scenes, result.items, strict=True)
+        ]
+        reference_dir.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(reference_dir / DETECT_REFERENCE_FILE, index=False)
+    return result.metrics
 
 
 def write_drift_reference(ctx: RunContext, rows: pd.DataFrame) -> Path:

@@ -47,6 +47,16 @@ def measure_champion(ctx: RunContext, registry: Registry, version: str) -> gate.
         ctx.stage_dir("gate") / "champion",
     )
     result.metrics.update(shopper.metrics)
+    result.metrics.update(  # its detector on the challenger's held-out scenes (none: nothing)
+        evaluate.evaluate_detection(
+            ctx,
+            model,
+            test,
+            emb,
+            accepted.loc[in_catalogue, "label"].to_numpy(),
+            ctx.stage_dir("gate") / "champion",
+        )
+    )
     return gate.Candidate(version, result.metrics, result.predictions["correct"].to_numpy())
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 from components.config import HEADLINE_METRICS, Params
 from components.data import catalogue
 from components.model.compress import ARTIFACT_DIR
+from components.model.detector import FILE as DETECTOR_FILE
 from components.model.segmenter import FILE as SEGMENTER_FILE
 from components.model.transforms import to_tensor
 from components.release.gate import read_gate_passed
@@ -86,6 +87,8 @@ def _log_stage_outputs(registry: Registry, work: Path) -> None:
         ("evaluate/confusion.png", "evaluation"),
         ("evaluate/shopper.csv", "evaluation/shopper"),
         ("evaluate/shopper_grid.png", "evaluation/shopper"),
+        ("evaluate/detect_boxes.png", "evaluation/detect"),
+        ("detect/detect_summary.json", "detect"),
     ]:
         if (work / rel).exists():
             registry.log_artifact(work / rel, dest)
@@ -112,6 +115,8 @@ def run(ctx: RunContext, registry: Registry | None = None, cause: str = "manual"
     }
     if getattr(model, "segmenter", None) is not None:  # which learned mask it preprocesses with
         tags["segmenter"] = model.segmenter.digest
+    if getattr(model, "detector", None) is not None:  # the detector pickled with it
+        tags["detector"] = model.detector.digest
     compression = compress.run(ctx, model)  # variants gated on the frozen test split
     tags.update(compression["tags"])
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -121,6 +126,9 @@ def run(ctx: RunContext, registry: Registry | None = None, cause: str = "manual"
         registry.log_params(flatten_params(ctx.params))
         counts = {k: float(v) for k, v in report["counts"].items()}
         counts["label_issues"] = float(label_summary["flagged"])
+        detect_summary = work / "detect" / "detect_summary.json"
+        if detect_summary.exists() and "stage_seconds" in (trained := read_json(detect_summary)):
+            counts["detect_train_seconds"] = float(trained["stage_seconds"])
         registry.log_metrics(
             {**{k: float(v) for k, v in metrics.items()}, **counts, **compression["metrics"]}
         )
@@ -132,6 +140,8 @@ def run(ctx: RunContext, registry: Registry | None = None, cause: str = "manual"
             artifacts[ARTIFACT_DIR] = compression["folder"]
         if (work / "train" / SEGMENTER_FILE).is_file():  # also inside the pickled model
             artifacts["segmenter"] = work / "train" / SEGMENTER_FILE
+        if (work / "detect" / DETECTOR_FILE).is_file():  # also inside the pickled model
+            artifacts["detector"] = work / "detect" / DETECTOR_FILE
         version = registry.log_and_register_model(
             model, example, extra_artifacts=artifacts, tags=tags
         )

@@ -11,6 +11,7 @@ from components.model.detection_metrics import (
     Detections,
     average_precision,
     box_iou,
+    match,
     mean_average_precision,
     nms,
 )
@@ -98,3 +99,32 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     assert nms(boxes, scores, 0.5).tolist() == [1, 2]
     assert nms(boxes, scores, 0.9).tolist() == [1, 0, 2]
     assert nms(boxes, scores, 0.5, max_items=1).tolist() == [1]
+
+
+# true boxes, predicted (box, score) pairs, the prediction each true box is matched to
+MATCH_CASES = [
+    ("one_to_one", [SQUARE], [(SQUARE, 0.9)], [0]),
+    ("missed_below_the_threshold", [SQUARE], [([5, 0, 15, 10], 0.9)], [-1]),  # IoU 1/3
+    ("no_predictions", [SQUARE, [20, 20, 30, 30]], [], [-1, -1]),
+    # two predictions on one product: the better-scored one takes it, the other matches nothing
+    ("duplicate", [SQUARE], [([0, 0, 10, 9], 0.4), ([0, 0, 10, 10], 0.8)], [1]),
+    # the better-scored prediction takes the box it overlaps most, although the other one fits
+    # it exactly; that one overlaps the second box too little (IoU 0.43): missed
+    (
+        "greedy_by_score",
+        [[0, 0, 10, 10], [4, 0, 14, 10]],
+        [([1, 0, 11, 10], 0.9), ([0, 0, 10, 10], 0.5)],
+        [0, -1],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("truths", "predictions", "expected"),
+    [case[1:] for case in MATCH_CASES],
+    ids=[case[0] for case in MATCH_CASES],
+)
+def test_match(truths, predictions, expected):
+    boxes = np.array([b for b, _ in predictions], float).reshape(-1, 4)
+    scores = np.array([s for _, s in predictions], float)
+    assert match(np.array(truths, float), boxes, scores).tolist() == expected

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from components.config import GatePolicy, ShopperGatePolicy
+from components.config import DetectGatePolicy, GatePolicy, ShopperGatePolicy
 from components.release.gate import (
     Candidate,
     Verdict,
@@ -446,3 +446,44 @@ def test_only_the_last_audited_promotion_is_served(alias, tags_by_version, refus
     versions = [{"version": v, "tags": tags} for v, tags in tags_by_version.items()]
     reason = alias_refusal(alias, last_audited(versions))
     assert (reason is None) if refused is None else (refused in reason)
+
+
+DETECT_POLICY = GatePolicy(
+    **{**POLICY.model_dump(), "detect": DetectGatePolicy(min_map50=0.8, max_regression=0.03)}
+)
+# id, challenger's mAP@0.5 (None: no detector), champion's (None: none), passes, FAIL fragment
+DETECT_CASES = [
+    ("pass", 0.91, 0.90, True, "detector mAP@0.5 0.91 >= floor 0.8, champion 0.9"),
+    ("pass_no_champion_detector", 0.85, None, True, "detector mAP@0.5 0.85 >= floor 0.8"),
+    ("below_floor", 0.79, None, False, "FAIL: detector mAP@0.5 0.79 < floor 0.8"),
+    ("within_tolerance", 0.875, 0.90, True, "detector mAP@0.5 0.875"),
+    (
+        "regresses",
+        0.86,
+        0.90,
+        False,
+        "FAIL: detector mAP@0.5 0.86 regresses 0.04 versus the champion's 0.9 (tolerance 0.03)",
+    ),
+    ("no_detector_with_a_floor", None, 0.90, False, "FAIL: no detector results"),
+]
+
+
+@pytest.mark.parametrize(
+    "new, old, passed, fragment",
+    [case[1:] for case in DETECT_CASES],
+    ids=[case[0] for case in DETECT_CASES],
+)
+def test_decide_on_the_detector(new, old, passed, fragment):
+    with_map = lambda value: GOOD | ({} if value is None else {"detect_map50": value})  # noqa: E731
+    verdict = decide(
+        Candidate("2", with_map(new), SAME[0]),
+        Candidate("1", with_map(old), SAME[1]),
+        DETECT_POLICY,
+    )
+    assert verdict.passed is passed, verdict.reasons
+    assert any(fragment in reason for reason in verdict.reasons), verdict.reasons
+
+
+def test_without_a_floor_a_version_without_detector_passes_silently():
+    verdict = decide(Candidate("2", dict(GOOD), SAME[0]), Candidate("1", GOOD, SAME[1]), POLICY)
+    assert verdict.passed and not any("detector" in r for r in verdict.reasons)
