@@ -40,7 +40,7 @@ ERRORS = {
     "upload, or no file in field `image`",
     403: "The admin token is missing or wrong, or the admin endpoint is disabled",
     404: "No such product",
-    409: "The served version has no text search",
+    409: "The served version has no text search (/search_text) or no detector (/detect)",
     413: "The body or the image is too large (bytes or pixels; decompression bombs)",
     415: "Not a JPEG, PNG, WebP, GIF or BMP image, or an unsupported request content type",
     422: "An invalid JSON body or an unknown colour (the message lists the palette)",
@@ -82,8 +82,25 @@ SEARCH_FIELDS = {
     "group": {"type": "string", "description": f"Only products of this group ({BLANK})"},
     "colour": {"type": "string", "description": f"Only products having this colour ({BLANK})"},
 }
+SEARCH_FIELDS["detect"] = {
+    "type": "string",
+    "enum": ["", "true", "false"],
+    "default": "false",
+    "description": "true: search the largest product the detector finds in the photo (the "
+    "whole photo when it finds none); the answer's query.box says which",
+}
 EXPLAIN_FIELDS = {"format": {"type": "string", "enum": ["json", "png"], "default": "json"}}
+DETECT_FIELDS = {
+    "k": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 100,
+        "default": 5,
+        "description": "Similar products per detected item",
+    }
+}
 SEARCH_NAMES, EXPLAIN_NAMES = tuple(SEARCH_FIELDS), tuple(EXPLAIN_FIELDS)
+DETECT_NAMES = tuple(DETECT_FIELDS)
 
 
 def image_answer(description: str, types: tuple[str, ...], **headers: str) -> dict[str, Any]:
@@ -101,6 +118,10 @@ UPLOAD_ROUTE = {"openapi_extra": image_upload(), "responses": errors(*UPLOAD_ERR
 SEARCH_ROUTE = {
     "openapi_extra": image_upload(**SEARCH_FIELDS),
     "responses": errors(*UPLOAD_ERRORS, 422),
+}
+DETECT_ROUTE = {
+    "openapi_extra": image_upload(**DETECT_FIELDS),
+    "responses": errors(*UPLOAD_ERRORS, 409),
 }
 HEATMAP = image_answer(
     "The explanation (JSON), or with format=png the heatmap PNG",
@@ -269,6 +290,20 @@ def search_fields(fields: Fields, categories: list[str]) -> tuple[int, dict[str,
     }
     filters["colour"] = [parse_colour_or_422(v) for v in fields.get("colour", [""])][-1]
     return k, filters
+
+
+def detect_flag(fields: Fields) -> bool:
+    """/search's `detect` field: true or false (blank: false), else a 400."""
+    values = fields.get("detect", ["false"])
+    for value in values:
+        if value not in ("true", "false", ""):
+            raise ApiError(400, f"detect must be true or false, got {value!r}")
+    return values[-1] == "true"
+
+
+def detect_k(fields: Fields) -> int:
+    """/detect's k (similar products per item, default 5): 1..100, else a 400."""
+    return [parse_k_or_400(v) for v in fields.get("k", ["5"])][-1]
 
 
 def explain_format(fields: Fields) -> str:

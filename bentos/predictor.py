@@ -113,6 +113,27 @@ class Predictor:
             image,
         )
 
+    def detect(
+        self, bundle: Any, data: bytes, content_type: str | None, max_items: int, nms_iou: float
+    ) -> tuple[Image.Image, list]:
+        """(the decoded photo, its detected items best first: components/model/detection.py
+        Item) by the bundle's detector and the bundle's own classifier on each crop; a 409 for
+        a version without a detector."""
+        from components.model.detection import detect_items
+        from components.model.detector import detector_of
+
+        detector = detector_of(bundle.torch_model) or detector_of(bundle.model)
+        if detector is None:
+            from bentos.http import ApiError
+
+            raise ApiError(
+                409,
+                f"model version {bundle.version} has no detector (trained with detect.enabled "
+                "false, or before detection existed): retrain to detect",
+            )
+        image = decode_upload(data, content_type, self.limits)
+        return image, detect_items(detector, bundle.model, image, max_items, nms_iou)
+
     def encode_text(self, query: str) -> np.ndarray:
         """The query's MiniLM embedding (components/retrieval/text.py), cached by its text."""
         from components.retrieval import text as textsearch

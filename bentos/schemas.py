@@ -136,6 +136,11 @@ class TagsResponse(Versioned):
 class QueryPhoto(BaseModel):
     category: str
     confidence: float
+    box: list[float] | None = Field(
+        None,
+        description="detect=true: the detected product that was searched, [x0, y0, x1, y1] in "
+        "the photo's pixels (null: the whole photo)",
+    )
 
 
 class SearchResponse(Versioned):
@@ -145,10 +150,45 @@ class SearchResponse(Versioned):
     results: list[Hit]
 
     @classmethod
-    def of(cls, version: str, k: int, filters: Filters, r: Any, hits: list) -> SearchResponse:
-        query = QueryPhoto(category=r.category, confidence=round(r.confidence, 6))
+    def of(
+        cls, version: str, k: int, filters: Filters, r: Any, hits: list, box: Any = None
+    ) -> SearchResponse:
+        query = QueryPhoto(
+            category=r.category,
+            confidence=round(r.confidence, 6),
+            box=None if box is None else [round(float(v), 1) for v in box],
+        )
         results = [Hit.of(h) for h in hits]
         return cls(model_version=version, k=k, filters=filters, query=query, results=results)
+
+
+class DetectedItem(BaseModel):
+    box: list[float] = Field(description="[x0, y0, x1, y1] in the uploaded photo's pixels")
+    score: float = Field(description="The box's score times the category's probability")
+    category: str
+    confidence: float = Field(description="The category's probability for the item's crop")
+    colours: list[ColourTag] = Field(default_factory=list, description="The item's colours")
+    results: list[Hit] = Field(description="The item's most similar products, best first")
+
+    @classmethod
+    def of(cls, item: Any, categories: list[str], colours: list, hits: list) -> DetectedItem:
+        return cls(
+            box=[round(float(v), 1) for v in item.box],
+            score=round(float(item.score), 6),
+            category=categories[item.category],
+            confidence=round(float(item.confidence), 6),
+            colours=[ColourTag(value=name, score=round(float(v), 4)) for name, v in colours],
+            results=[Hit.of(h) for h in hits],
+        )
+
+
+class DetectResponse(Versioned):
+    width: int
+    height: int
+    items: list[DetectedItem] = Field(
+        description="The products found, best score first, after non-maximum suppression, at "
+        "most detect.max_items"
+    )
 
 
 class TextSearchResponse(Versioned):

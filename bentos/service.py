@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bentoml
 from fastapi import Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bentos import contract as c
@@ -39,6 +39,13 @@ from components.serving.runtime import exit_with_parent, set_call_threads
 from components.serving.uploads import UploadLimits
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+
+
+class ItemQuery:
+    """A detected item as /search's query (what SearchResponse.of reads of an Analysis)."""
+
+    def __init__(self, category: str, confidence: float):
+        self.category, self.confidence = category, float(confidence)
 
 
 # BentoML's own request metrics and access log are off: /metrics is vitrine's (bentos/http.py),
@@ -148,9 +155,89 @@ class Vitrine:
         upload = await read_upload(request, c.SEARCH_NAMES)
         k, chosen = c.search_fields(upload[2], self.categories)  # 4xx before the model runs
         filters = s.Filters(**chosen)
+        if c.detect_flag(upload[2]):  # the largest detected product, not the whole photo
+            return await self.search_detected(request, upload, k, filters)
         similar = lambda b, r: b.index.search(r.embedding, k, **filters.model_dump())  # noqa: E731
         bundle, r, hits = await self.infer(request, "/search", upload, then=similar)
         return s.SearchResponse.of(bundle.version, k, filters, r, hits)
+
+    async def search_detected(
+        self, request: Request, upload: tuple, k: int, filters: s.Filters
+    ) -> s.SearchResponse:
+        """/search with detect=true: the largest item the detector finds is the query (its
+        crop's category and embedding); with none found, the whole photo as without it."""
+        from components.model.detection import largest
+
+        bundle, _ = self.pick(request)
+        data, ctype, _ = upload
+        cfg = self.params.detect
+
+        def answer() -> s.SearchResponse:
+            image, items = self.predictor.detect(bundle, data, ctype, cfg.max_items, cfg.nms_iou)
+            self.log_detected(bundle, image, items, data, ctype)
+            if not items:
+                r = self.predictor.analyse(bundle, data, ctype)
+                hits = bundle.index.search(r.embedding, k, **filters.model_dump())
+                return s.SearchResponse.of(bundle.version, k, filters, r, hits)
+            item = largest(items)
+            hits = bundle.index.search(item.embedding, k, **filters.model_dump())
+            query = ItemQuery(self.categories[item.category], item.confidence)
+            return s.SearchResponse.of(bundle.version, k, filters, query, hits, item.box)
+
+        return await guarded(answer)
+
+    @app.post("/detect", **c.DETECT_ROUTE)
+    async def detect(self, request: Request) -> s.DetectResponse:
+        """Every product in the photo: boxes (photo pixels, best first, NMS, at most
+        detect.max_items), each crop's category and colours from this version's classifier, and
+        its k most similar products from this version's index."""
+        from components.model.detection import crop
+        from components.retrieval.colours import photo_colours
+
+        data, ctype, fields = await read_upload(request, c.DETECT_NAMES)
+        k = c.detect_k(fields)  # a 400 before the model runs
+        bundle, _ = self.pick(request)
+        cfg = self.params.detect
+
+        def answer() -> s.DetectResponse:
+            image, items = self.predictor.detect(bundle, data, ctype, cfg.max_items, cfg.nms_iou)
+            found = [
+                s.DetectedItem.of(
+                    item,
+                    self.categories,
+                    photo_colours(crop(image, item.box)),
+                    bundle.index.search(item.embedding, k),
+                )
+                for item in items
+            ]
+            self.log_detected(bundle, image, items, data, ctype)
+            width, height = image.size
+            return s.DetectResponse(
+                model_version=bundle.version, width=width, height=height, items=found
+            )
+
+        return await guarded(answer)
+
+    def log_detected(self, bundle: Bundle, image, items: list, data: bytes, ctype) -> None:
+        """One request-log record per photo sent to /detect (or /search with detect=true): the
+        photo's statistics, how many items were found and the share of the photo they cover
+        (the drift monitor's `items` and `item_area`), with the best item's category and
+        embedding, or the whole photo's when none was found."""
+        from components.model.detection import item_stats
+        from components.serving.uploads import compute_image_stats
+
+        stats = compute_image_stats(image) | item_stats(items, image.size)
+        if items:
+            best = items[0]
+            embedding, category, confidence = (
+                best.embedding,
+                self.categories[best.category],
+                best.confidence,
+            )
+        else:
+            r = self.predictor.analyse(bundle, data, ctype)
+            embedding, category, confidence = r.embedding, r.category, r.confidence
+        self.request_log.write("/detect", bundle.version, embedding, category, confidence, stats)
 
     @app.post("/embed", **c.UPLOAD_ROUTE)
     async def embed(self, request: Request) -> s.EmbedResponse:

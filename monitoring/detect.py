@@ -207,6 +207,48 @@ def compute_signals(
     return signals, (snapshot if render else None)
 
 
+DETECTED = ("items", "item_area")  # what the request log keeps of a /detect answer
+
+
+def detected_item_signals(
+    reference: pd.DataFrame, current: pd.DataFrame, settings: MonitoringParams
+) -> list[Signal]:
+    """What /detect finds in the window (items per photo, the share of the photo they cover)
+    against what the champion's detector found on its held-out scenes (the evaluate stage's
+    detect reference), one Evidently ValueDrift each: signals `detected_items` and
+    `detected_item_area`. Nothing below params monitoring.detected_items.min_samples /detect
+    requests, or without a reference (a version without a detector)."""
+    config = settings.detected_items
+    current = current.dropna(subset=list(DETECTED))
+    if reference is None or len(current) < config.min_samples:
+        return []
+    definition = DataDefinition(numerical_columns=list(DETECTED))
+    metrics = [
+        ValueDrift(column=name, method=config.method, threshold=config.threshold)
+        for name in DETECTED
+    ]
+    frames = [
+        Dataset.from_pandas(f[list(DETECTED)].astype(float), data_definition=definition)
+        for f in (current, reference)
+    ]
+    data = (
+        Report(metrics, include_tests=True)
+        .run(current_data=frames[0], reference_data=frames[1])
+        .dict()
+    )
+    failed = {t["metric_config"]["metric_id"]: t["status"] == "FAIL" for t in data["tests"]}
+    return [
+        Signal(
+            f"detected_{metric['config']['column']}",
+            config.method,
+            float(metric["value"]),
+            config.threshold,
+            failed.get(metric["id"], False),
+        )
+        for metric in data["metrics"]
+    ]
+
+
 def read_signals(data: dict, settings: MonitoringParams) -> list[Signal]:
     """Scores from the snapshot's metrics, drift outcomes from its tests (FAIL = drift)."""
     failed = {t["metric_config"]["metric_id"]: t["status"] == "FAIL" for t in data["tests"]}

@@ -52,6 +52,8 @@ def load_reference(
             with tempfile.TemporaryDirectory() as tmp:
                 folder = registry.download_artifacts(version, ref_io.REFERENCE_ARTIFACT, Path(tmp))
                 shutil.copy(folder / ref_io.REFERENCE_FILE, cache)
+                if (folder / ref_io.DETECT_REFERENCE_FILE).exists():  # a version that detects
+                    shutil.copy(folder / ref_io.DETECT_REFERENCE_FILE, cache.parent)
             note_file.write_text(f"registered with version {version} (its evaluation split)")
         else:
             rebuild_reference(registry, version, params, cache)
@@ -61,6 +63,13 @@ def load_reference(
             )
     rows, emb = ref_io.read_reference(cache)
     return rows, emb, note_file.read_text() if note_file.exists() else ""
+
+
+def load_detect_reference(paths: StatePaths, version: str) -> pd.DataFrame | None:
+    """What the version's detector found on its held-out scenes (items, item_area per scene),
+    registered with its reference (load_reference caches it); None for a version without."""
+    path = paths.home / "references" / f"v{version}" / ref_io.DETECT_REFERENCE_FILE
+    return pd.read_parquet(path) if path.exists() else None
 
 
 def rebuild_reference(registry: Registry, version: str, params: Params, out: Path) -> None:
@@ -116,6 +125,9 @@ def run_drift(paths: StatePaths, params: Params, since: datetime | None = None) 
             detect.to_frame(cur_rows, cur_emb),
             settings,
             metadata={"model_version": version},
+        )
+        signals += detect.detected_item_signals(
+            load_detect_reference(paths, version), window.rows, settings
         )
         shares = (
             detect.category_shares(cur_rows["category"]),

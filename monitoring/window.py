@@ -64,13 +64,16 @@ def read_window(folder: Path, version: str, since: datetime, until: datetime) ->
                     continue
                 record.setdefault("aspect", record["width"] / record["height"])
                 row = {k: record[k] for k in ("category", *detect.NUMERIC)}
+                row["endpoint"] = record.get("endpoint")
+                for name in detect.DETECTED:  # /detect's records only
+                    row[name] = float(record.get(name, "nan"))
                 vector = np.asarray(record["embedding"], dtype=np.float32)
             except (ValueError, KeyError, TypeError, ZeroDivisionError):
                 malformed += line.strip() != ""
                 continue
             rows.append(row)
             emb.append(vector)
-    frame = pd.DataFrame(rows, columns=["category", *detect.NUMERIC])
+    frame = pd.DataFrame(rows, columns=["category", *detect.NUMERIC, "endpoint", *detect.DETECTED])
     dims = {len(v) for v in emb}
     if len(dims) > 1:
         raise DriftError(f"the log holds embeddings of sizes {sorted(dims)} for version {version}")

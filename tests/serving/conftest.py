@@ -24,9 +24,9 @@ from components.data import catalogue
 from components.model.training import predict_batches
 from components.release.registry import Registry, open_registry
 from components.retrieval.text import PROJECTION_FILE, TextProjection
-from components.stages import evaluate, labels, register, train, validate
+from components.stages import detect, evaluate, labels, register, train, validate
 from components.stages.context import RunContext, load_images, load_trained_model
-from tests.conftest import shrunk_params, write_csv_catalogue, write_params
+from tests.conftest import TEST_DETECTOR, shrunk_params, write_csv_catalogue, write_params
 
 ADMIN_TOKEN = "test-admin-token"
 POLL_SECONDS = 3
@@ -75,7 +75,7 @@ def champion_params(root: Path, csv: Path, overrides: dict) -> dict:
         data={"source": str(csv)},
         train={"epochs": 2, "max_batches_per_epoch": 20},
         labels={"folds": 2},
-        **overrides,
+        **{"detect": TEST_DETECTOR, **overrides},
     )
 
 
@@ -103,6 +103,7 @@ def trained_run(parent: Path, fmnist: dict, n_train: int, n_test: int, overrides
     validate.run(ctx)
     labels.run(ctx)
     train.run(ctx)
+    detect.run(ctx)
     evaluate.run(ctx)
     _TRAINED[key] = root
     return root

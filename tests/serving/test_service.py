@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from components.model.detection import crop
+from components.model.detection_metrics import box_iou
+from components.model.scenes import compose_scene
 from components.model.transforms import model_input, to_tensor
 from components.retrieval.tags import group_of
 from components.serving.logs import read_request_log
@@ -477,6 +480,104 @@ def test_request_log_holds_sampled_records_without_images(server, champion):
     } <= set(record)
     assert (record["width"], record["height"]) == (28, 28)
     assert not any(isinstance(v, str) and len(v) > 200 for v in record.values())  # no raw bytes
+
+
+def easy_scene(champion, products, n: int = 3, seed: int = 4):
+    """A 512 x 384 photo of `n` test products of the catalogue, apart on a plain light
+    background: what a shopper's photo of several products is at its simplest."""
+    rows = products[products["split"] == "test"].iloc[seed * n : seed * n + n]
+    images = [Image.open(champion.ctx.catalogue_dir / p) for p in rows["path"]]
+    rng = np.random.default_rng(seed)
+    scene = compose_scene(
+        images,
+        rows["label"].tolist(),
+        rng,
+        min_visible=0.99,
+        scale=(0.3, 0.45),
+        backgrounds=("plain_light",),
+    )
+    out = io.BytesIO()
+    scene.photo.save(out, format="PNG")
+    return scene, out.getvalue()
+
+
+def test_detect_finds_the_products_of_a_photo_and_searches_each(server, champion, products):
+    scene, data = easy_scene(champion, products)
+    response = post_image(server, "/detect", data, k="3")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["model_version"], body["width"], body["height"]) == (champion.version, 512, 384)
+    items = body["items"]
+    scores = [item["score"] for item in items]
+    assert scores == sorted(scores, reverse=True)
+    assert len(items) <= champion.ctx.params.detect.max_items
+    boxes = np.array([item["box"] for item in items]).reshape(-1, 4)
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 512).all() and (boxes[:, 3] <= 384).all()
+    overlaps = box_iou(boxes, boxes) - np.eye(len(boxes))
+    assert (overlaps <= champion.ctx.params.detect.nms_iou).all()  # non-maximum suppression
+    # the tiny test detector (docs/detection.md) finds at least two of the three products
+    found = box_iou(scene.boxes, boxes).max(axis=1) >= 0.5
+    assert found.sum() >= 2, (scene.boxes.tolist(), boxes.tolist())
+    for item in items:
+        assert len(item["results"]) == 3
+        assert all(r["image_url"].startswith("/products/") for r in item["results"])
+        assert {"category", "confidence", "colours"} <= set(item)
+        # an item's category is what /classify says of its crop: they cannot disagree
+        piece = io.BytesIO()
+        crop(scene.photo, tuple(item["box"])).save(piece, format="PNG")
+        said = post_image(server, "/classify", piece.getvalue()).json()
+        assert said["category"] == item["category"], (said, item["category"])
+    default = post_image(server, "/detect", data).json()["items"]
+    assert [len(item["results"]) for item in default] == [5] * len(items)  # k defaults to 5
+
+
+def test_search_with_detect_searches_the_largest_product(server, champion, products):
+    row = products[products["split"] == "test"].iloc[7]
+    shot = phone_photo(photo(champion, row), 7)  # one product, small and off-centre
+    plain = post_image(server, "/search", shot, "image/jpeg", k="5").json()
+    assert plain["query"]["box"] is None
+    detected = post_image(server, "/search", shot, "image/jpeg", k="5", detect="true")
+    assert detected.status_code == 200, detected.text
+    body = detected.json()
+    x0, y0, x1, y1 = body["query"]["box"]
+    assert 0 <= x0 < x1 <= 720 and 0 <= y0 < y1 <= 960
+    assert (x1 - x0) * (y1 - y0) < 0.5 * 720 * 960  # the product, not the whole photo
+    assert len(body["results"]) == 5
+    items = post_image(server, "/detect", shot, "image/jpeg").json()["items"]
+    largest_box = max(
+        items, key=lambda i: (i["box"][2] - i["box"][0]) * (i["box"][3] - i["box"][1])
+    )
+    assert body["query"]["box"] == largest_box["box"]
+    assert body["query"]["category"] == largest_box["category"]
+
+
+def test_detect_refuses_bad_requests_with_a_message(server, champion, products):
+    good = photo(champion, products.iloc[0])
+    answers = {
+        "k zero": post_image(server, "/detect", good, k="0"),
+        "k text": post_image(server, "/detect", good, k="many"),
+        "not an image": post_image(server, "/detect", b"hello", "text/plain"),
+        "empty": post_image(server, "/detect", b""),
+        "bad detect flag": post_image(server, "/search", good, detect="maybe"),
+    }
+    for name, response in answers.items():
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        assert response.json()["error"], name
+    assert answers["k zero"].status_code == 400 and "k must be" in answers["k zero"].json()["error"]
+    assert "detect must be true or false" in answers["bad detect flag"].json()["error"]
+    spec = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/detect"]["post"]
+    assert {"400", "409", "413", "415", "503"} <= set(spec["responses"])
+    schema = spec["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(schema["properties"]) == {"image", "k"}
+
+
+def test_detect_requests_are_logged_with_their_item_counts(server, champion, products):
+    _, data = easy_scene(champion, products, seed=5)
+    items = post_image(server, "/detect", data).json()["items"]
+    record = read_request_log(champion.ctx.paths.home / "requests")[-1]
+    assert record["endpoint"] == "/detect" and (record["width"], record["height"]) == (512, 384)
+    assert record["items"] == len(items) and 0 < record["item_area"] < 1
+    assert record["category"] == items[0]["category"]
 
 
 def test_a_champion_alias_moved_outside_vitrine_is_refused_by_every_worker(

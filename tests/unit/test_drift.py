@@ -255,3 +255,37 @@ def test_index_lists_reports_newest_first_with_their_verdicts(tmp_path):
 def test_monitoring_params_refuse_unknown_columns():
     with pytest.raises(ValueError, match="unknown monitored columns"):
         MonitoringParams(columns={"colour": {"method": "ks", "threshold": 0.01}})
+
+
+def detected_frame(rng: np.random.Generator, n: int, items: tuple[int, int], area: float):
+    counts = rng.integers(items[0], items[1] + 1, n)
+    return pd.DataFrame({"items": counts, "item_area": np.clip(rng.normal(area, 0.05, n), 0.01, 1)})
+
+
+def test_what_detect_finds_is_compared_with_the_detectors_held_out_scenes():
+    settings = MonitoringParams()
+    rng = np.random.default_rng(0)
+    reference = detected_frame(rng, 300, (2, 5), 0.35)  # 2-5 products, about a third covered
+    same = detected_frame(rng, 120, (2, 5), 0.35).assign(category="Bag")  # window rows
+    single = detected_frame(rng, 120, (1, 1), 0.12)  # shoppers now send one small product
+    quiet = detect.detected_item_signals(reference, same, settings)
+    assert [s.name for s in quiet] == ["detected_items", "detected_item_area"]
+    assert not any(s.drifted for s in quiet), quiet
+    moved = detect.detected_item_signals(reference, single, settings)
+    assert all(s.drifted for s in moved) and all(s.score < 0.001 for s in moved), moved
+    # other endpoints' rows (no items) are not /detect requests: too few left, no signal
+    others = pd.concat([single.head(20), pd.DataFrame({"items": [np.nan] * 200})])
+    assert detect.detected_item_signals(reference, others, settings) == []
+    assert detect.detected_item_signals(None, single, settings) == []  # no detector
+
+
+def test_the_window_keeps_what_detect_found_and_nothing_for_other_endpoints(tmp_path):
+    log = RequestLog(tmp_path)
+    stats = {"width": 512, "height": 384, "aspect": 1.3333, "brightness": 0.6, "contrast": 0.2}
+    log.write("/classify", "4", np.ones(4), "Bag", 0.9, stats)
+    log.write("/detect", "4", np.ones(4), "Coat", 0.8, stats | {"items": 3, "item_area": 0.41})
+    now = datetime.now(UTC)
+    rows = read_window(tmp_path, "4", now - timedelta(hours=1), now).rows
+    assert rows["endpoint"].tolist() == ["/classify", "/detect"]
+    assert np.isnan(rows["items"].iloc[0]) and rows["items"].iloc[1] == 3
+    assert rows["item_area"].iloc[1] == pytest.approx(0.41)

@@ -349,7 +349,7 @@ def test_the_contract_completes_fastapis_schema_with_filters_probes_and_the_admi
     categories = form["properties"]["category"]["enum"]
     assert categories[:3] == ["", "Dress", "Hat"] and "Ankle boot" in categories
     query = {p["name"]: p["schema"] for p in search["parameters"]}
-    assert set(query) == {"k", "category", "group", "colour"}
+    assert set(query) == {"k", "category", "group", "colour", "detect"}
     assert query["colour"]["enum"] == form["properties"]["colour"]["enum"]
     assert {"", "navy", "gray"} <= set(query["colour"]["enum"])
     text = spec["components"]["schemas"]["TextQuery"]["properties"]
