@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from components.model import detector as det
 from components.model.scenes import compose_scenes
@@ -73,7 +74,7 @@ def training_arrays(
     size = (settings.side, settings.side * 3 // 4)
     scenes = compose_scenes(images, labels, settings.scenes, seed, size=size)
     inputs, parts = [], []
-    for scene in scenes:
+    for scene in tqdm(scenes, desc="detector scenes", unit="scene", mininterval=2):
         image, scale = det.letterbox(scene.photo, settings.side)
         inputs.append(image)
         parts.append(det.targets(scene.boxes * scale, settings.side))
@@ -110,7 +111,14 @@ def train_detector(
     rng = np.random.default_rng(seed)
     start, step, losses = time.perf_counter(), 0, []
     limit = settings.max_steps if settings.max_steps is not None else float("inf")
+    bar = tqdm(
+        total=round(settings.budget_seconds), desc="detector training", unit="s", mininterval=2
+    )
     while time.perf_counter() - start < settings.budget_seconds and step < limit:
+        bar.n = min(bar.total, round(time.perf_counter() - start))
+        if step % 20 == 0 and losses:
+            bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+        bar.update(0)
         share = (time.perf_counter() - start) / settings.budget_seconds
         for group in optimiser.param_groups:  # constant, then down to a tenth in the last 30%
             group["lr"] = settings.lr * (1.0 if share < 0.7 else max(0.1, (1 - share) / 0.3))
@@ -128,6 +136,7 @@ def train_detector(
         step += 1
         if step % 100 == 0:
             log(f"detector step {step}: loss {np.mean(losses[-100:]):.3f}")
+    bar.close()
     summary = {
         "steps": step,
         "bf16": settings.bf16,
