@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bentoml
 from fastapi import Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from bentos import contract as c
