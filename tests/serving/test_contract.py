@@ -28,7 +28,7 @@ pytestmark = pytest.mark.serving
 
 SCHEMATHESIS = PROJECT_ROOT / ".venv" / "bin" / "schemathesis"
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
-OPERATIONS = 14  # 11 routes + the 3 probes
+OPERATIONS = 15  # 12 routes (with /detect) + the 3 probes
 MAX_EXAMPLES = 100  # per operation and phase; ~2,000 cases a run
 
 
