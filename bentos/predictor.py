@@ -122,7 +122,7 @@ class Predictor:
         from components.model.detection import detect_items
         from components.model.detector import detector_of
 
-        detector = detector_of(bundle.torch_model) or detector_of(bundle.model)
+        detector = detector_of(bundle.torch_model)  # the version's fp32 model carries it
         if detector is None:
             from bentos.http import ApiError
 

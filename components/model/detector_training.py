@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from components.model import detector as det
 from components.model.scenes import compose_scenes
+from components.model.training import use_bf16
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,7 @@ class DetectorSettings:
             side=params.side,
             widths=tuple(params.widths),
             min_score=params.min_score,
-            bf16=params.precision == "bf16"
-            or (params.precision == "auto" and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            bf16=use_bf16(params),  # detect.precision, read as training reads train.precision
         )
 
 

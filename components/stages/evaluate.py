@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from components.model import evaluation, training
 from components.model.models import VitrineNet
-from components.model.reference import REFERENCE_ARTIFACT
+from components.model.reference import DETECT_REFERENCE_FILE, REFERENCE_ARTIFACT
 from components.retrieval.index import EXACT_MAX, CatalogueIndex
 from components.stages.context import (
     RunContext,
@@ -248,7 +248,6 @@ def evaluate_detection(
     plot_detections(scenes, result.items, ctx.params.data.categories, out_dir / "detect_boxes.png")
     if reference_dir is not None:
         from components.model.detection import item_stats
-        from components.model.reference import DETECT_REFERENCE_FILE
 
         rows = [
             item_stats(items, scene.photo.size)
