@@ -3,7 +3,7 @@
 cleaning stage; all three are tested on the frozen test split (Fashion-MNIST's t10k, the
 catalogue's `split == "test"`).
 
-(c) runs the retrain flow's own code: components.data.labels.clean_labels (out-of-fold
+(c) runs the retrain flow's own code: components.data.labels.clean_labels (the cleaning model's
 probabilities → cleanlab → policy) with params.yaml's `labels` section, then
 components.model.training.train_model with params.yaml's `train` section (--epochs overrides its
 epoch count). The cleaning stage is also scored at finding the injected flips (precision,
@@ -223,9 +223,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--label-model",
-        choices=["auto", "mlp", "cnn"],
+        choices=["auto", "mlp", "cnn", "early"],
         default=None,
-        help="override params.yaml's labels.model (the out-of-fold model)",
+        help="override params.yaml's labels.model (the cleaning model)",
     )
     p.add_argument("--seed", type=int, default=0, help="subset and noise seed")
     p.add_argument(

@@ -1,19 +1,29 @@
-"""Label cleaning: cleanlab on out-of-fold probabilities.
+"""Label cleaning: cleanlab on probabilities from a model that has not learnt the label noise.
 
-Every row's probabilities come from a model that never saw its label (StratifiedKFold,
-`params.folds`). Two out-of-fold models, `params.model`:
+cleanlab flags a row when the model's probability for its given label is low against the
+per-class confidence it learns from all rows. The model must not have memorised the given
+labels. Three models, `params.model`:
 
-- "mlp" (seconds): pixels/255 → PCA (`params.pca_components`, fitted once on all images; PCA
-  never sees a label, so sharing it across folds leaks nothing) → standardised → a
-  one-hidden-layer MLP trained in torch. Measured on the 60k train split (5 folds): OOF
-  accuracy 0.890 in ~30 s.
-- "cnn" (minutes): the training stage's own compact CNN (components.model.training.train_model,
-  stages of width w, 2w, 4w with w = `params.cnn_width`, `params.cnn_epochs` epochs, bf16 /
-  channels-last where the CPU has them) trained on each fold's training part. It costs
-  (folds-1)·epochs passes over the rows: 4 folds × 8 epochs took 4 minutes on 20k rows and
-  12 on 60k (2 cores).
-- "auto" (the default): the CNN from `params.cnn_min_rows` rows on, else the MLP. The CNN
-  needs data: on 3,000 rows it recovers the true labels worse than the MLP (0.77 vs 0.79).
+- "mlp" (seconds), out of fold (StratifiedKFold, `params.folds`): pixels/255 → PCA
+  (`params.pca_components`, fitted once on all images; PCA never sees a label, so sharing it
+  across folds leaks nothing) → standardised → a one-hidden-layer MLP trained in torch.
+  Measured on the 60k train split (5 folds): OOF accuracy 0.890 in ~30 s.
+- "cnn" (minutes), out of fold: the training stage's own compact CNN
+  (components.model.training.train_model, stages of width w, 2w, 4w with w =
+  `params.cnn_width`, `params.cnn_epochs` epochs, bf16 / channels-last where the CPU has them)
+  trained on each fold's training part. It costs (folds-1)·epochs passes over the rows: 4
+  folds × 8 epochs took 4 minutes on 20k rows and 12 on 60k (2 cores).
+- "early" (minutes), in sample: the same CNN trained ONCE on every row for
+  `params.early_epochs` epochs, then scored on those rows. A network learns the patterns
+  shared by most rows of a class before it memorises the rows whose labels disagree with
+  them (the early-learning phase: Arpit et al. 2017, "A closer look at memorization in deep
+  networks"; Liu et al. 2020, "Early-learning regularization"): stopped early, it still
+  gives a mislabelled row's given label little probability. 5 epochs on 60k rows cost 5
+  passes instead of 24 (about 3 minutes against 12) and find the flips as well as the
+  out-of-fold CNN (below); more epochs start to memorise.
+- "auto" (the default): the early CNN from `params.cnn_min_rows` rows on, else the MLP. The
+  CNN needs data: on 3,000 rows the out-of-fold CNN recovers the true labels worse than the
+  MLP (0.77 vs 0.79).
 
 Flip detection F1, prune_by_noise_rate / both (benchmarks/label_noise.py's noise):
 
@@ -22,11 +32,20 @@ Flip detection F1, prune_by_noise_rate / both (benchmarks/label_noise.py's noise
   mlp, 5 folds, 60k rows                   0.847 / 0.860    0.731 / 0.736
   cnn, 4 folds, 20k rows                          -         0.754 / 0.763
   cnn, 4 folds, 60k rows                   0.892 / -        0.819 / 0.816
+  early, 60k rows, 2 / 3 / 5 / 8 epochs           -         0.764 / 0.786 / 0.823 / 0.845
+  early, 60k rows, 3 / 5 epochs            0.878 / 0.894    -
+  early, 60k rows, 5 epochs, progressive [20, 24] px       -         0.806 / 0.806
 
-Pair noise is the hard case: the flips sit where the classes genuinely overlap, so only an
-out-of-fold model close to the champion's accuracy separates them (a champion trained on
-CLEAN labels scores 0.828 on the same task). A flagged row's suggested label is the
-out-of-fold argmax.
+The early rows come from an experiment script run on 2 idle cores (83, 117, 169 and 255 s
+for 2, 3, 5 and 8 epochs; symmetric 5 epochs: 0.894 / 0.900), not from a benchmark. Up to 8
+epochs the in-sample model still gains accuracy on the TRUE labels (0.891, 0.901, 0.916,
+0.927) faster than it memorises the noisy ones, so F1 rises; `early_epochs` 5 buys the
+out-of-fold CNN's F1 for a quarter of its time. benchmarks/label_noise.py measures the
+default (docs/model-quality.md).
+
+Pair noise is the hard case: the flips sit where the classes genuinely overlap, so only a
+model close to the champion's accuracy separates them (a champion trained on CLEAN labels
+scores 0.828 on the same task). A flagged row's suggested label is the model's argmax.
 """
 
 from __future__ import annotations
@@ -100,16 +119,31 @@ def fit_predict_mlp(
         return torch.softmax(model(torch.from_numpy(x_test)), dim=1).double().numpy()
 
 
-def compute_out_of_fold_probs(
+def cleaning_probs(
     images: np.ndarray, labels: np.ndarray, params: LabelParams, seed: int = 0
 ) -> np.ndarray:
-    """N×C out-of-fold predicted probabilities (C = max label + 1), rows summing to 1."""
+    """N×C probabilities (C = max label + 1), rows summing to 1, from the cleaning model
+    (`cleaning_model`): out of fold for "mlp" and "cnn", early-stopped in sample for
+    "early"."""
     labels = np.asarray(labels, dtype=np.int64)
     n_classes = int(labels.max()) + 1
+    model = cleaning_model(params, len(labels))
+    if model == "early":
+        probs = fit_predict_cnn(
+            images,
+            labels,
+            images,
+            n_classes,
+            params,
+            seed,
+            "label cleaning: early-learning CNN",
+            epochs=params.early_epochs,
+        )
+        return probs / probs.sum(axis=1, keepdims=True)
     folds = StratifiedKFold(params.folds, shuffle=True, random_state=seed)
     splits = list(folds.split(np.zeros(len(labels)), labels))
     probs = np.zeros((len(labels), n_classes))
-    if out_of_fold_model(params, len(labels)) == "cnn":
+    if model == "cnn":
         for k, (train, test) in enumerate(splits):
             label = f"label cleaning: fold {k + 1}/{len(splits)}"
             probs[test] = fit_predict_cnn(
@@ -127,13 +161,13 @@ def compute_out_of_fold_probs(
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def out_of_fold_model(params: LabelParams, n_rows: int) -> str:
-    """The out-of-fold model to use, "cnn" or "mlp": params.model, where "auto" means the CNN
-    from params.cnn_min_rows rows on.
-    Measured with pair noise: on 3,000 rows the CNN is worse than the MLP (OOF accuracy 0.77
-    vs 0.79), on 20,000 better (0.879 vs 0.856)."""
+def cleaning_model(params: LabelParams, n_rows: int) -> str:
+    """The cleaning model to use, "early", "cnn" or "mlp": params.model, where "auto" means
+    the early-learning CNN from params.cnn_min_rows rows on, else the MLP.
+    Measured with pair noise: on 3,000 rows the out-of-fold CNN is worse than the MLP (OOF
+    accuracy 0.77 vs 0.79), on 20,000 better (0.879 vs 0.856)."""
     if params.model == "auto":
-        return "cnn" if n_rows >= params.cnn_min_rows else "mlp"
+        return "early" if n_rows >= params.cnn_min_rows else "mlp"
     return params.model
 
 
@@ -145,19 +179,21 @@ def fit_predict_cnn(
     params: LabelParams,
     seed: int,
     progress: bool | str = False,
+    epochs: int | None = None,
 ) -> np.ndarray:
-    """Train the compact CNN on one fold's training part (uint8 N×H×W×C); probabilities for
-    x_test. The training stage's defaults (augmentation, label smoothing, one-cycle AdamW)
-    with the cleaning stage's width and epochs; no early stopping, a 2% validation split only
-    to pick the best epoch."""
+    """Train the compact CNN on (x_train, y_train) (uint8 N×H×W×C) for `epochs` (default
+    params.cnn_epochs); probabilities for x_test. The training stage's defaults
+    (augmentation, label smoothing, one-cycle AdamW) with the cleaning stage's width; no
+    early stopping, a 2% validation split only to pick the best epoch."""
     w = params.cnn_width  # the stage layout its F1 figures were measured with
+    epochs = epochs or params.cnn_epochs
     run = TrainParams(
         backbone="cnn",
         cnn_widths=[w, 2 * w, 4 * w],
         cnn_depths=[2, 2, 1],
         image_size=x_train.shape[1],
-        epochs=params.cnn_epochs,
-        patience=params.cnn_epochs + 1,
+        epochs=epochs,
+        patience=epochs + 1,
         val_fraction=0.02,
         seed=seed,
     )
@@ -210,10 +246,10 @@ def clean_labels(
     """
     if len(images) != len(manifest):
         raise ValueError(f"{len(manifest)} manifest rows but {len(images)} images")
-    probs = compute_out_of_fold_probs(images, manifest["label"].to_numpy(), params, seed=seed)
+    probs = cleaning_probs(images, manifest["label"].to_numpy(), params, seed=seed)
     issues = find_label_issues(manifest, probs, filter_by=params.filter_by)
     cleaned, summary = apply_label_policy(manifest, issues, params)
-    summary["model"] = out_of_fold_model(params, len(manifest))
+    summary["model"] = cleaning_model(params, len(manifest))
     return cleaned, issues, summary
 
 

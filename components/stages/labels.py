@@ -1,5 +1,5 @@
-"""The labels stage: out-of-fold probabilities, cleanlab's issues, then the policy (drop,
-relabel or keep) on the training rows."""
+"""The labels stage: the cleaning model's probabilities (components/data/labels.py), cleanlab's
+issues, then the policy (drop, relabel or keep) on the training rows."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ LABEL_MODEL_SIZE = 28  # the cheap label-cleaning model works on small grayscale
 
 
 def run(ctx: RunContext) -> dict:
-    """Out-of-fold probabilities → cleanlab issues → the policy (drop / relabel / keep)."""
+    """Cleaning-model probabilities → cleanlab issues → the policy (drop / relabel / keep)."""
     accepted = pd.read_parquet(ctx.work / "validate" / "accepted.parquet")
     train = accepted[accepted["split"] == "train"].sort_values("product_id").reset_index(drop=True)
     images = load_images(ctx, train, size=LABEL_MODEL_SIZE, channels=1)
