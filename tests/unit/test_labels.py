@@ -14,6 +14,7 @@ from components.data.labels import (
     clean_labels,
     cleaning_model,
     cleaning_probs,
+    early_epochs,
     find_label_issues,
 )
 from components.data.noise import FASHION_MNIST_PAIRS, inject_pair_noise, score_flip_detection
@@ -49,7 +50,7 @@ def noisy_run(fmnist_slice):
     images, labels = fmnist_slice
     noisy, flipped = inject_flips(labels, 0.2, seed=1)
     manifest = manifest_of(noisy)
-    probs = cleaning_probs(images, noisy, LabelParams(), seed=0)
+    probs = cleaning_probs(images, noisy, LabelParams(model="mlp"), seed=0)
     return manifest, probs, flipped
 
 
@@ -99,14 +100,14 @@ def test_clean_labels_is_the_three_steps(fmnist_slice) -> None:
     images, labels = images[:600], labels[:600]
     manifest = pd.DataFrame({"product_id": [f"p{i:04d}" for i in range(600)], "label": labels})
     params = LabelParams(
-        folds=3, pca_components=16, filter_by="prune_by_class", review_below_rows=0
+        model="mlp", folds=3, pca_components=16, filter_by="prune_by_class", review_below_rows=0
     )
     cleaned, issues, summary = clean_labels(manifest, images, params, seed=2)
     probs = cleaning_probs(images, labels, params, seed=2)
     expected = find_label_issues(manifest, probs, filter_by="prune_by_class")
     pd.testing.assert_frame_equal(issues, expected)
     assert summary["flagged"] == len(issues) and len(cleaned) == 600 - len(issues)
-    assert summary["model"] == "mlp"  # 600 rows: below labels.cnn_min_rows
+    assert summary["model"] == "mlp"
     with pytest.raises(ValueError, match="600 manifest rows but 599 images"):
         clean_labels(manifest, images[:599], params)
 
@@ -115,7 +116,8 @@ def test_out_of_fold_probs_do_not_memorise_labels(fmnist_slice) -> None:
     """Labels independent of the images: out-of-fold accuracy stays at chance (no leakage)."""
     images, _ = fmnist_slice
     random_labels = np.random.default_rng(3).integers(0, 10, 800)
-    probs = cleaning_probs(images[:800], random_labels, LabelParams(folds=2), seed=0)
+    params = LabelParams(model="mlp", folds=2)
+    probs = cleaning_probs(images[:800], random_labels, params, seed=0)
     assert (probs.argmax(axis=1) == random_labels).mean() < 0.2
 
 
@@ -125,7 +127,7 @@ def test_out_of_fold_probs_deterministic_and_keep_rare_classes(fmnist_slice) -> 
     images, labels = images[:400], labels[:400].copy()
     labels[labels == 9] = 8
     labels[0] = 9  # class 9 has one member: most folds never train on it
-    params = LabelParams(folds=3, pca_components=16)
+    params = LabelParams(model="mlp", folds=3, pca_components=16)
     a = cleaning_probs(images, labels, params, seed=5)
     b = cleaning_probs(images, labels, params, seed=5)
     assert a.shape == (400, 10)
@@ -247,7 +249,8 @@ def test_early_learning_cnn_finds_pair_flips_without_memorising_them(pair_noise_
     learnt the classes, not the noise. A model that memorised its rows would flag nothing."""
     images, truth, noisy, flipped = pair_noise_slice
     manifest = manifest_of(noisy)
-    params = LabelParams(model="early", cnn_width=16, early_epochs=12, filter_by="both")
+    params = LabelParams(model="early", cnn_width=16, early_row_passes=12 * 3000, filter_by="both")
+    assert early_epochs(params, len(noisy)) == 12
     probs = cleaning_probs(images, noisy, params, seed=0)
     assert probs.shape == (len(noisy), 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
@@ -257,9 +260,12 @@ def test_early_learning_cnn_finds_pair_flips_without_memorising_them(pair_noise_
     assert score_flip_detection(flagged.to_numpy(), flipped)["f1"] > 0.45  # chance: 0.21
 
 
-def test_auto_picks_the_cnn_only_for_large_catalogues() -> None:
-    auto = LabelParams(cnn_min_rows=10_000)
-    assert cleaning_model(auto, 9_999) == "mlp" and cleaning_model(auto, 10_000) == "early"
+def test_auto_is_the_early_cnn_and_its_epochs_follow_the_catalogue_size() -> None:
+    auto = LabelParams()
+    assert cleaning_model(auto, 400) == "early" and cleaning_model(auto, 10**6) == "early"
     assert cleaning_model(LabelParams(model="cnn"), 10) == "cnn"
-    assert cleaning_model(LabelParams(model="early"), 10) == "early"
     assert cleaning_model(LabelParams(model="mlp"), 10**6) == "mlp"
+    # 300,000 rows seen: 5 epochs of the 60k catalogue (59,988 after validation too), 40 at most
+    sizes = (60_000, 20_000, 12_000, 3_000, 400)
+    assert [early_epochs(auto, n) for n in sizes] == [5, 15, 25, 40, 40]
+    assert early_epochs(auto, 59_988) == 5 and early_epochs(auto, 10**7) == 1
