@@ -18,7 +18,7 @@ labels. Three models, `params.model`:
   rows whose labels disagree with them (the early-learning phase: Arpit et al. 2017, "A
   closer look at memorization in deep networks"; Liu et al. 2020, "Early-learning
   regularization"): stopped early, it still gives a mislabelled row's given label little
-  probability. How early is `early_epochs`: `params.early_row_passes` rows seen in all (5
+  probability. How early (`early_epochs`): after `params.early_row_passes` rows seen (5
   epochs of 60k rows: 5 passes instead of the out-of-fold CNN's 24, about 3 minutes against
   12, finding the flips as well), at most `params.early_max_epochs` (40) on a small catalogue,
   which needs more epochs to learn its classes at all.
@@ -151,7 +151,7 @@ def cleaning_probs(
     "early"."""
     labels = np.asarray(labels, dtype=np.int64)
     n_classes = int(labels.max()) + 1
-    model = cleaning_model(params, len(labels))
+    model = cleaning_model(params)
     if model == "early":
         probs = fit_predict_cnn(
             images,
@@ -185,7 +185,7 @@ def cleaning_probs(
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def cleaning_model(params: LabelParams, n_rows: int) -> str:
+def cleaning_model(params: LabelParams) -> str:
     """The cleaning model to use, "early", "cnn" or "mlp": params.model, where "auto" means
     the early-learning CNN at every size (the tables above)."""
     return "early" if params.model == "auto" else params.model
@@ -276,7 +276,7 @@ def clean_labels(
     probs = cleaning_probs(images, manifest["label"].to_numpy(), params, seed=seed)
     issues = find_label_issues(manifest, probs, filter_by=params.filter_by)
     cleaned, summary = apply_label_policy(manifest, issues, params)
-    summary["model"] = cleaning_model(params, len(manifest))
+    summary["model"] = cleaning_model(params)
     return cleaned, issues, summary
 
 
