@@ -42,30 +42,12 @@ epochs the in-sample model still gains accuracy on the TRUE labels (0.891, 0.901
 0.927) faster than it memorises the noisy ones, so F1 rises; 5 epochs buy the out-of-fold
 CNN's F1 for a quarter of its time.
 
-Small catalogues (the same experiment; random slices of the train split, and the tests'
-clean colour catalogue of 1,275 training photos (tests/conftest.py write_colour_catalogue);
-flagged share of the CLEAN labels, then flip F1 under 20% symmetric / pair noise,
-prune_by_noise_rate):
-
-  1,275 rows   mlp, 5 folds            10.4%    0.703 / 0.504
-               early, 8 / 15 epochs    12.9% / 10.2%    0.702 / 0.556, 0.762 / 0.569
-               early, 25 epochs         4.0%    0.765 / 0.601
-               early, 40 epochs         2.2%    0.701 / 0.534
-  3,000 rows   mlp, 5 folds            10.1%    0.757 / 0.609
-               early, 15 epochs         5.1%    0.787 / 0.676
-               early, 25 epochs         2.4%    0.806 / 0.762
-               early, 40 epochs         0.3%    0.749 / 0.749
-  colour,      mlp, 4 folds            11.0%    0.660 / 0.523
-  1,275 rows   early, 25 epochs         8.1%    0.690 / 0.612
-               early, 40 / 50 epochs    4.8% / 4.7%      0.656 / 0.656, 0.684 / 0.613
-               early, 60 epochs         2.4%    0.675 / 0.586
-
-The more epochs, the better the model knows its rows: fewer correct labels flagged, and
-past some point fewer flips found, as it learns the flipped labels too. The colour
-catalogue is harder to learn from 28 px grey thumbnails (in-sample accuracy 0.81 at 25
-epochs, 0.87 at 40) and needs 40 epochs to flag under 5% of its rows. So a small catalogue
-gets early_max_epochs (40): fewer false flags than the MLP, and flips found at least as
-well as by the MLP on every slice above.
+Small catalogues: the same experiment on Fashion-MNIST slices of 1,275 and 3,000 rows and on
+the tests' clean colour catalogue (flagged share of correct labels, flip F1 for 15 to 60
+epochs) is tabled in docs/model-quality.md. The more epochs, the fewer correct labels are
+flagged and, past some point, the fewer flips are found, as the model learns them too; 40
+epochs (early_max_epochs) flag under 5% of the colour catalogue's rows and find flips at
+least as well as the MLP on every slice.
 
 Pair noise is the hard case: the flips sit where the classes genuinely overlap, so only a
 model close to the champion's accuracy separates them (a champion trained on CLEAN labels
@@ -151,8 +133,7 @@ def cleaning_probs(
     "early"."""
     labels = np.asarray(labels, dtype=np.int64)
     n_classes = int(labels.max()) + 1
-    model = cleaning_model(params)
-    if model == "early":
+    if cleaning_model(params) == "early":
         probs = fit_predict_cnn(
             images,
             labels,
@@ -163,11 +144,19 @@ def cleaning_probs(
             "label cleaning: early-learning CNN",
             epochs=early_epochs(params, len(labels)),
         )
-        return probs / probs.sum(axis=1, keepdims=True)
+    else:
+        probs = out_of_fold_probs(images, labels, n_classes, params, seed)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def out_of_fold_probs(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, params: LabelParams, seed: int
+) -> np.ndarray:
+    """Every row's probabilities from the "cnn" or "mlp" model trained on the other folds."""
     folds = StratifiedKFold(params.folds, shuffle=True, random_state=seed)
     splits = list(folds.split(np.zeros(len(labels)), labels))
     probs = np.zeros((len(labels), n_classes))
-    if model == "cnn":
+    if cleaning_model(params) == "cnn":
         for k, (train, test) in enumerate(splits):
             label = f"label cleaning: fold {k + 1}/{len(splits)}"
             probs[test] = fit_predict_cnn(
@@ -182,7 +171,7 @@ def cleaning_probs(
                 probs[test] = fit_predict_mlp(
                     features[train], labels[train], features[test], n_classes, seed + k
                 )
-    return probs / probs.sum(axis=1, keepdims=True)
+    return probs
 
 
 def cleaning_model(params: LabelParams) -> str:
